@@ -1,0 +1,215 @@
+"""Guest end of the host<->guest channel: carries host connections to the local gRPC server.
+
+Two transports, the same gRPC server behind both (it listens on a unix socket):
+- virtio-serial: one port (named ``agent.channel.0``) multiplexed with ``cocoon.agent.mux``
+  frames; each host session becomes one connection to the local socket.
+- vsock: a plain AF_VSOCK listener; each accepted connection is relayed to the local socket
+  (grpcio as shipped cannot listen on vsock itself).
+
+Threads, not asyncio: the port is a character device that reports host disconnects only as
+POLLHUP, which a poll loop handles plainly.
+
+May import: the standard library and cocoon.agent.mux.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from pathlib import Path
+
+from cocoon.agent import mux
+
+log = logging.getLogger("cocoon.agent.channel")
+
+PORT_NAME = "agent.channel.0"
+VSOCK_PORT = 1024
+
+
+def find_serial_port(
+    name: str = PORT_NAME, sysfs: Path = Path("/sys/class/virtio-ports")
+) -> Path | None:
+    """The /dev node of the virtio-serial port called ``name`` (no udev in the guest)."""
+    if not sysfs.is_dir():
+        return None
+    for entry in sorted(sysfs.iterdir()):
+        try:
+            if (entry / "name").read_text().strip() == name:
+                return Path("/dev") / entry.name
+        except OSError:
+            continue
+    return None
+
+
+def has_vsock_device(drivers: Path = Path("/sys/bus/virtio/drivers")) -> bool:
+    """True when a virtio vsock device is bound (the module alone creates /dev/vsock)."""
+    d = drivers / "vmw_vsock_virtio_transport"
+    return d.is_dir() and any(p.name.startswith("virtio") for p in d.iterdir())
+
+
+class SerialMux:
+    """Demultiplexes the framed serial port into connections to ``target`` (a unix socket)."""
+
+    def __init__(self, port_path: Path, target: str) -> None:
+        self._fd = os.open(port_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        self._target = target
+        self._wlock = threading.Lock()
+        self._sessions: dict[int, socket.socket] = {}
+        self._slock = threading.Lock()
+        self._decoder = mux.Decoder(resync=True)
+
+    def _write(self, data: bytes) -> None:
+        with self._wlock:
+            view = memoryview(data)
+            while view:
+                try:
+                    n = os.write(self._fd, view)
+                except BlockingIOError:
+                    select.select([], [self._fd], [], 0.05)
+                    continue
+                view = view[n:]
+
+    def _drop_all(self) -> None:
+        with self._slock:
+            sessions, self._sessions = self._sessions, {}
+        for sock in sessions.values():
+            _close(sock)
+
+    def _session_reader(self, sid: int, sock: socket.socket) -> None:
+        try:
+            while True:
+                data = sock.recv(mux.MAX_PAYLOAD)
+                if not data:
+                    break
+                self._write(mux.encode(mux.FrameType.DATA, sid, data))
+        except OSError:
+            pass
+        with self._slock:
+            current = self._sessions.get(sid)
+            if current is sock:
+                del self._sessions[sid]
+        if current is sock:
+            self._write(mux.encode(mux.FrameType.CLOSE, sid))
+        _close(sock)
+
+    def _handle(self, frame: mux.Frame) -> None:
+        t = frame.type
+        if t is mux.FrameType.HELLO:
+            log.info("host (re)connected; dropping %d session(s)", len(self._sessions))
+            self._drop_all()
+            self._decoder.resync = False
+            self._write(mux.flush_and(mux.FrameType.HELLO_ACK, frame.payload))
+        elif t is mux.FrameType.OPEN:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self._target)
+            except OSError as exc:
+                log.error("session %d: cannot reach %s: %s", frame.session, self._target, exc)
+                _close(sock)
+                self._write(mux.encode(mux.FrameType.CLOSE, frame.session))
+                return
+            with self._slock:
+                self._sessions[frame.session] = sock
+            threading.Thread(
+                target=self._session_reader, args=(frame.session, sock), daemon=True
+            ).start()
+        elif t is mux.FrameType.DATA:
+            sock_or_none = self._sessions.get(frame.session)
+            if sock_or_none is not None:
+                try:
+                    sock_or_none.sendall(frame.payload)
+                except OSError:
+                    self._close_session(frame.session)
+        elif t is mux.FrameType.CLOSE:
+            self._close_session(frame.session, notify=False)
+
+    def _close_session(self, sid: int, notify: bool = True) -> None:
+        with self._slock:
+            sock = self._sessions.pop(sid, None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            if notify:
+                self._write(mux.encode(mux.FrameType.CLOSE, sid))
+
+    def serve_forever(self) -> None:
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        while True:
+            events = poller.poll(1000)
+            if not events:
+                continue
+            _, ev = events[0]
+            if ev & select.POLLIN:
+                try:
+                    data = os.read(self._fd, 256 * 1024)
+                except OSError as exc:
+                    if exc.errno in (errno.EAGAIN, errno.EINTR):
+                        continue
+                    raise
+                if data:
+                    try:
+                        frames = self._decoder.feed(data)
+                    except mux.MuxProtocolError as exc:
+                        log.warning("dropping garbage on the port until the next HELLO: %s", exc)
+                        self._decoder = mux.Decoder(resync=True)
+                        continue
+                    for frame in frames:
+                        self._handle(frame)
+                    continue
+            # POLLHUP without data: no host connected. The state is a level, so wait a bit.
+            time.sleep(0.02)
+
+
+def serve_vsock(target: str, port: int = VSOCK_PORT) -> None:
+    """Relays every vsock connection on ``port`` to the unix socket ``target``."""
+    lsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    lsock.bind((socket.VMADDR_CID_ANY, port))
+    lsock.listen(16)
+    while True:
+        conn, _ = lsock.accept()
+        local = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            local.connect(target)
+        except OSError as exc:
+            log.error("vsock session: cannot reach %s: %s", target, exc)
+            _close(conn)
+            _close(local)
+            continue
+        threading.Thread(target=_relay_pair, args=(conn, local), daemon=True).start()
+
+
+def _relay_pair(a: socket.socket, b: socket.socket) -> None:
+    """Copies both ways until both directions reach EOF, then closes both sockets."""
+    back = threading.Thread(target=_pump, args=(b, a), daemon=True)
+    back.start()
+    _pump(a, b)
+    back.join()
+    _close(a)
+    _close(b)
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while True:
+            data = src.recv(256 * 1024)
+            if not data:
+                break
+            dst.sendall(data)
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)
+
+
+def _close(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()

@@ -1,0 +1,107 @@
+"""Frame codec for the multiplexer spoken over the virtio-serial agent port.
+
+A virtio-serial port is one byte stream that survives host reconnects without the guest being
+told where a connection starts, so a plain relay wedges when a new client's bytes land in the
+old session. Both ends therefore speak frames:
+
+    type:u8 [session:u32 length:u32 payload]       (PAD is the single byte 0)
+
+On every new host connection the host writes ``FLUSH_LEN`` zero bytes (they complete any
+half-parsed frame on the guest side, then parse as 1-byte PAD frames) followed by HELLO with a
+nonce. The guest drops every session, answers the same way with HELLO_ACK carrying the nonce,
+and the host ignores everything until that ACK. After that each local connection is one
+session: OPEN, DATA..., CLOSE from either side.
+
+May import: the standard library only (used by the guest agent and by the host monitor).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+HEADER = struct.Struct("!BII")
+MAX_PAYLOAD = 32 * 1024
+FLUSH_LEN = MAX_PAYLOAD + HEADER.size
+NONCE_LEN = 8
+
+
+class FrameType(enum.IntEnum):
+    PAD = 0
+    HELLO = 1
+    HELLO_ACK = 2
+    OPEN = 3
+    DATA = 4
+    CLOSE = 5
+
+
+class MuxProtocolError(Exception):
+    """The peer sent bytes that are not a frame (only possible before a HELLO resync)."""
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: FrameType
+    session: int = 0
+    payload: bytes = b""
+
+
+def encode(ftype: FrameType, session: int = 0, payload: bytes = b"") -> bytes:
+    if ftype is FrameType.PAD:
+        return b"\x00"
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"frame payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(ftype, session, len(payload)) + payload
+
+
+def encode_data(session: int, data: bytes) -> Iterator[bytes]:
+    """DATA frames for ``data``, split at MAX_PAYLOAD."""
+    view = memoryview(data)
+    for off in range(0, len(view), MAX_PAYLOAD):
+        yield encode(FrameType.DATA, session, bytes(view[off : off + MAX_PAYLOAD]))
+
+
+def flush_and(ftype: FrameType, nonce: bytes) -> bytes:
+    """The resync preamble followed by HELLO or HELLO_ACK."""
+    return bytes(FLUSH_LEN) + encode(ftype, 0, nonce)
+
+
+class Decoder:
+    """Incremental decoder: feed bytes, get complete frames.
+
+    Unknown frame types and oversize lengths raise MuxProtocolError unless ``resync`` is set,
+    in which case one byte is dropped and parsing goes on: the host uses that while it waits
+    for HELLO_ACK on a stream that may start mid-frame.
+    """
+
+    def __init__(self, resync: bool = False) -> None:
+        self._buf = bytearray()
+        self.resync = resync
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames: list[Frame] = []
+        buf = self._buf
+        pos = 0
+        while pos < len(buf):
+            t = buf[pos]
+            if t == FrameType.PAD:
+                pos += 1
+                continue
+            if len(buf) - pos < HEADER.size:
+                break
+            _, session, length = HEADER.unpack_from(buf, pos)
+            if t > FrameType.CLOSE or length > MAX_PAYLOAD:
+                if self.resync:
+                    pos += 1
+                    continue
+                raise MuxProtocolError(f"bad frame header type={t} length={length}")
+            end = pos + HEADER.size + length
+            if end > len(buf):
+                break
+            frames.append(Frame(FrameType(t), session, bytes(buf[pos + HEADER.size : end])))
+            pos = end
+        del buf[:pos]
+        return frames

@@ -1,0 +1,147 @@
+"""The agent's main: PID 1 duties (signals, reaping, power-off) and wiring the channel to gRPC.
+
+In the guest the first-stage init switch_root's straight into ``python3 -m cocoon.agent``, so
+this process is PID 1: it blocks the signals it handles before any thread starts and takes
+them with sigwait in the main thread, reaps every child on SIGCHLD (orphans are re-parented to
+it), and powers the VM off on DestroySandbox or when the channel cannot be served.
+
+May import: the standard library, grpc and cocoon.agent.*.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from cocoon.agent import agent_pb2_grpc as pbg
+from cocoon.agent import channel
+from cocoon.agent.logbuf import LogBuffer
+from cocoon.agent.server import AgentService
+
+log = logging.getLogger("cocoon.agent")
+
+HANDLED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPWR, signal.SIGHUP}
+RB_POWER_OFF = 0x4321FEDC
+
+
+class Reaper:
+    """Reaps every child; callers that wait for a pid register interest first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._statuses: dict[int, int] = {}
+        self._cond = threading.Condition(self._lock)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            with self._cond:
+                self._statuses[pid] = status
+                self._cond.notify_all()
+
+    def wait(self, pid: int, timeout: float | None = None) -> int | None:
+        with self._cond:
+            self._cond.wait_for(lambda: pid in self._statuses, timeout)
+            return self._statuses.pop(pid, None)
+
+
+def power_off() -> None:
+    os.sync()
+    if os.getpid() != 1:
+        log.info("not PID 1: exiting instead of powering off")
+        os._exit(0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.reboot(RB_POWER_OFF)
+    os._exit(1)  # only reached if reboot(2) failed
+
+
+def kernel_cmdline(path: Path = Path("/proc/cmdline")) -> dict[str, str]:
+    """``cocoon.KEY=VALUE`` parameters from the kernel command line."""
+    try:
+        words = path.read_text().split()
+    except OSError:
+        return {}
+    out = {}
+    for w in words:
+        if w.startswith("cocoon."):
+            k, _, v = w[len("cocoon.") :].partition("=")
+            out[k] = v
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    params = kernel_cmdline()
+    ap = argparse.ArgumentParser(prog="cocoon-agent")
+    ap.add_argument("--socket", default="/run/cocoon-agent/agent.sock")
+    ap.add_argument("--port", help="virtio-serial port device (default: found by name)")
+    ap.add_argument("--debug", action="store_true", default=params.get("debug") == "1")
+    args = ap.parse_args(argv)
+
+    logs = LogBuffer()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("cocoon-agent: %(levelname)s %(message)s"))
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO, handlers=[console, logs]
+    )
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    reaper = Reaper()
+
+    Path(args.socket).parent.mkdir(parents=True, exist_ok=True)
+    if os.path.exists(args.socket):
+        os.unlink(args.socket)
+
+    port = Path(args.port) if args.port else channel.find_serial_port()
+    vsock = channel.has_vsock_device()
+    kinds = (["virtio-serial"] if port else []) + (["vsock"] if vsock else [])
+    if not kinds:
+        log.error(
+            "no host channel: neither virtio-serial port %s nor /dev/vsock", channel.PORT_NAME
+        )
+        power_off()
+    service = AgentService(logs, channel="+".join(kinds), poweroff=power_off)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    pbg.add_AgentServiceServicer_to_server(service, server)
+    server.add_insecure_port(f"unix:{args.socket}")
+    server.start()
+
+    def run(target: object, name: str) -> None:
+        def guarded() -> None:
+            try:
+                target()  # type: ignore[operator]
+            except Exception:
+                log.exception("%s channel failed; powering off", name)
+                power_off()
+
+        threading.Thread(target=guarded, name=name, daemon=True).start()
+
+    if port:
+        mux = channel.SerialMux(port, args.socket)
+        run(mux.serve_forever, "virtio-serial")
+    if vsock:
+        run(lambda: channel.serve_vsock(args.socket), "vsock")
+    service.mark_ready()
+    log.info("agent ready on %s (pid %d)", "+".join(kinds), os.getpid())
+
+    while True:
+        sig = signal.sigwait(HANDLED)
+        if sig == signal.SIGCHLD:
+            reaper.reap()
+        else:
+            log.info("got %s: powering off", signal.Signals(sig).name)
+            server.stop(1)
+            power_off()

@@ -1,0 +1,273 @@
+"""The ``cocoon`` command: runc's global flags, then one short function per verb.
+
+Verbs here: ``check`` (what this host can do), ``env`` (resolved configuration as TOML),
+``image build|show``, ``sandbox start|stop|status|details|list`` (one VM under a monitor,
+without containers), and ``demo``. Every error is one line on stderr, a runc-style JSON line
+in ``--log`` and exit status 1.
+
+May import: the standard library and cocoon.runtime.* (heavy modules are imported inside the
+verb that needs them, to keep start-up short for the others).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cocoon.runtime import config as config_mod
+from cocoon.runtime import logs
+from cocoon.runtime.errors import CocoonError
+
+VERSION = "0.1.0"
+log = logging.getLogger("cocoon")
+
+
+def _commit() -> str:
+    here = Path(__file__).resolve().parent.parent
+    head = here / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            return (here / ".git" / ref[5:]).read_text().strip()[:12]
+        return ref[:12]
+    except OSError:
+        return "unknown"
+
+
+class ArgError(CocoonError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ArgError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cocoon", description="VM-isolated OCI runtime")
+    p.add_argument("--root", default="/run/cocoon", help="state directory root")
+    p.add_argument("--log", default="", help="log file (runc-style)")
+    p.add_argument("--log-format", choices=("text", "json"), default="text")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--systemd-cgroup", action="store_true", help="accepted for runc compatibility")
+    p.add_argument("--config", default="", help="configuration file (or COCOON_CONFIG)")
+    p.add_argument("--version", "-v", action="store_true")
+    sub = p.add_subparsers(dest="verb", parser_class=_Parser)
+
+    sub.add_parser("check", help="what this host can and cannot do")
+    sub.add_parser("env", help="the resolved configuration and paths, as TOML")
+
+    img = sub.add_parser("image", help="the guest image").add_subparsers(
+        dest="image_verb", parser_class=_Parser, required=True
+    )
+    b = img.add_parser("build", help="build the guest image (cached by input hash)")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    img.add_parser("show", help="print the current image's files")
+
+    sb = sub.add_parser("sandbox", help="one VM under a monitor, no containers").add_subparsers(
+        dest="sandbox_verb", parser_class=_Parser, required=True
+    )
+    s = sb.add_parser("start")
+    s.add_argument("id")
+    for name in ("stop", "status", "details"):
+        x = sb.add_parser(name)
+        x.add_argument("id")
+    sb.add_parser("list")
+
+    sub.add_parser("demo", help="boot a sandbox, show what the guest reports, stop it")
+    return p
+
+
+def _load_config(args: argparse.Namespace) -> config_mod.Config:
+    path = Path(args.config) if args.config else None
+    return config_mod.load(path).config
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from cocoon.guest_image import build as image_build
+    from cocoon.runtime import hostcheck
+
+    cfg = _load_config(args)
+
+    host = hostcheck.RealHost()
+    image_probe = hostcheck.default_image_probe(cfg)
+    kvm_probe = None
+    ok, _ = image_probe()
+    if ok and not cfg.image.kernel:
+        img = image_build.GuestImage.load(image_build.image_dir(Path(cfg.image.cache_dir)))
+        kvm_probe = hostcheck.kvm_prober(cfg, host, img.kernel, img.floor_initrd)
+    checks = hostcheck.run_checks(cfg, host, image_probe, kvm_probe)
+    print(hostcheck.format_checks(checks))
+    return hostcheck.exit_code(checks)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from cocoon.guest_image import build as image_build
+
+    path = Path(args.config) if args.config else None
+    loaded = config_mod.load(path)
+    print("# sources: " + (", ".join(str(s) for s in loaded.sources) or "built-in defaults"))
+    print("[paths]")
+    print(f"root = {json.dumps(args.root)}")
+    print(
+        f"image_dir = {json.dumps(str(image_build.image_dir(Path(loaded.config.image.cache_dir))))}"
+    )
+    print(f"python = {json.dumps(sys.executable)}")
+    print()
+    print(config_mod.to_toml(loaded.config), end="")
+    return 0
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from cocoon.guest_image import build as image_build
+
+    cfg = _load_config(args)
+    cache = Path(cfg.image.cache_dir)
+    try:
+        if args.image_verb == "build":
+            img = image_build.ensure(cache, force=args.force)
+        else:
+            img = image_build.GuestImage.load(image_build.image_dir(cache))
+    except image_build.ImageError as exc:
+        raise CocoonError(str(exc)) from exc
+    for name in ("kernel", "initrd", "rootfs", "floor_initrd"):
+        print(f"{name:13} {getattr(img, name)}")
+    print(f"{'kernel_release':13} {img.kernel_release}")
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from cocoon.agent import agent_pb2 as apb
+    from cocoon.runtime import sandbox
+    from cocoon.runtime import vm_pb2 as vpb
+
+    root = Path(args.root)
+    verb = args.sandbox_verb
+    if verb == "list":
+        for sid in sandbox.list_sandboxes(root):
+            print(sid)
+        return 0
+    if verb == "start":
+        cfg = _load_config(args)
+        sb = sandbox.start(
+            cfg,
+            root,
+            args.id,
+            log_file=Path(args.log) if args.log else None,
+            log_format=args.log_format,
+            debug=args.debug,
+        )
+        print(
+            json.dumps(
+                {
+                    "id": sb.sandbox_id,
+                    "monitor_pid": sb.monitor_pid,
+                    "boot_seconds": round(sb.boot_seconds, 3),
+                    "accel": sb.accel,
+                }
+            )
+        )
+        return 0
+    if verb == "stop":
+        cfg = _load_config(args)
+        print(sandbox.stop(root, args.id, cfg.runtime.shutdown_timeout_s))
+        return 0
+    with sandbox.Client(sandbox.sandbox_dir(root, args.id)) as c:
+        if verb == "status":
+            msg: object = c.vm.Status(vpb.StatusRequest(), timeout=c.timeout)
+        else:
+            msg = c.agent.GetGuestDetails(apb.GuestDetailsRequest(), timeout=c.timeout)
+        print(json_format.MessageToJson(msg, preserving_proto_field_name=True))  # type: ignore[arg-type]
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import uuid
+
+    from cocoon.agent import agent_pb2 as apb
+    from cocoon.runtime import sandbox
+
+    cfg = _load_config(args)
+    sid = f"demo-{uuid.uuid4().hex[:8]}"
+    root = Path(args.root)
+    print(f"starting sandbox {sid} (first run builds the guest image) ...", flush=True)
+    sb = sandbox.start(
+        cfg,
+        root,
+        sid,
+        log_file=Path(args.log) if args.log else None,
+        log_format=args.log_format,
+        debug=args.debug,
+    )
+    try:
+        with sb.client() as c:
+            d = c.agent.GetGuestDetails(apb.GuestDetailsRequest(), timeout=c.timeout)
+        print(f"guest up in {sb.boot_seconds:.2f}s under {sb.accel}")
+        print(f"  host kernel:  {os.uname().release}")
+        print(f"  guest kernel: {d.kernel_release}")
+        print(f"  guest CPUs:   {d.cpus_online} online of {d.cpus_possible} possible")
+        print(
+            f"  guest memory: {d.mem_total_bytes // (1024 * 1024)} MiB total, "
+            f"{d.mem_available_bytes // (1024 * 1024)} MiB available"
+        )
+        print(
+            f"  agent:        {d.agent_version} over {d.channel}, "
+            f"serving {d.agent_ready_uptime_seconds:.2f}s after kernel start"
+        )
+    finally:
+        how = sandbox.stop(root, sid, cfg.runtime.shutdown_timeout_s)
+        print(f"sandbox {sid} stopped ({how})")
+    return 0
+
+
+VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check": cmd_check,
+    "env": cmd_env,
+    "image": cmd_image,
+    "sandbox": cmd_sandbox,
+    "demo": cmd_demo,
+}
+
+
+def _report(args: argparse.Namespace | None, exc: BaseException) -> None:
+    msg = str(exc)
+    first, _, _rest = msg.partition("\n")
+    print(f"cocoon: {msg}", file=sys.stderr)
+    log_path = getattr(args, "log", "") if args else ""
+    fmt = getattr(args, "log_format", "text") if args else "text"
+    if log_path:
+        try:
+            logs.setup(Path(log_path), fmt, False, stderr=False)
+            log.error("%s", first if fmt == "json" else msg)
+        except OSError as e:
+            print(f"cocoon: cannot write log {log_path}: {e}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args: argparse.Namespace | None = None
+    try:
+        args = build_parser().parse_args(argv)
+        if args.version:
+            print(f"cocoon version {VERSION}\ncommit: {_commit()}\nspec: 1.1.0")
+            return 0
+        if not args.verb:
+            raise ArgError("no command given (try `cocoon --help`)")
+        if args.log:
+            logs.setup(Path(args.log), args.log_format, args.debug, stderr=args.debug)
+        return VERBS[args.verb](args)
+    except CocoonError as exc:
+        _report(args, exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

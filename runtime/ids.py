@@ -1,0 +1,25 @@
+"""Container and sandbox ids: what runc accepts, nothing that can escape the state root.
+
+May import: the standard library, cocoon.runtime.errors.
+"""
+
+from __future__ import annotations
+
+import re
+
+from cocoon.runtime.errors import StateError
+
+MAX_ID_LEN = 1024
+_ID = re.compile(r"^[\w+\-.]+$")
+
+
+def validate_id(cid: str, what: str = "container") -> str:
+    if not cid:
+        raise StateError(f"invalid {what} id: it is empty")
+    if len(cid) > MAX_ID_LEN:
+        raise StateError(f"invalid {what} id: longer than {MAX_ID_LEN} characters")
+    if cid in (".", "..") or not _ID.match(cid):
+        raise StateError(
+            f"invalid {what} id {cid!r}: use letters, digits, '_', '+', '-' and '.' only"
+        )
+    return cid

@@ -1,0 +1,217 @@
+"""Host end of the agent channel: a local unix socket whose every connection reaches the agent.
+
+gRPC (grpcio) dials ``unix:<state>/agent.sock``; behind it:
+- virtio-serial: ``SerialMuxHost`` connects to QEMU's chardev socket, performs the
+  flush + HELLO / HELLO_ACK resync (cocoon.agent.mux explains why), then carries each local
+  connection as one mux session.
+- vsock: ``VsockRelay`` connects a fresh AF_VSOCK socket to the guest's port per local
+  connection (grpcio as shipped cannot dial vsock).
+
+May import: the standard library, cocoon.agent.mux.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from cocoon.agent import mux
+
+log = logging.getLogger("cocoon.monitor.channel")
+
+
+class ChannelError(Exception):
+    """The agent channel could not be established or was lost."""
+
+
+class SerialMuxHost:
+    def __init__(self, port_socket: Path, listen: Path) -> None:
+        self._port_socket = port_socket
+        self._listen = listen
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._sessions: dict[int, asyncio.StreamWriter] = {}
+        self._ids = itertools.count(1)
+        self._decoder = mux.Decoder(resync=True)
+        self._server: asyncio.AbstractServer | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self.lost = asyncio.Event()
+
+    async def connect(self, deadline: float) -> None:
+        """Connects to QEMU's port and waits for the agent's HELLO_ACK (monotonic deadline)."""
+        while True:
+            try:
+                self._reader, self._writer = await asyncio.open_unix_connection(
+                    str(self._port_socket)
+                )
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                if time.monotonic() > deadline:
+                    raise ChannelError(f"agent port {self._port_socket}: {exc}") from exc
+                await asyncio.sleep(0.02)
+        nonces: set[bytes] = set()
+        while True:
+            nonce = os.urandom(mux.NONCE_LEN)
+            nonces.add(nonce)
+            self._writer.write(mux.flush_and(mux.FrameType.HELLO, nonce))
+            await self._writer.drain()
+            try:
+                if await self._await_ack(nonces, min(0.5, max(0.0, deadline - time.monotonic()))):
+                    break
+            except asyncio.IncompleteReadError as exc:
+                raise ChannelError("QEMU closed the agent port before the agent answered") from exc
+            if time.monotonic() > deadline:
+                raise ChannelError("the guest agent did not answer on the virtio-serial port")
+        self._decoder.resync = False
+        self._pump = asyncio.create_task(self._pump_port())
+
+    async def _await_ack(self, nonces: set[bytes], timeout: float) -> bool:
+        assert self._reader is not None
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                data = await asyncio.wait_for(self._reader.read(65536), left)
+            except TimeoutError:
+                return False
+            if not data:
+                raise asyncio.IncompleteReadError(b"", None)
+            for frame in self._decoder.feed(data):
+                if frame.type is mux.FrameType.HELLO_ACK and frame.payload in nonces:
+                    return True
+
+    async def serve(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._listen.unlink()
+        self._server = await asyncio.start_unix_server(self._on_client, str(self._listen))
+
+    async def _send(self, data: bytes) -> None:
+        if self._writer is None or self.lost.is_set():
+            raise ConnectionError("agent port lost")
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sid = next(self._ids)
+        self._sessions[sid] = writer
+        try:
+            await self._send(mux.encode(mux.FrameType.OPEN, sid))
+            while True:
+                data = await reader.read(mux.MAX_PAYLOAD)
+                if not data:
+                    break
+                if sid not in self._sessions:
+                    return
+                await self._send(mux.encode(mux.FrameType.DATA, sid, data))
+            if self._sessions.pop(sid, None) is not None:
+                await self._send(mux.encode(mux.FrameType.CLOSE, sid))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._sessions.pop(sid, None)
+            writer.close()
+
+    async def _pump_port(self) -> None:
+        assert self._reader is not None
+        try:
+            while True:
+                data = await self._reader.read(256 * 1024)
+                if not data:
+                    break
+                for frame in self._decoder.feed(data):
+                    w = self._sessions.get(frame.session)
+                    if frame.type is mux.FrameType.DATA and w is not None:
+                        w.write(frame.payload)
+                        with contextlib.suppress(ConnectionError):
+                            await w.drain()
+                    elif frame.type is mux.FrameType.CLOSE and w is not None:
+                        self._sessions.pop(frame.session, None)
+                        with contextlib.suppress(OSError):
+                            w.write_eof()
+        except (ConnectionError, mux.MuxProtocolError) as exc:
+            log.error("agent port: %s", exc)
+        finally:
+            self.lost.set()
+            for w in self._sessions.values():
+                w.close()
+            self._sessions.clear()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._pump is not None:
+            self._pump.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._listen.unlink()
+
+
+class VsockRelay:
+    """Relays each local connection to a new vsock connection to the guest agent."""
+
+    def __init__(self, cid: int, port: int, listen: Path) -> None:
+        self._cid, self._port, self._listen = cid, port, listen
+        self._server: asyncio.AbstractServer | None = None
+        self.lost = asyncio.Event()
+
+    async def connect(self, deadline: float) -> None:
+        while True:
+            try:
+                _, w = await self._dial()
+                w.close()
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise ChannelError(f"vsock {self._cid}:{self._port}: {exc}") from exc
+                await asyncio.sleep(0.05)
+
+    async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(s, (self._cid, self._port))
+        except OSError:
+            s.close()
+            raise
+        return await asyncio.open_connection(sock=s)
+
+    async def serve(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._listen.unlink()
+        self._server = await asyncio.start_unix_server(self._on_client, str(self._listen))
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            vr, vw = await self._dial()
+        except OSError as exc:
+            log.error("vsock dial: %s", exc)
+            writer.close()
+            return
+        await asyncio.gather(_copy(reader, vw), _copy(vr, writer))
+        vw.close()
+        writer.close()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        with contextlib.suppress(FileNotFoundError):
+            self._listen.unlink()
+
+
+async def _copy(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    try:
+        while data := await r.read(256 * 1024):
+            w.write(data)
+            await w.drain()
+        w.write_eof()
+    except (ConnectionError, OSError):
+        pass

@@ -1,0 +1,427 @@
+"""The sandbox monitor process: ``python -m cocoon.runtime.monitor.main --launch FILE``.
+
+Start-up: virtiofsd (if the share is virtio-fs), QEMU, QMP, the agent channel, an agent
+health check and an API-hash check, then the monitor's own socket. Whatever the outcome, one
+JSON line goes to ``--ready-fd``: ``{"ok": true, ...}`` or ``{"ok": false, "error": ...,
+"details": ...}`` (QEMU's stderr and console tails). A failed start tears everything down and
+removes the state directory before reporting; so does the end of a sandbox, orderly or not.
+
+May import: the standard library, grpc, qemu.qmp, cocoon.agent (proto, mux),
+cocoon.runtime.{vm_pb2, vm_pb2_grpc, logs, monitor.*}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from cocoon.agent import agent_pb2 as apb
+from cocoon.agent import api_hash
+from cocoon.runtime import logs
+from cocoon.runtime import vm_pb2 as vpb
+from cocoon.runtime import vm_pb2_grpc as vpbg
+from cocoon.runtime.monitor import forward
+from cocoon.runtime.monitor import launch as L
+from cocoon.runtime.monitor.channel import ChannelError, SerialMuxHost, VsockRelay
+
+log = logging.getLogger("cocoon.monitor")
+
+AGENT_SERVICE = "/cocoon.agent.v1.AgentService/"
+
+
+class StartError(Exception):
+    pass
+
+
+def tail(path: Path, lines: int) -> str:
+    try:
+        data = path.read_bytes()[-64 * 1024 :]
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace").replace("\r", "")
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0:
+        return f"killed by {signal.Signals(-rc).name}"
+    return f"exited with status {rc}"
+
+
+class Monitor(vpbg.VMServicer):
+    def __init__(self, spec: L.LaunchSpec) -> None:
+        self.spec = spec
+        self.dir = spec.dir
+        self.state = "booting"
+        self.qemu: asyncio.subprocess.Process | None = None
+        self.virtiofsd: asyncio.subprocess.Process | None = None
+        self.qmp = QMPClient(f"sandbox-{spec.sandbox_id}")
+        self.qmp_lock = asyncio.Lock()
+        self.link: SerialMuxHost | VsockRelay | None = None
+        self.agent: grpc.aio.Channel | None = None
+        self.server: grpc.aio.Server | None = None
+        self.subscribers: list[asyncio.Queue[vpb.Event | None]] = []
+        self.done = asyncio.Event()
+        self.stop_task: asyncio.Task[str] | None = None
+        self.qemu_exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.t_spawn = 0.0
+        self.boot_seconds = 0.0
+        self.tasks: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------------ events
+    def publish(self, kind: str, detail: str, data: object = None) -> None:
+        ev = vpb.Event(
+            time=time.time(),
+            kind=kind,
+            detail=detail,
+            data_json=json.dumps(data) if data is not None else "",
+        )
+        log.info("event %s: %s", kind, detail)
+        for q in self.subscribers:
+            q.put_nowait(ev)
+
+    # ------------------------------------------------------------------ start-up
+    async def start(self) -> None:
+        spec = self.spec
+        deadline = time.monotonic() + spec.ready_timeout_s
+        if spec.shared_fs == "virtio-fs":
+            await self._start_virtiofsd()
+        qemu_log = open(self.dir / L.QEMU_LOG, "wb")  # noqa: SIM115 - handed to QEMU
+        self.t_spawn = time.monotonic()
+        try:
+            self.qemu = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=qemu_log,
+                stderr=qemu_log,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise StartError(f"cannot run QEMU {spec.argv[0]}: {exc.strerror}") from exc
+        finally:
+            qemu_log.close()
+        (self.dir / L.QEMU_PID).write_text(f"{self.qemu.pid}\n")
+        self.tasks.append(asyncio.create_task(self._watch_qemu()))
+        await self._race(self._connect_qmp(deadline), "QMP")
+        await self._race(self._connect_agent(deadline), "agent")
+        self.boot_seconds = time.monotonic() - self.t_spawn
+        self.state = "running"
+        self.tasks.append(asyncio.create_task(self._qmp_events()))
+
+    async def _race(self, coro: Any, what: str) -> None:
+        """Runs ``coro`` but fails at once, with QEMU's reason, if QEMU exits meanwhile."""
+        task = asyncio.ensure_future(coro)
+        await asyncio.wait({task, self.qemu_exit}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+            return
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise StartError(
+            f"QEMU {describe_exit(self.qemu_exit.result())} before the {what} was ready"
+        )
+
+    async def _start_virtiofsd(self) -> None:
+        share = self.dir / "shared"
+        share.mkdir(exist_ok=True)
+        sock = self.dir / "virtiofsd.sock"
+        flog = open(self.dir / L.VIRTIOFSD_LOG, "wb")  # noqa: SIM115 - handed to virtiofsd
+        try:
+            self.virtiofsd = await asyncio.create_subprocess_exec(
+                self.spec.virtiofsd,
+                f"--socket-path={sock}",
+                "-o",
+                f"source={share}",
+                "-o",
+                "cache=auto",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=flog,
+                stderr=flog,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise StartError(f"cannot run virtiofsd {self.spec.virtiofsd}: {exc.strerror}") from exc
+        finally:
+            flog.close()
+        for _ in range(500):
+            if sock.exists():
+                return
+            if self.virtiofsd.returncode is not None:
+                break
+            await asyncio.sleep(0.01)
+        raise StartError(
+            f"virtiofsd did not come up: {tail(self.dir / L.VIRTIOFSD_LOG, 5) or 'no output'}"
+        )
+
+    async def _connect_qmp(self, deadline: float) -> None:
+        path = str(self.dir / "qmp.sock")
+        while True:
+            try:
+                await self.qmp.connect(path)
+                return
+            except (QMPError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    raise StartError(f"QMP socket {path}: {exc}") from exc
+                await asyncio.sleep(0.02)
+
+    async def _connect_agent(self, deadline: float) -> None:
+        spec = self.spec
+        listen = self.dir / L.AGENT_SOCK
+        if spec.channel == "vsock":
+            self.link = VsockRelay(spec.vsock_cid, 1024, listen)
+        else:
+            self.link = SerialMuxHost(self.dir / "agent-port.sock", listen)
+        try:
+            await self.link.connect(deadline)
+        except ChannelError as exc:
+            raise StartError(
+                f"the guest agent did not answer within {spec.ready_timeout_s:g}s ({exc})"
+            ) from exc
+        await self.link.serve()
+        self.agent = grpc.aio.insecure_channel(f"unix:{listen}")
+        check = self.agent.unary_unary(
+            AGENT_SERVICE + "Version",
+            request_serializer=apb.VersionRequest.SerializeToString,
+            response_deserializer=apb.VersionResponse.FromString,
+        )
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StartError(f"the guest agent did not answer within {spec.ready_timeout_s:g}s")
+            try:
+                ver = await check(apb.VersionRequest(), timeout=min(left, 5.0))
+                break
+            except grpc.aio.AioRpcError as exc:
+                log.debug("agent not ready yet: %s", exc.code())
+                await asyncio.sleep(0.05)
+        want = api_hash()
+        if ver.api_hash != want:
+            raise StartError(
+                f"guest agent {ver.agent_version} speaks another API (hash {ver.api_hash[:12]}, "
+                f"host {want[:12]}): rebuild the guest image (`cocoon image build`)"
+            )
+        log.info("agent %s ready after %.2fs", ver.agent_version, time.monotonic() - self.t_spawn)
+
+    async def _watch_qemu(self) -> None:
+        assert self.qemu is not None
+        rc = await self.qemu.wait()
+        self.qemu_exit.set_result(rc)
+        if self.state in ("running",) and self.stop_task is None:
+            detail = f"QEMU {describe_exit(rc)} unexpectedly"
+            log.error("sandbox %s: %s", self.spec.sandbox_id, detail)
+            self.state = "stopped"
+            self.publish("qemu-exited", detail, {"status": rc})
+            await asyncio.sleep(0.3)  # let event subscribers read it
+            self.done.set()
+
+    async def _qmp_events(self) -> None:
+        with contextlib.suppress(QMPError, asyncio.CancelledError):
+            async for ev in self.qmp.events:
+                self.publish("qmp", str(ev.get("event", "")), ev.get("data"))
+
+    # ------------------------------------------------------------------ stop
+    async def stop(self, timeout: float) -> str:
+        if self.stop_task is None:
+            self.stop_task = asyncio.create_task(self._do_stop(timeout))
+        return await asyncio.shield(self.stop_task)
+
+    async def _wait_qemu(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.qemu_exit), timeout)
+            return True
+        return False
+
+    async def _do_stop(self, timeout: float) -> str:
+        if self.qemu is None or self.qemu_exit.done():
+            return "already-dead"
+        self.state = "stopping"
+        self.publish("stopping", "orderly shutdown")
+        how = "sigkill"
+        if self.agent is not None:
+            destroy = self.agent.unary_unary(
+                AGENT_SERVICE + "DestroySandbox",
+                request_serializer=apb.DestroySandboxRequest.SerializeToString,
+                response_deserializer=apb.Empty.FromString,
+            )
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await destroy(apb.DestroySandboxRequest(), timeout=min(timeout, 5.0))
+            if await self._wait_qemu(timeout):
+                how = "agent"
+        if how == "sigkill" and self.qmp.runstate.name == "RUNNING":
+            with contextlib.suppress(QMPError, OSError):
+                async with self.qmp_lock:
+                    await asyncio.wait_for(self.qmp.execute("quit"), timeout)
+            if await self._wait_qemu(timeout):
+                how = "qmp-quit"
+        if how == "sigkill":
+            with contextlib.suppress(ProcessLookupError):
+                self.qemu.kill()
+            await self._wait_qemu(30)
+        self.state = "stopped"
+        log.info("sandbox %s stopped (%s)", self.spec.sandbox_id, how)
+        return how
+
+    async def teardown(self) -> None:
+        """Releases everything. Safe to call in any state, more than once."""
+        if self.qemu is not None and not self.qemu_exit.done():
+            with contextlib.suppress(ProcessLookupError):
+                self.qemu.kill()
+            await self._wait_qemu(30)
+        for q in self.subscribers:
+            q.put_nowait(None)
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        if self.agent is not None:
+            await self.agent.close()
+        if self.link is not None:
+            await self.link.close()
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        if self.virtiofsd is not None and self.virtiofsd.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.virtiofsd.terminate()
+            try:
+                await asyncio.wait_for(self.virtiofsd.wait(), 3)
+            except TimeoutError:
+                self.virtiofsd.kill()
+                await self.virtiofsd.wait()
+
+    def diagnostics(self) -> str:
+        parts = []
+        q = tail(self.dir / L.QEMU_LOG, 15)
+        if q:
+            parts.append("QEMU stderr (last lines):\n" + q)
+        c = tail(self.dir / "console.log", 25)
+        if c:
+            parts.append("guest console (last lines):\n" + c)
+        v = tail(self.dir / L.VIRTIOFSD_LOG, 5)
+        if v:
+            parts.append("virtiofsd (last lines):\n" + v)
+        return "\n".join(parts)
+
+    # ------------------------------------------------------------------ VM service
+    async def Status(self, request: vpb.StatusRequest, context: Any) -> vpb.StatusResponse:
+        return vpb.StatusResponse(
+            sandbox_id=self.spec.sandbox_id,
+            state=self.state,
+            qemu_pid=self.qemu.pid if self.qemu else 0,
+            monitor_pid=os.getpid(),
+            accel=self.spec.accel,
+            channel=self.spec.channel,
+            boot_seconds=self.boot_seconds,
+        )
+
+    async def Shutdown(self, request: vpb.ShutdownRequest, context: Any) -> vpb.ShutdownResponse:
+        how = await self.stop(float(request.timeout_seconds or self.spec.shutdown_timeout_s))
+        self.done.set()
+        return vpb.ShutdownResponse(how=how)
+
+    async def Events(self, request: vpb.EventsRequest, context: Any) -> AsyncIterator[vpb.Event]:
+        q: asyncio.Queue[vpb.Event | None] = asyncio.Queue()
+        self.subscribers.append(q)
+        try:
+            while (ev := await q.get()) is not None:
+                yield ev
+        finally:
+            self.subscribers.remove(q)
+
+    async def Qmp(self, request: vpb.QmpRequest, context: Any) -> vpb.QmpResponse:
+        try:
+            args = json.loads(request.arguments_json) if request.arguments_json else None
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"arguments_json: {exc}")
+        try:
+            async with self.qmp_lock:
+                ret = await self.qmp.execute(request.command, args)
+        except QMPError as exc:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"QMP {request.command}: {exc}"
+            )
+        return vpb.QmpResponse(return_json=json.dumps(ret))
+
+    async def serve(self) -> None:
+        self.server = grpc.aio.server()
+        vpbg.add_VMServicer_to_server(self, self.server)
+        self.server.add_generic_rpc_handlers((forward.handlers(lambda: self.agent),))
+        sock = self.dir / L.MONITOR_SOCK
+        self.server.add_insecure_port(f"unix:{sock}")
+        await self.server.start()
+
+
+def report(fd: int, payload: dict[str, object]) -> None:
+    with contextlib.suppress(OSError):
+        os.write(fd, (json.dumps(payload) + "\n").encode())
+        os.close(fd)
+
+
+async def amain(spec: L.LaunchSpec, ready_fd: int) -> int:
+    loop = asyncio.get_running_loop()
+    mon = Monitor(spec)
+    stop_signal = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_signal.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    try:
+        await mon.start()
+        await mon.serve()
+    except (StartError, OSError, QMPError) as exc:
+        details = mon.diagnostics()
+        log.error("sandbox %s failed to start: %s", spec.sandbox_id, exc)
+        await mon.teardown()
+        shutil.rmtree(spec.dir, ignore_errors=True)
+        report(ready_fd, {"ok": False, "error": str(exc), "details": details})
+        return 1
+    report(ready_fd, {"ok": True, "boot_seconds": mon.boot_seconds, "pid": os.getpid()})
+
+    sig_wait = asyncio.create_task(stop_signal.wait())
+    done_wait = asyncio.create_task(mon.done.wait())
+    await asyncio.wait({sig_wait, done_wait}, return_when=asyncio.FIRST_COMPLETED)
+    if stop_signal.is_set():
+        await mon.stop(spec.shutdown_timeout_s)
+    await mon.teardown()
+    shutil.rmtree(spec.dir, ignore_errors=True)
+    return 0
+
+
+def close_inherited_fds(keep: set[int]) -> None:
+    """Callers leak their sockets into us; a long-lived process must not hold them."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cocoon-monitor")
+    ap.add_argument("--launch", required=True, type=Path)
+    ap.add_argument("--ready-fd", type=int, default=-1)
+    args = ap.parse_args(argv)
+    close_inherited_fds({args.ready_fd})
+    spec = L.LaunchSpec.read(args.launch)
+    logs.setup(Path(spec.log_file) if spec.log_file else None, spec.log_format, spec.debug)
+    # Everything at info level also goes to the state dir's monitor.log via stderr.
+    logging.getLogger().handlers[-1].setLevel(logging.DEBUG if spec.debug else logging.INFO)
+    (spec.dir / L.MONITOR_PID).write_text(f"{os.getpid()}\n")
+    return asyncio.run(amain(spec, args.ready_fd))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""QEMU's command line as a pure function of a resolved launch plan.
+
+``plan()`` turns the configuration plus host facts (resolved accel and channel, host CPUs and
+RAM, the guest image) into a ``VmPlan``; ``build_argv()`` turns a plan into argv. Neither
+touches the system, so both are tested against golden output (tests/unit/golden/).
+
+Machine shape (see docs/architecture.md): q35 with ACPI PCI hot-plug; pcie.0 refuses
+hot-plug, so ``hotplug_root_ports`` pcie-root-ports are pre-created for NICs and VFIO; disks
+go on one virtio-scsi controller; vCPUs as one socket each (``-smp 1,maxcpus=N,sockets=N``)
+so each can be hot-added; ``-m X,slots=S,maxmem=Y``; the root filesystem image on virtio-pmem
+(read-only, DAX in the guest); the agent channel on vsock or a virtio-serial port; the
+sandbox share on virtio-fs (vhost-user-fs, guest RAM on a shared memfd) or virtio-9p.
+
+May import: the standard library, cocoon.runtime.config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cocoon.runtime.config import Config
+
+SHARE_TAG = "cocoon"
+AGENT_PORT_NAME = "agent.channel.0"
+VSOCK_AGENT_PORT = 1024
+PMEM_ALIGN = 2 * 1024 * 1024
+MIB = 1024 * 1024
+
+BASE_KERNEL_PARAMS = (
+    "console=ttyS0",
+    "panic=-1",
+    "reboot=k",
+    "memhp_default_state=online_movable",
+    "swiotlb=noforce",
+    "i8042.noaux",
+    "i8042.nomux",
+    "i8042.nopnp",
+    "i8042.dumbkbd",
+    "cryptomgr.notests",
+    "no_timer_check",
+    "rcupdate.rcu_expedited=1",
+    "quiet",
+)
+
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@dataclass(frozen=True)
+class SandboxPaths:
+    """Files of one sandbox's state directory that QEMU is told about."""
+
+    state_dir: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.state_dir / "qmp.sock"
+
+    @property
+    def agent_port(self) -> Path:
+        return self.state_dir / "agent-port.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.state_dir / "console.log"
+
+    @property
+    def virtiofsd_sock(self) -> Path:
+        return self.state_dir / "virtiofsd.sock"
+
+    @property
+    def share_dir(self) -> Path:
+        return self.state_dir / "shared"
+
+
+@dataclass(frozen=True)
+class VmPlan:
+    sandbox_id: str
+    qemu: str
+    machine: str
+    accel: str  # "kvm" or "tcg", already resolved
+    cpu_model: str
+    tb_size_mib: int
+    vcpus: int
+    max_vcpus: int
+    memory_mib: int
+    max_memory_mib: int
+    memory_slots: int
+    root_ports: int
+    kernel: Path
+    initrd: Path
+    rootfs_image: Path
+    rootfs_size: int
+    kernel_params: tuple[str, ...]
+    channel: str  # "vsock" or "virtio-serial", already resolved
+    vsock_cid: int
+    shared_fs: str
+    msize_9p: int
+    seccomp: bool
+    paths: SandboxPaths
+
+
+def _align_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+def plan(
+    cfg: Config,
+    *,
+    sandbox_id: str,
+    state_dir: Path,
+    kernel: Path,
+    initrd: Path,
+    rootfs_image: Path,
+    rootfs_size: int,
+    accel: str,
+    channel: str,
+    seccomp: bool,
+    host_cpus: int,
+    host_memory_mib: int,
+    vsock_cid: int = 0,
+) -> VmPlan:
+    h = cfg.hypervisor
+    max_vcpus = h.default_maxvcpus or host_cpus
+    max_vcpus = max(max_vcpus, h.default_vcpus)
+    hotplug_ceiling = h.max_memory_mib or host_memory_mib
+    params = list(BASE_KERNEL_PARAMS)
+    if cfg.agent.debug:
+        params.append("cocoon.debug=1")
+    params.extend(h.kernel_params)
+    return VmPlan(
+        sandbox_id=sandbox_id,
+        qemu=h.path,
+        machine=h.machine_type,
+        accel=accel,
+        cpu_model=h.cpu_model or ("host" if accel == "kvm" else "max"),
+        tb_size_mib=h.tcg_tb_size_mib,
+        vcpus=h.default_vcpus,
+        max_vcpus=max_vcpus,
+        memory_mib=h.default_memory_mib,
+        max_memory_mib=max(hotplug_ceiling, h.default_memory_mib),
+        memory_slots=h.memory_slots,
+        root_ports=h.hotplug_root_ports,
+        kernel=kernel,
+        initrd=initrd,
+        rootfs_image=rootfs_image,
+        rootfs_size=_align_up(rootfs_size, PMEM_ALIGN),
+        kernel_params=tuple(params),
+        channel=channel,
+        vsock_cid=vsock_cid,
+        shared_fs=h.shared_fs,
+        msize_9p=h.msize_9p,
+        seccomp=seccomp,
+        paths=SandboxPaths(state_dir),
+    )
+
+
+def build_argv(p: VmPlan) -> list[str]:
+    a: list[str] = [p.qemu, "-name", f"sandbox-{p.sandbox_id},debug-threads=on"]
+    machine = p.machine
+    if p.shared_fs == "virtio-fs":
+        machine += ",memory-backend=ram0"
+    a += ["-machine", machine]
+    if p.accel == "tcg" and p.tb_size_mib:
+        a += ["-accel", f"tcg,tb-size={p.tb_size_mib}"]
+    else:
+        a += ["-accel", p.accel]
+    a += ["-cpu", p.cpu_model]
+    a += [
+        "-smp",
+        f"{p.vcpus},maxcpus={p.max_vcpus},sockets={p.max_vcpus},cores=1,threads=1",
+    ]
+    # maxmem bounds all device memory: hot-plugged DIMMs/virtio-mem and the pmem root image.
+    pmem_mib = p.rootfs_size // MIB
+    a += [
+        "-m",
+        f"{p.memory_mib}M,slots={max(p.memory_slots, 1)},maxmem={p.max_memory_mib + pmem_mib}M",
+    ]
+    if p.shared_fs == "virtio-fs":
+        a += ["-object", f"memory-backend-memfd,id=ram0,size={p.memory_mib}M,share=on"]
+    a += ["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot"]
+    a += ["-kernel", str(p.kernel), "-initrd", str(p.initrd)]
+    a += ["-append", " ".join(p.kernel_params)]
+    a += ["-chardev", f"file,id=console,path={p.paths.console_log}", "-serial", "chardev:console"]
+    a += ["-chardev", f"socket,id=qmp,path={p.paths.qmp},server=on,wait=off"]
+    a += ["-mon", "chardev=qmp,mode=control"]
+    for i in range(p.root_ports):
+        slot, fn = 0x10 + i // 8, i % 8
+        multi = ",multifunction=on" if fn == 0 else ""
+        a += [
+            "-device",
+            f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},addr={slot:#x}.{fn}{multi}",
+        ]
+    a += ["-device", "virtio-scsi-pci,id=scsi0"]
+    a += [
+        "-object",
+        f"memory-backend-file,id=rootfs,mem-path={p.rootfs_image},size={p.rootfs_size},"
+        "share=on,readonly=on",
+        "-device",
+        "virtio-pmem-pci,id=rootfs0,memdev=rootfs",
+    ]
+    if p.channel == "vsock":
+        a += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={p.vsock_cid}"]
+    else:
+        a += [
+            "-device",
+            "virtio-serial-pci,id=vser0",
+            "-chardev",
+            f"socket,id=agent,path={p.paths.agent_port},server=on,wait=off",
+            "-device",
+            f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        ]
+    if p.shared_fs == "virtio-fs":
+        a += [
+            "-chardev",
+            f"socket,id=vfs,path={p.paths.virtiofsd_sock}",
+            "-device",
+            f"vhost-user-fs-pci,id=fs0,chardev=vfs,tag={SHARE_TAG},queue-size=1024",
+        ]
+    elif p.shared_fs == "virtio-9p":
+        a += [
+            "-fsdev",
+            f"local,id=fs0,path={p.paths.share_dir},security_model=none",
+            "-device",
+            f"virtio-9p-pci,id=fs0dev,fsdev=fs0,mount_tag={SHARE_TAG}",
+        ]
+    if p.seccomp:
+        a += ["-sandbox", SECCOMP]
+    return a

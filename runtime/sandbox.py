@@ -1,0 +1,353 @@
+"""Starting, reaching and stopping a sandbox (one VM under one monitor process).
+
+``start()`` resolves the guest image, accel and channel, writes the launch file, spawns the
+monitor in its own session (still a child of the caller, so callers that are subreapers reap
+it), and waits for the monitor's one-line ready report. ``Client`` talks to a running
+monitor over ``<state>/monitor.sock`` with the agent's stubs and the VM stubs. ``stop()``
+asks for an orderly shutdown and waits until the monitor and its state directory are gone.
+
+May import: the standard library, grpc, cocoon.agent (generated stubs), cocoon.guest_image,
+cocoon.runtime.{config, errors, hostcheck, ids, qemu_argv, vm_pb2*, monitor.launch}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from cocoon.agent import agent_pb2_grpc
+from cocoon.guest_image import build as image_build
+from cocoon.runtime import hostcheck, qemu_argv
+from cocoon.runtime import vm_pb2 as vpb
+from cocoon.runtime import vm_pb2_grpc as vpbg
+from cocoon.runtime.config import Config
+from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
+from cocoon.runtime.ids import validate_id
+from cocoon.runtime.monitor import launch as L
+
+
+def sandbox_dir(root: Path, sandbox_id: str) -> Path:
+    return root / "sandboxes" / validate_id(sandbox_id, "sandbox")
+
+
+@dataclass(frozen=True)
+class GuestFiles:
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    floor_initrd: Path | None
+
+
+def guest_files(cfg: Config, build_output: object = None) -> GuestFiles:
+    """The configured guest files, or the built image (built first when allowed)."""
+    im = cfg.image
+    if im.kernel:
+        files = GuestFiles(Path(im.kernel), Path(im.initrd), Path(im.rootfs), None)
+        for p in (files.kernel, files.initrd, files.rootfs):
+            if not p.is_file():
+                raise HostError(f"guest file {p} (from image.kernel/initrd/rootfs) does not exist")
+        return files
+    cache = Path(im.cache_dir)
+    try:
+        target = image_build.image_dir(cache)
+        if not (target / "manifest.json").exists() and not im.auto_build:
+            raise HostError(
+                f"guest image not built ({target}) and image.auto_build is off: "
+                "run `cocoon image build`"
+            )
+        img = image_build.ensure(cache, out=build_output)  # type: ignore[arg-type]
+    except image_build.ImageError as exc:
+        raise HostError(str(exc)) from exc
+    return GuestFiles(img.kernel, img.initrd, img.rootfs, img.floor_initrd)
+
+
+def host_memory_mib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 4096
+
+
+def resolve_host(cfg: Config, files: GuestFiles) -> tuple[str, str, str, bool]:
+    """(accel, why, channel, seccomp) for this host."""
+    host = hostcheck.RealHost()
+    qemu = cfg.hypervisor.path
+    if not os.access(qemu, os.X_OK):
+        raise HostError(f"QEMU binary {qemu} not found or not executable (hypervisor.path)")
+
+    if files.floor_initrd is None:
+
+        def probe() -> hostcheck.KvmProbe:
+            return hostcheck.KvmProbe(False, "no floor initrd to probe KVM with")
+    else:
+        probe = hostcheck.kvm_prober(cfg, host, files.kernel, files.floor_initrd)
+    accel, why = hostcheck.resolve_accel(cfg.hypervisor.accel, probe)
+    channel = hostcheck.resolve_channel(cfg.agent.channel, host)
+    seccomp = cfg.hypervisor.seccomp_sandbox and hostcheck.seccomp_sandbox_supported(host, qemu)
+    return accel, why, channel, seccomp
+
+
+@dataclass
+class Sandbox:
+    sandbox_id: str
+    dir: Path
+    monitor_pid: int
+    boot_seconds: float
+    accel: str
+    process: subprocess.Popen[bytes] | None = None
+
+    def client(self, timeout: float = 30.0) -> Client:
+        return Client(self.dir, timeout)
+
+
+def start(
+    cfg: Config,
+    root: Path,
+    sandbox_id: str,
+    *,
+    log_file: Path | None = None,
+    log_format: str = "text",
+    debug: bool = False,
+    build_output: object = None,
+) -> Sandbox:
+    d = sandbox_dir(root, sandbox_id)
+    files = guest_files(cfg, build_output)
+    accel, _why, channel, seccomp = resolve_host(cfg, files)
+    d.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    try:
+        d.mkdir(mode=0o700)
+    except FileExistsError:
+        raise StateError(f"sandbox {sandbox_id} already exists ({d})") from None
+    try:
+        return _launch(
+            cfg, d, sandbox_id, files, accel, channel, seccomp, log_file, log_format, debug
+        )
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
+
+
+def _launch(
+    cfg: Config,
+    d: Path,
+    sandbox_id: str,
+    files: GuestFiles,
+    accel: str,
+    channel: str,
+    seccomp: bool,
+    log_file: Path | None,
+    log_format: str,
+    debug: bool,
+) -> Sandbox:
+    cid = random.randrange(3, 2**31) if channel == "vsock" else 0
+    vm = qemu_argv.plan(
+        cfg,
+        sandbox_id=sandbox_id,
+        state_dir=d,
+        kernel=files.kernel,
+        initrd=files.initrd,
+        rootfs_image=files.rootfs,
+        rootfs_size=files.rootfs.stat().st_size,
+        accel=accel,
+        channel=channel,
+        seccomp=seccomp,
+        host_cpus=os.cpu_count() or 1,
+        host_memory_mib=host_memory_mib(),
+        vsock_cid=cid,
+    )
+    spec = L.LaunchSpec(
+        sandbox_id=sandbox_id,
+        state_dir=str(d),
+        argv=qemu_argv.build_argv(vm),
+        accel=accel,
+        channel=channel,
+        vsock_cid=cid,
+        shared_fs=cfg.hypervisor.shared_fs,
+        virtiofsd=cfg.hypervisor.virtiofsd_path,
+        ready_timeout_s=cfg.agent.ready_timeout_s,
+        request_timeout_s=cfg.agent.request_timeout_s,
+        shutdown_timeout_s=cfg.runtime.shutdown_timeout_s,
+        log_file=str(log_file) if log_file else "",
+        log_format=log_format,
+        debug=debug,
+    )
+    spec.write(d / L.LAUNCH_FILE)
+    rfd, wfd = os.pipe()
+    try:
+        with open(d / L.MONITOR_LOG, "wb") as mlog:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "cocoon.runtime.monitor.main",
+                    "--launch",
+                    str(d / L.LAUNCH_FILE),
+                    "--ready-fd",
+                    str(wfd),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=mlog,
+                stderr=mlog,
+                pass_fds=(wfd,),
+                start_new_session=True,
+            )
+    finally:
+        os.close(wfd)
+    try:
+        line = _read_line(rfd, cfg.agent.ready_timeout_s + 30)
+    finally:
+        os.close(rfd)
+    report: dict[str, object] = {}
+    with contextlib.suppress(ValueError):
+        report = json.loads(line) if line else {}
+    if report.get("ok"):
+        return Sandbox(
+            sandbox_id,
+            d,
+            proc.pid,
+            float(report["boot_seconds"]),  # type: ignore[arg-type]
+            accel,
+            proc,
+        )
+    # Failed: the monitor cleaned up after itself; make sure, whatever happened to it.
+    mon_log = _tail_file(d / L.MONITOR_LOG)
+    _kill_leftovers(d, proc)
+    if report:
+        raise SandboxError(
+            f"sandbox {sandbox_id}: {report.get('error')}", str(report.get("details") or "")
+        )
+    raise SandboxError(
+        f"sandbox {sandbox_id}: the monitor exited without reporting (status {proc.returncode})",
+        mon_log,
+    )
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    buf = b""
+    end = time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = end - time.monotonic()
+        if left <= 0:
+            break
+        r, _, _ = select.select([fd], [], [], left)
+        if not r:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode("utf-8", "replace").strip()
+
+
+def _tail_file(p: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(p.read_text(errors="replace").strip().splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _pid_in(d: Path, name: str) -> int | None:
+    try:
+        return int((d / name).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _kill_leftovers(d: Path, proc: subprocess.Popen[bytes] | None) -> None:
+    """Kills a monitor that did not finish and its QEMU; removes the state dir."""
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+    if proc is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+    qpid = _pid_in(d, L.QEMU_PID)
+    if qpid and _is_our_qemu(qpid, d):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(qpid, signal.SIGKILL)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _is_our_qemu(pid: int, d: Path) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return str(d).encode() in cmdline
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+class Client:
+    """A connection to a running sandbox's monitor."""
+
+    def __init__(self, d: Path, timeout: float = 30.0) -> None:
+        sock = d / L.MONITOR_SOCK
+        if not sock.exists():
+            raise StateError(f"sandbox at {d} is not running (no {sock.name})")
+        self.dir = d
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(f"unix:{sock}")
+        self.agent = agent_pb2_grpc.AgentServiceStub(self.channel)
+        self.vm = vpbg.VMStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def list_sandboxes(root: Path) -> list[str]:
+    d = root / "sandboxes"
+    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+
+
+def stop(root: Path, sandbox_id: str, timeout: float = 10.0) -> str:
+    """Orderly stop; returns how QEMU ended. Missing sandbox: StateError."""
+    d = sandbox_dir(root, sandbox_id)
+    if not d.exists():
+        raise StateError(f"sandbox {sandbox_id} does not exist")
+    mpid = _pid_in(d, L.MONITOR_PID)
+    how = "unknown"
+    try:
+        with Client(d) as c:
+            how = c.vm.Shutdown(
+                vpb.ShutdownRequest(timeout_seconds=int(timeout)), timeout=timeout * 3 + 10
+            ).how
+    except (grpc.RpcError, CocoonError):
+        how = "forced"
+    end = time.monotonic() + timeout + 10
+    while mpid and pid_alive(mpid) and time.monotonic() < end:
+        time.sleep(0.05)
+    if (mpid and pid_alive(mpid)) or d.exists():
+        _force(d, mpid)
+    return how
+
+
+def _force(d: Path, mpid: int | None) -> None:
+    if mpid and pid_alive(mpid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(mpid, signal.SIGKILL)
+    _kill_leftovers(d, None)
