@@ -56,8 +56,12 @@ def has_vsock_device(drivers: Path = Path("/sys/bus/virtio/drivers")) -> bool:
 class SerialMux:
     """Demultiplexes the framed serial port into connections to ``target`` (a unix socket)."""
 
-    def __init__(self, port_path: Path, target: str) -> None:
-        self._fd = os.open(port_path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    def __init__(self, port: Path | int, target: str) -> None:
+        """``port`` is the port's device path, or an open fd (tests use a socket)."""
+        if isinstance(port, int):
+            self._fd = port
+        else:
+            self._fd = os.open(port, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         self._target = target
         self._wlock = threading.Lock()
         self._sessions: dict[int, socket.socket] = {}
