@@ -128,9 +128,14 @@ class Monitor(vpbg.VMServicer):
         """Runs ``coro`` but fails at once, with QEMU's reason, if QEMU exits meanwhile."""
         task = asyncio.ensure_future(coro)
         await asyncio.wait({task, self.qemu_exit}, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()
+        if task.done() and task.exception() is None:
             return
+        if task.done():
+            # A broken socket is usually QEMU going away: give its exit a moment to land
+            # so the error names the real cause.
+            await asyncio.wait({self.qemu_exit}, timeout=1.0)
+            if not self.qemu_exit.done():
+                task.result()
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
@@ -312,7 +317,8 @@ class Monitor(vpbg.VMServicer):
         if c:
             parts.append("guest console (last lines):\n" + c)
         v = tail(self.dir / L.VIRTIOFSD_LOG, 5)
-        if v:
+        vfs = self.virtiofsd
+        if v and vfs is not None and vfs.returncode not in (None, 0):
             parts.append("virtiofsd (last lines):\n" + v)
         return "\n".join(parts)
 

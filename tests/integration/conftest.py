@@ -1,0 +1,64 @@
+"""Fixtures for tests that boot real guests: a private state root, the default configuration
+with no host files read, and a leak check after every test (processes, sockets, state dirs).
+On failure the sandbox's console and logs are attached to the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cocoon.runtime import config as config_mod
+from cocoon.runtime import sandbox
+
+
+def processes_mentioning(needle: str) -> list[str]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in cmd and state != "Z":
+            found.append(f"{pid}: {cmd[:200]}")
+    return found
+
+
+@pytest.fixture
+def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("root")
+    yield root
+    # Leak check: nothing of this root may survive the test.
+    deadline = time.monotonic() + 15
+    while processes_mentioning(str(root)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    leaked = processes_mentioning(str(root))
+    left = (
+        sorted(str(p) for p in (root / "sandboxes").glob("*"))
+        if (root / "sandboxes").exists()
+        else []
+    )
+    assert not leaked, f"processes left behind: {leaked}"
+    assert not left, f"state left behind: {left}"
+
+
+@pytest.fixture
+def cfg() -> config_mod.Config:
+    """The shipped defaults (equal to configuration.toml), independent of /etc/cocoon."""
+    return config_mod.Config()
+
+
+def with_(cfg: config_mod.Config, section: str, **kw: object) -> config_mod.Config:
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **kw)})
+
+
+@pytest.fixture
+def image(cfg: config_mod.Config) -> sandbox.GuestFiles:
+    return sandbox.guest_files(cfg)

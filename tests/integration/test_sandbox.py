@@ -1,0 +1,92 @@
+"""A real guest under a real monitor: boot, ask the agent, stop; QEMU killed under it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from cocoon.agent import agent_pb2 as apb
+from cocoon.agent import api_hash
+from cocoon.runtime import sandbox
+from cocoon.runtime import vm_pb2 as vpb
+from cocoon.runtime.config import Config
+
+pytestmark = [pytest.mark.qemu, pytest.mark.root]
+MIB = 1024 * 1024
+
+
+def test_boot_guest_details_and_orderly_stop(
+    cfg: Config, state_root: Path, image: sandbox.GuestFiles
+) -> None:
+    sb = sandbox.start(cfg, state_root, "boot1")
+    try:
+        assert (state_root / "sandboxes" / "boot1" / "monitor.sock").exists()
+        with sb.client() as c:
+            ver = c.agent.Version(apb.VersionRequest(), timeout=10)
+            details = c.agent.GetGuestDetails(apb.GuestDetailsRequest(), timeout=10)
+            status = c.vm.Status(vpb.StatusRequest(), timeout=10)
+        assert ver.api_hash == api_hash()
+        assert details.kernel_release.endswith("-cloud-amd64")
+        assert details.kernel_release != os.uname().release
+        assert details.machine == "x86_64"
+        assert details.cpus_online == cfg.hypervisor.default_vcpus
+        assert details.cpus_possible == (cfg.hypervisor.default_maxvcpus or os.cpu_count())
+        want = cfg.hypervisor.default_memory_mib * MIB
+        # The kernel keeps some RAM for itself; MemTotal is a little under the boot size.
+        assert want - 64 * MIB < details.mem_total_bytes <= want
+        assert 0 < details.mem_available_bytes <= details.mem_total_bytes
+        assert details.channel == "virtio-serial"
+        assert details.agent_ready_uptime_seconds > 0
+        assert status.state == "running"
+        assert status.qemu_pid > 0 and status.monitor_pid == sb.monitor_pid
+        assert status.accel in ("kvm", "tcg")
+        # Calls the agent does not implement yet come back as a clear gRPC status.
+        with sb.client() as c, pytest.raises(grpc.RpcError) as err:
+            c.agent.CreateContainer(apb.CreateContainerRequest(container_id="x"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        how = sandbox.stop(state_root, "boot1", cfg.runtime.shutdown_timeout_s)
+    assert how == "agent"  # the guest powered itself off on DestroySandbox
+    assert sb.process is not None and sb.process.wait(10) == 0
+    assert not (state_root / "sandboxes" / "boot1").exists()
+
+
+def test_qemu_killed_is_reported_and_cleaned_up(
+    cfg: Config, state_root: Path, image: sandbox.GuestFiles
+) -> None:
+    sb = sandbox.start(cfg, state_root, "kill1")
+    events: list[vpb.Event] = []
+    subscribed = threading.Event()
+
+    def watch() -> None:
+        with sb.client() as c:
+            stream = c.vm.Events(vpb.EventsRequest(), timeout=60)
+            subscribed.set()
+            try:
+                for ev in stream:
+                    events.append(ev)
+            except grpc.RpcError:
+                pass  # the monitor goes away after reporting
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    assert subscribed.wait(10)
+    time.sleep(0.3)  # the Events call is registered on the monitor side
+    with sb.client() as c:
+        qemu_pid = c.vm.Status(vpb.StatusRequest(), timeout=10).qemu_pid
+    os.kill(qemu_pid, signal.SIGKILL)
+    assert sb.process is not None
+    assert sb.process.wait(30) == 0, "the monitor should exit by itself"
+    t.join(10)
+    kinds = [(e.kind, e.detail) for e in events]
+    assert ("qemu-exited", "QEMU killed by SIGKILL unexpectedly") in kinds, kinds
+    assert not (state_root / "sandboxes" / "kill1").exists()
+    # A stop afterwards is a clear error, not a hang.
+    with pytest.raises(Exception, match="does not exist"):
+        sandbox.stop(state_root, "kill1")
