@@ -250,6 +250,17 @@ def _report(args: argparse.Namespace | None, exc: BaseException) -> None:
             print(f"cocoon: cannot write log {log_path}: {e}", file=sys.stderr)
 
 
+def _global_flags(argv: Sequence[str] | None) -> argparse.Namespace:
+    """--log and --log-format even when the rest of argv does not parse (to log the error)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--log", default="")
+    p.add_argument("--log-format", default="text")
+    try:
+        return p.parse_known_args(argv)[0]
+    except SystemExit:
+        return argparse.Namespace(log="", log_format="text")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args: argparse.Namespace | None = None
     try:
@@ -263,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             logs.setup(Path(args.log), args.log_format, args.debug, stderr=args.debug)
         return VERBS[args.verb](args)
     except CocoonError as exc:
-        _report(args, exc)
+        _report(args or _global_flags(argv), exc)
         return 1
     except KeyboardInterrupt:
         return 130

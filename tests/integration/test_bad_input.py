@@ -24,7 +24,7 @@ def test_missing_kernel(
     cfg: Config, state_root: Path, image: sandbox.GuestFiles, tmp_path: Path
 ) -> None:
     bad = files_cfg(cfg, tmp_path / "no-such-vmlinuz", image.initrd, image.rootfs)
-    with pytest.raises(HostError, match="no-such-vmlinuz.*does not exist"):
+    with pytest.raises(HostError, match=r"no-such-vmlinuz.*does not exist"):
         sandbox.start(bad, state_root, "nokernel")
 
 

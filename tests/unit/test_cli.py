@@ -1,0 +1,84 @@
+"""The cocoon command as a black box: version, env, and one-line errors with a JSON log."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+CLI = [sys.executable, "-m", "cocoon.runtime.cli"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_version_has_commit_line() -> None:
+    r = run("--version")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("cocoon version ")
+    assert any(line.startswith("commit: ") for line in lines)
+
+
+def test_env_prints_resolved_config_as_toml(tmp_path: Path) -> None:
+    conf = tmp_path / "c.toml"
+    conf.write_text("[hypervisor]\ndefault_vcpus = 2\n")
+    r = run("--config", str(conf), "env")
+    assert r.returncode == 0, r.stderr
+    data = tomllib.loads(r.stdout)
+    assert data["hypervisor"]["default_vcpus"] == 2
+    assert data["agent"]["channel"] == "auto"
+    assert data["paths"]["root"] == "/run/cocoon"
+    assert str(conf) in r.stdout.splitlines()[0]
+
+
+def _error_case(
+    tmp_path: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, str]]]:
+    log = tmp_path / "log.json"
+    r = run("--log", str(log), "--log-format", "json", *args)
+    lines = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    return r, lines
+
+
+def test_bad_config_is_one_error_and_a_json_log_line(tmp_path: Path) -> None:
+    conf = tmp_path / "bad.toml"
+    conf.write_text("[hypervisor]\ndefault_vcpu = 2\n")
+    r, lines = _error_case(tmp_path, "--config", str(conf), "env")
+    assert r.returncode == 1
+    assert r.stdout == ""
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "hypervisor.default_vcpu" in err[0] and str(conf) in err[0]
+    assert lines and lines[-1]["level"] == "error"
+    assert "hypervisor.default_vcpu" in lines[-1]["msg"]
+    assert lines[-1]["time"].endswith("Z")
+
+
+def test_wrong_type_names_the_key(tmp_path: Path) -> None:
+    conf = tmp_path / "bad.toml"
+    conf.write_text('[agent]\nready_timeout_s = "soon"\n')
+    r, lines = _error_case(tmp_path, "--config", str(conf), "env")
+    assert r.returncode == 1
+    assert "agent.ready_timeout_s" in r.stderr
+    assert "agent.ready_timeout_s" in lines[-1]["msg"]
+
+
+def test_unknown_verb_and_missing_config(tmp_path: Path) -> None:
+    r, lines = _error_case(tmp_path, "frobnicate")
+    assert r.returncode == 1 and "frobnicate" in r.stderr and lines[-1]["level"] == "error"
+    r, _ = _error_case(tmp_path, "--config", str(tmp_path / "nope.toml"), "env")
+    assert r.returncode == 1 and "nope.toml" in r.stderr
+
+
+def test_config_from_environment(tmp_path: Path) -> None:
+    import os
+
+    conf = tmp_path / "c.toml"
+    conf.write_text('[image]\ncache_dir = "/var/tmp/x"\n')
+    env = dict(os.environ, COCOON_CONFIG=str(conf), COCOON_CONFIG_DIR=str(tmp_path / "d"))
+    r = run("env", env=env)
+    assert r.returncode == 0, r.stderr
+    assert tomllib.loads(r.stdout)["image"]["cache_dir"] == "/var/tmp/x"
