@@ -105,7 +105,11 @@ class SerialMux:
     def _handle(self, frame: mux.Frame) -> None:
         t = frame.type
         if t is mux.FrameType.HELLO:
-            log.info("host (re)connected; dropping %d session(s)", len(self._sessions))
+            log.log(
+                logging.INFO if self._sessions else logging.DEBUG,
+                "host (re)connected; dropping %d session(s)",
+                len(self._sessions),
+            )
             self._drop_all()
             self._decoder.resync = False
             self._write(mux.flush_and(mux.FrameType.HELLO_ACK, frame.payload))
@@ -164,7 +168,12 @@ class SerialMux:
                         log.warning("dropping garbage on the port until the next HELLO: %s", exc)
                         self._decoder = mux.Decoder(resync=True)
                         continue
-                    for frame in frames:
+                    # The host repeats HELLO until the agent answers, so a freshly started
+                    # agent finds many queued: answer only the last of a batch.
+                    hellos = [i for i, f in enumerate(frames) if f.type is mux.FrameType.HELLO]
+                    for i, frame in enumerate(frames):
+                        if frame.type is mux.FrameType.HELLO and i != hellos[-1]:
+                            continue
                         self._handle(frame)
                     continue
             # POLLHUP without data: no host connected. The state is a level, so wait a bit.

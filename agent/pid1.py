@@ -135,7 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     if vsock:
         run(lambda: channel.serve_vsock(args.socket), "vsock")
     service.mark_ready()
-    log.info("agent ready on %s (pid %d)", "+".join(kinds), os.getpid())
+    log.info(
+        "agent ready on %s (pid %d) at %.2fs uptime",
+        "+".join(kinds),
+        os.getpid(),
+        service.ready_uptime,
+    )
 
     while True:
         sig = signal.sigwait(HANDLED)

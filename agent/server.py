@@ -42,6 +42,10 @@ class AgentService(pbg.AgentServiceServicer):
         self._ready_uptime = 0.0
         self._api_hash = api_hash()
 
+    @property
+    def ready_uptime(self) -> float:
+        return self._ready_uptime
+
     def mark_ready(self) -> None:
         self._ready_uptime = guest.read_facts(self._root).uptime
 

@@ -9,6 +9,8 @@
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 /bin/busybox --install -s /bin
 export PATH=/bin
+up() { cut -d' ' -f1 /proc/uptime; }
+echo "cocoon-init: first stage at $(up)s" > /dev/console
 
 fail() {
     echo "cocoon-init: FATAL: $*" > /dev/console
@@ -19,6 +21,7 @@ fail() {
 while read -r mod; do
     insmod "/lib/modules/$mod" || fail "insmod $mod"
 done < /modules.list
+echo "cocoon-init: modules loaded at $(up)s" > /dev/console
 
 root=""
 for i in $(seq 1 200); do
@@ -43,5 +46,6 @@ mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777,nosuid,nodev shm /newroot/dev/shm
 mount --move /sys /newroot/sys
 mount -t cgroup2 -o nsdelegate cgroup2 /newroot/sys/fs/cgroup 2>/dev/null
+echo "cocoon-init: root ready at $(up)s, starting the agent" > /dev/console
 mount --move /proc /newroot/proc
 exec switch_root /newroot /usr/bin/python3 -m cocoon.agent

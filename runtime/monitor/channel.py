@@ -58,11 +58,15 @@ class SerialMuxHost:
         nonces: set[bytes] = set()
         while True:
             nonce = os.urandom(mux.NONCE_LEN)
+            # Only the first HELLO needs the flush (a previous client may have left half a
+            # frame); retries follow our own complete frames. Retrying often is cheap and
+            # bounds the delay between the agent starting and us noticing.
+            hello = mux.encode(mux.FrameType.HELLO, 0, nonce)
+            self._writer.write(mux.flush_and(mux.FrameType.HELLO, nonce) if not nonces else hello)
             nonces.add(nonce)
-            self._writer.write(mux.flush_and(mux.FrameType.HELLO, nonce))
             await self._writer.drain()
             try:
-                if await self._await_ack(nonces, min(0.5, max(0.0, deadline - time.monotonic()))):
+                if await self._await_ack(nonces, min(0.05, max(0.0, deadline - time.monotonic()))):
                     break
             except asyncio.IncompleteReadError as exc:
                 raise ChannelError("QEMU closed the agent port before the agent answered") from exc
