@@ -149,7 +149,12 @@ def build_kernel(cache: Path, key: str, spec: dict[str, object], prog: Progress)
     pkg, ver, rel = str(spec["package"]), str(spec["version"]), str(spec["release"])
     with prog.step(f"kernel {pkg}={ver}"), tempfile.TemporaryDirectory(dir=cache) as td:
         tmp = Path(td)
-        _run(["apt-get", "download", f"{pkg}={ver}"], cwd=tmp)
+        try:
+            _run(["apt-get", "download", f"{pkg}={ver}"], cwd=tmp)
+        except ImageError:
+            # Stale or empty package lists (a fresh machine): refresh once and retry.
+            _run(["apt-get", "update", "-q"])
+            _run(["apt-get", "download", f"{pkg}={ver}"], cwd=tmp)
         debs = list(tmp.glob("*.deb"))
         if len(debs) != 1:
             raise ImageError(f"apt-get download {pkg}={ver} gave {debs}")
