@@ -70,14 +70,17 @@ class SerialMux:
 
     def _write(self, data: bytes) -> None:
         with self._wlock:
-            view = memoryview(data)
-            while view:
-                try:
-                    n = os.write(self._fd, view)
-                except BlockingIOError:
-                    select.select([], [self._fd], [], 0.05)
-                    continue
-                view = view[n:]
+            self._write_locked(data)
+
+    def _write_locked(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except BlockingIOError:
+                select.select([], [self._fd], [], 0.05)
+                continue
+            view = view[n:]
 
     def _drop_all(self) -> None:
         with self._slock:
@@ -86,20 +89,28 @@ class SerialMux:
             _close(sock)
 
     def _session_reader(self, sid: int, sock: socket.socket) -> None:
+        # A HELLO may drop this session at any moment, and the next host reuses session ids.
+        # Checking that the session is still current and writing are one step under _wlock,
+        # which HELLO holds from dropping the sessions until HELLO_ACK is written: so nothing
+        # of an old session (data it had already read, or its CLOSE) follows the ACK.
         try:
             while True:
                 data = sock.recv(mux.MAX_PAYLOAD)
                 if not data:
                     break
-                self._write(mux.encode(mux.FrameType.DATA, sid, data))
+                with self._wlock:
+                    if self._sessions.get(sid) is not sock:
+                        break
+                    self._write_locked(mux.encode(mux.FrameType.DATA, sid, data))
         except OSError:
             pass
-        with self._slock:
-            current = self._sessions.get(sid)
+        with self._wlock:
+            with self._slock:
+                current = self._sessions.get(sid)
+                if current is sock:
+                    del self._sessions[sid]
             if current is sock:
-                del self._sessions[sid]
-        if current is sock:
-            self._write(mux.encode(mux.FrameType.CLOSE, sid))
+                self._write_locked(mux.encode(mux.FrameType.CLOSE, sid))
         _close(sock)
 
     def _handle(self, frame: mux.Frame) -> None:
@@ -110,9 +121,10 @@ class SerialMux:
                 "host (re)connected; dropping %d session(s)",
                 len(self._sessions),
             )
-            self._drop_all()
-            self._decoder.resync = False
-            self._write(mux.flush_and(mux.FrameType.HELLO_ACK, frame.payload))
+            with self._wlock:  # see _session_reader
+                self._drop_all()
+                self._decoder.resync = False
+                self._write_locked(mux.flush_and(mux.FrameType.HELLO_ACK, frame.payload))
         elif t is mux.FrameType.OPEN:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -123,7 +135,10 @@ class SerialMux:
                 self._write(mux.encode(mux.FrameType.CLOSE, frame.session))
                 return
             with self._slock:
+                stale = self._sessions.get(frame.session)
                 self._sessions[frame.session] = sock
+            if stale is not None:
+                _close(stale)
             threading.Thread(
                 target=self._session_reader, args=(frame.session, sock), daemon=True
             ).start()

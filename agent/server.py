@@ -1,8 +1,9 @@
 """The agent's gRPC service: what the host can ask of the guest.
 
 This release answers health, version, guest details, time sync, file copy, logs and sandbox
-teardown. Every other method of agent.proto answers UNIMPLEMENTED with the method's name (the
-generated base class does that), so a host that is newer than the guest gets a clear error.
+teardown. Every other method of agent.proto answers UNIMPLEMENTED (the generated base class
+does that; the status says which method was called), so a host that is newer than the guest
+gets a clear error.
 
 May import: the standard library, grpc, cocoon.agent.{agent_pb2, agent_pb2_grpc, guest, logbuf}.
 """
