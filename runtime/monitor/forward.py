@@ -46,21 +46,20 @@ def handlers(get_channel: ChannelGetter) -> grpc.GenericRpcHandler:
     for m in SERVICE.methods:
         path = f"/{SERVICE_NAME}/{m.name}"
         cs, ss = m.client_streaming, m.server_streaming
-        if not cs and not ss:
-            table[m.name] = grpc.unary_unary_rpc_method_handler(_unary_unary(path, get_channel))
-        elif not cs and ss:
-            table[m.name] = grpc.unary_stream_rpc_method_handler(_unary_stream(path, get_channel))
-        elif cs and not ss:
-            table[m.name] = grpc.stream_unary_rpc_method_handler(_stream_unary(path, get_channel))
-        else:
-            table[m.name] = grpc.stream_stream_rpc_method_handler(_stream_stream(path, get_channel))
+        # The grpc.aio multicallable with the same cardinality, e.g. "stream_unary".
+        kind = f"{'stream' if cs else 'unary'}_{'stream' if ss else 'unary'}"
+        make = _streaming if ss else _single
+        wrap = getattr(grpc, f"{kind}_rpc_method_handler")
+        table[m.name] = wrap(make(path, get_channel, kind))
     return grpc.method_handlers_generic_handler(SERVICE_NAME, table)
 
 
-def _unary_unary(path: str, get: ChannelGetter) -> Any:
-    async def h(req: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+def _single(path: str, get: ChannelGetter, kind: str) -> Any:
+    """A handler for a method with one response (request may be a stream)."""
+
+    async def h(req: Any, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
-            call = _channel(get).unary_unary(path)
+            call = getattr(_channel(get), kind)(path)
             resp: bytes = await call(req, timeout=context.time_remaining())
             return resp
         except (grpc.aio.AioRpcError, _Unavailable) as exc:
@@ -70,37 +69,12 @@ def _unary_unary(path: str, get: ChannelGetter) -> Any:
     return h
 
 
-def _unary_stream(path: str, get: ChannelGetter) -> Any:
-    async def h(req: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+def _streaming(path: str, get: ChannelGetter, kind: str) -> Any:
+    """A handler for a method with a response stream (request may be a stream)."""
+
+    async def h(req: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
         try:
-            call = _channel(get).unary_stream(path)(req, timeout=context.time_remaining())
-            async for msg in call:
-                yield msg
-        except (grpc.aio.AioRpcError, _Unavailable) as exc:
-            await _abort(context, exc)
-
-    return h
-
-
-def _stream_unary(path: str, get: ChannelGetter) -> Any:
-    async def h(reqs: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        try:
-            call = _channel(get).stream_unary(path)
-            resp: bytes = await call(reqs, timeout=context.time_remaining())
-            return resp
-        except (grpc.aio.AioRpcError, _Unavailable) as exc:
-            await _abort(context, exc)
-            raise AssertionError("unreachable") from exc
-
-    return h
-
-
-def _stream_stream(path: str, get: ChannelGetter) -> Any:
-    async def h(
-        reqs: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[bytes]:
-        try:
-            call = _channel(get).stream_stream(path)(reqs, timeout=context.time_remaining())
+            call = getattr(_channel(get), kind)(path)(req, timeout=context.time_remaining())
             async for msg in call:
                 yield msg
         except (grpc.aio.AioRpcError, _Unavailable) as exc:

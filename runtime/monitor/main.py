@@ -102,20 +102,8 @@ class Monitor(vpbg.VMServicer):
         deadline = time.monotonic() + spec.ready_timeout_s
         if spec.shared_fs == "virtio-fs":
             await self._start_virtiofsd()
-        qemu_log = open(self.dir / L.QEMU_LOG, "wb")  # noqa: SIM115 - handed to QEMU
         self.t_spawn = time.monotonic()
-        try:
-            self.qemu = await asyncio.create_subprocess_exec(
-                *spec.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=qemu_log,
-                stderr=qemu_log,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise StartError(f"cannot run QEMU {spec.argv[0]}: {exc.strerror}") from exc
-        finally:
-            qemu_log.close()
+        self.qemu = await self._spawn(list(spec.argv), L.QEMU_LOG, "QEMU")
         (self.dir / L.QEMU_PID).write_text(f"{self.qemu.pid}\n")
         self.tasks.append(asyncio.create_task(self._watch_qemu()))
         await self._race(self._connect_qmp(deadline), "QMP")
@@ -143,28 +131,38 @@ class Monitor(vpbg.VMServicer):
             f"QEMU {describe_exit(self.qemu_exit.result())} before the {what} was ready"
         )
 
+    async def _spawn(self, argv: list[str], log_name: str, what: str) -> asyncio.subprocess.Process:
+        """Starts a helper in its own session with stdout/stderr in a state-dir log file."""
+        out = open(self.dir / log_name, "wb")  # noqa: SIM115 - handed to the child
+        try:
+            return await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise StartError(f"cannot run {what} {argv[0]}: {exc.strerror}") from exc
+        finally:
+            out.close()
+
     async def _start_virtiofsd(self) -> None:
         share = self.dir / "shared"
         share.mkdir(exist_ok=True)
         sock = self.dir / "virtiofsd.sock"
-        flog = open(self.dir / L.VIRTIOFSD_LOG, "wb")  # noqa: SIM115 - handed to virtiofsd
-        try:
-            self.virtiofsd = await asyncio.create_subprocess_exec(
+        self.virtiofsd = await self._spawn(
+            [
                 self.spec.virtiofsd,
                 f"--socket-path={sock}",
                 "-o",
                 f"source={share}",
                 "-o",
                 "cache=auto",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=flog,
-                stderr=flog,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise StartError(f"cannot run virtiofsd {self.spec.virtiofsd}: {exc.strerror}") from exc
-        finally:
-            flog.close()
+            ],
+            L.VIRTIOFSD_LOG,
+            "virtiofsd",
+        )
         for _ in range(500):
             if sock.exists():
                 return

@@ -87,3 +87,9 @@ def test_duplicate_and_bad_ids(cfg: Config, state_root: Path, image: sandbox.Gue
     for bad_id in ("", "../x", "a/b", "..", "x" * 2000):
         with pytest.raises(StateError, match="invalid sandbox id"):
             sandbox.start(cfg, state_root, bad_id)
+
+
+def test_missing_virtiofsd(cfg: Config, state_root: Path, image: sandbox.GuestFiles) -> None:
+    bad = with_(cfg, "hypervisor", virtiofsd_path="/nonexistent/virtiofsd")
+    with pytest.raises(SandboxError, match="cannot run virtiofsd /nonexistent/virtiofsd"):
+        sandbox.start(bad, state_root, "novfsd")
