@@ -24,39 +24,15 @@ import grpc
 
 from cocoon.agent import agent_pb2_grpc as pbg
 from cocoon.agent import channel
+from cocoon.agent.containers import Manager
 from cocoon.agent.logbuf import LogBuffer
+from cocoon.agent.proc import Reaper
 from cocoon.agent.server import AgentService
 
 log = logging.getLogger("cocoon.agent")
 
 HANDLED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPWR, signal.SIGHUP}
 RB_POWER_OFF = 0x4321FEDC
-
-
-class Reaper:
-    """Reaps every child; callers that wait for a pid register interest first."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._statuses: dict[int, int] = {}
-        self._cond = threading.Condition(self._lock)
-
-    def reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            with self._cond:
-                self._statuses[pid] = status
-                self._cond.notify_all()
-
-    def wait(self, pid: int, timeout: float | None = None) -> int | None:
-        with self._cond:
-            self._cond.wait_for(lambda: pid in self._statuses, timeout)
-            return self._statuses.pop(pid, None)
 
 
 def power_off() -> None:
@@ -100,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     reaper = Reaper()
+    manager = Manager(reaper)
 
     Path(args.socket).parent.mkdir(parents=True, exist_ok=True)
     if os.path.exists(args.socket):
@@ -113,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
             "no host channel: neither virtio-serial port %s nor /dev/vsock", channel.PORT_NAME
         )
         power_off()
-    service = AgentService(logs, channel="+".join(kinds), poweroff=power_off)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    service = AgentService(logs, channel="+".join(kinds), poweroff=power_off, containers=manager)
+    # Each process holds a few long calls (stdout, stderr, stdin, wait): size for many.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=256))
     pbg.add_AgentServiceServicer_to_server(service, server)
     server.add_insecure_port(f"unix:{args.socket}")
     server.start()

@@ -10,6 +10,7 @@ May import: the standard library, grpc, cocoon.agent.{agent_pb2, agent_pb2_grpc,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -23,6 +24,7 @@ import grpc
 from cocoon.agent import AGENT_VERSION, api_hash, guest
 from cocoon.agent import agent_pb2 as pb
 from cocoon.agent import agent_pb2_grpc as pbg
+from cocoon.agent.containers import ContainerError, Manager
 from cocoon.agent.logbuf import LogBuffer
 
 log = logging.getLogger("cocoon.agent")
@@ -35,13 +37,21 @@ class AgentService(pbg.AgentServiceServicer):
         channel: str,
         poweroff: Callable[[], None],
         root: Path = Path("/"),
+        containers: Manager | None = None,
     ) -> None:
+        self._containers = containers
         self._logs = logs
         self._channel = channel
         self._poweroff = poweroff
         self._root = root
         self._ready_uptime = 0.0
         self._api_hash = api_hash()
+
+    @property
+    def containers(self) -> Manager:
+        if self._containers is None:
+            raise ContainerError("precondition", "this agent runs no containers")
+        return self._containers
 
     @property
     def ready_uptime(self) -> float:
@@ -129,3 +139,174 @@ class AgentService(pbg.AgentServiceServicer):
         # Answer first; power off shortly after so the reply reaches the host.
         threading.Timer(0.05, self._poweroff).start()
         return pb.Empty()
+
+    # ------------------------------------------------------------------ containers
+    def CreateContainer(
+        self, request: pb.CreateContainerRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _errors(context):
+            self.containers.create(request.container_id, request.oci_spec_json, request.stdio.stdin)
+        return pb.Empty()
+
+    def StartContainer(
+        self, request: pb.StartContainerRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _errors(context):
+            self.containers.start(request.container_id)
+        return pb.Empty()
+
+    def RemoveContainer(
+        self, request: pb.RemoveContainerRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _errors(context):
+            self.containers.remove(request.container_id)
+        return pb.Empty()
+
+    def PauseContainer(
+        self, request: pb.PauseContainerRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _errors(context):
+            self.containers.pause(request.container_id)
+        return pb.Empty()
+
+    def ResumeContainer(
+        self, request: pb.ResumeContainerRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _errors(context):
+            self.containers.resume(request.container_id)
+        return pb.Empty()
+
+    def UpdateContainer(
+        self, request: pb.UpdateContainerRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _errors(context):
+            self.containers.update(request.container_id, request.resources_json)
+        return pb.Empty()
+
+    def StatsContainer(
+        self, request: pb.StatsContainerRequest, context: grpc.ServicerContext
+    ) -> pb.StatsContainerResponse:
+        with _errors(context):
+            st = self.containers.stats(request.container_id)
+        usage = st.get("usage_usec", 0) * 1000
+        return pb.StatsContainerResponse(
+            cpu=pb.CpuStats(
+                usage_total_ns=usage,
+                usage_user_ns=st.get("user_usec", 0) * 1000,
+                usage_kernel_ns=st.get("system_usec", 0) * 1000,
+                throttled_periods=st.get("nr_throttled", 0),
+                throttled_time_ns=st.get("throttled_usec", 0) * 1000,
+            ),
+            memory=pb.MemoryStats(
+                usage_bytes=st.get("memory", 0),
+                max_usage_bytes=st.get("memory_peak", 0),
+                limit_bytes=st.get("memory_limit", 0),
+                cache_bytes=st.get("cache", 0),
+                failcnt=st.get("oom_kill", 0),
+            ),
+            pids=pb.PidsStats(current=st.get("pids", 0), limit=st.get("pids_limit", 0)),
+        )
+
+    def ListProcesses(
+        self, request: pb.ListProcessesRequest, context: grpc.ServicerContext
+    ) -> pb.ListProcessesResponse:
+        with _errors(context):
+            procs = self.containers.processes(request.container_id)
+        return pb.ListProcessesResponse(
+            processes=[pb.ProcessInfo(pid=pid, exec_id=e, args=a) for pid, e, a in procs]
+        )
+
+    def ExecProcess(
+        self, request: pb.ExecProcessRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _errors(context):
+            self.containers.exec(request.container_id, request.exec_id, request.process_json)
+        return pb.Empty()
+
+    def SignalProcess(
+        self, request: pb.SignalProcessRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _errors(context):
+            self.containers.signal(
+                request.container_id, request.exec_id, request.signal, request.all
+            )
+        return pb.Empty()
+
+    def WaitProcess(
+        self, request: pb.WaitProcessRequest, context: grpc.ServicerContext
+    ) -> pb.WaitProcessResponse:
+        with _errors(context):
+            p = self.containers.wait(request.container_id, request.exec_id, context.is_active)
+        if p.status is None:
+            context.abort(grpc.StatusCode.CANCELLED, "wait abandoned")
+        return pb.WaitProcessResponse(status=p.status or 0, signaled=p.signaled)
+
+    def WriteStdin(
+        self, request_iterator: Iterator[pb.WriteStreamRequest], context: grpc.ServicerContext
+    ) -> pb.WriteStreamResponse:
+        first = next(request_iterator, None)
+        if first is None:
+            return pb.WriteStreamResponse(written=0)
+
+        def chunks() -> Iterator[bytes]:
+            yield first.data
+            for r in request_iterator:
+                yield r.data
+
+        with _errors(context):
+            n = self.containers.write_stdin(first.container_id, first.exec_id, chunks())
+        return pb.WriteStreamResponse(written=n)
+
+    def CloseStdin(self, request: pb.CloseStdinRequest, context: grpc.ServicerContext) -> pb.Empty:
+        with _errors(context):
+            self.containers.close_stdin(request.container_id, request.exec_id)
+        return pb.Empty()
+
+    def ReadStdout(
+        self, request: pb.ReadStreamRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ReadStreamResponse]:
+        return self._read(request, context, "stdout")
+
+    def ReadStderr(
+        self, request: pb.ReadStreamRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ReadStreamResponse]:
+        return self._read(request, context, "stderr")
+
+    def _read(
+        self, request: pb.ReadStreamRequest, context: grpc.ServicerContext, which: str
+    ) -> Iterator[pb.ReadStreamResponse]:
+        with _errors(context):
+            stream = self.containers.read_stream(
+                request.container_id, request.exec_id, which, context.is_active
+            )
+        for data in stream:
+            yield pb.ReadStreamResponse(data=data)
+
+    def TtyWinResize(
+        self, request: pb.TtyWinResizeRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _errors(context):
+            self.containers.resize(
+                request.container_id, request.exec_id, request.rows, request.columns
+            )
+        return pb.Empty()
+
+
+_CODES = {
+    "not-found": grpc.StatusCode.NOT_FOUND,
+    "exists": grpc.StatusCode.ALREADY_EXISTS,
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+
+
+@contextlib.contextmanager
+def _errors(context: grpc.ServicerContext) -> Iterator[None]:
+    """Turns ContainerError into the matching gRPC status, with its message."""
+    try:
+        yield
+    except ContainerError as exc:
+        context.abort(_CODES.get(exc.kind, grpc.StatusCode.INTERNAL), str(exc))
+    except OSError as exc:
+        context.abort(grpc.StatusCode.INTERNAL, str(exc))

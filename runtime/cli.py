@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cocoon.runtime import config as config_mod
-from cocoon.runtime import logs
+from cocoon.runtime import logs, oci_cli
 from cocoon.runtime.errors import CocoonError
 
 VERSION = "0.1.0"
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_parser("list")
 
     sub.add_parser("demo", help="boot a sandbox, show what the guest reports, stop it")
+    oci_cli.add_parsers(sub)
     return p
 
 
@@ -272,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ArgError("no command given (try `cocoon --help`)")
         if args.log:
             logs.setup(Path(args.log), args.log_format, args.debug, stderr=args.debug)
+        if args.verb in oci_cli.VERBS:
+            return oci_cli.VERBS[args.verb](args, _load_config(args))
         return VERBS[args.verb](args)
     except CocoonError as exc:
         _report(args or _global_flags(argv), exc)

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import select
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ import grpc
 
 from cocoon.agent import agent_pb2_grpc
 from cocoon.guest_image import build as image_build
-from cocoon.runtime import hostcheck, qemu_argv
+from cocoon.runtime import hostcheck, hostmount, qemu_argv
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime import vm_pb2_grpc as vpbg
 from cocoon.runtime.config import Config
@@ -136,7 +135,7 @@ def start(
             cfg, d, sandbox_id, files, accel, channel, seccomp, log_file, log_format, debug
         )
     except BaseException:
-        shutil.rmtree(d, ignore_errors=True)
+        _remove_dir(d)
         raise
 
 
@@ -185,6 +184,8 @@ def _launch(
         debug=debug,
     )
     spec.write(d / L.LAUNCH_FILE)
+    if cfg.hypervisor.shared_fs != "none":
+        hostmount.make_shared(vm.paths.share_dir)
     rfd, wfd = os.pipe()
     try:
         with open(d / L.MONITOR_LOG, "wb") as mlog:
@@ -235,6 +236,11 @@ def _launch(
     )
 
 
+def _remove_dir(d: Path) -> None:
+    with contextlib.suppress(OSError, HostError):
+        hostmount.safe_rmtree(d)
+
+
 def _read_line(fd: int, timeout: float) -> str:
     buf = b""
     end = time.monotonic() + timeout
@@ -277,7 +283,7 @@ def _kill_leftovers(d: Path, proc: subprocess.Popen[bytes] | None) -> None:
     if qpid and _is_our_qemu(qpid, d):
         with contextlib.suppress(ProcessLookupError):
             os.kill(qpid, signal.SIGKILL)
-    shutil.rmtree(d, ignore_errors=True)
+    _remove_dir(d)
 
 
 def _is_our_qemu(pid: int, d: Path) -> bool:

@@ -18,7 +18,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -33,9 +32,10 @@ from qemu.qmp.error import QMPError
 
 from cocoon.agent import agent_pb2 as apb
 from cocoon.agent import api_hash
-from cocoon.runtime import logs
+from cocoon.runtime import hostmount, logs
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime import vm_pb2_grpc as vpbg
+from cocoon.runtime.errors import HostError
 from cocoon.runtime.monitor import forward
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.channel import ChannelError, SerialMuxHost, VsockRelay
@@ -369,6 +369,13 @@ class Monitor(vpbg.VMServicer):
         await self.server.start()
 
 
+def _remove_dir(d: Path) -> None:
+    try:
+        hostmount.safe_rmtree(d)
+    except (OSError, HostError) as exc:
+        log.error("cannot remove %s: %s", d, exc)
+
+
 def report(fd: int, payload: dict[str, object]) -> None:
     with contextlib.suppress(OSError):
         os.write(fd, (json.dumps(payload) + "\n").encode())
@@ -389,7 +396,7 @@ async def amain(spec: L.LaunchSpec, ready_fd: int) -> int:
         details = mon.diagnostics()
         log.error("sandbox %s failed to start: %s", spec.sandbox_id, exc)
         await mon.teardown()
-        shutil.rmtree(spec.dir, ignore_errors=True)
+        _remove_dir(spec.dir)
         report(ready_fd, {"ok": False, "error": str(exc), "details": details})
         return 1
     report(ready_fd, {"ok": True, "boot_seconds": mon.boot_seconds, "pid": os.getpid()})
@@ -400,7 +407,7 @@ async def amain(spec: L.LaunchSpec, ready_fd: int) -> int:
     if stop_signal.is_set():
         await mon.stop(spec.shutdown_timeout_s)
     await mon.teardown()
-    shutil.rmtree(spec.dir, ignore_errors=True)
+    _remove_dir(spec.dir)
     return 0
 
 

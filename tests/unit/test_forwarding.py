@@ -554,12 +554,12 @@ def test_guest_details(stub: Any, guest: Guest) -> None:
 
 
 def test_unimplemented_method(stub: Any, guest: Guest) -> None:
-    req = pb.CreateContainerRequest(container_id="c1")
-    err = rpc_error(lambda: stub.CreateContainer(req, timeout=RPC_TIMEOUT))
+    req = pb.GetOOMEventRequest()
+    err = rpc_error(lambda: stub.GetOOMEvent(req, timeout=RPC_TIMEOUT))
     assert err.code() == grpc.StatusCode.UNIMPLEMENTED
     closing, ref = direct_stub(guest)
     with closing:
-        ref_err = rpc_error(lambda: ref.CreateContainer(req, timeout=RPC_TIMEOUT))
+        ref_err = rpc_error(lambda: ref.GetOOMEvent(req, timeout=RPC_TIMEOUT))
     assert ref_err.code() == grpc.StatusCode.UNIMPLEMENTED
     assert err.details() == ref_err.details()
 

@@ -1,0 +1,450 @@
+"""Containers in the guest: crun runs them; this module holds their processes and stdio.
+
+Each container has a bundle in /run/cocoon/containers/<id> (config.json as the host rewrote
+it: rootfs and volumes under the virtio-fs share mounted at /run/cocoon/shared). crun's own
+messages go to a JSON log in the bundle, never to the workload's stdio. A process's stdio is
+three pipes held here (or the pty master crun sends over a console socket when the spec asks
+for a terminal); the host reads and writes them with the stream RPCs. Exit statuses are kept
+until the container is removed.
+
+May import: the standard library, cocoon.agent.{proc, mounts}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import select
+import shutil
+import socket
+import struct
+import termios
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cocoon.agent import mounts, proc
+
+log = logging.getLogger("cocoon.agent.containers")
+
+SHARED_TAG = "cocoon"
+SHARED_DIR = "/run/cocoon/shared"
+BUNDLES = Path("/run/cocoon/containers")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+CRUN = "/usr/bin/crun"
+_ID = re.compile(r"^[\w+\-.]{1,1024}$")
+
+
+class ContainerError(Exception):
+    """kind: not-found, exists, invalid, precondition, internal (mapped to gRPC codes)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Process:
+    container_id: str
+    exec_id: str
+    terminal: bool
+    pid: int = 0
+    stdin: int | None = None
+    stdout: int | None = None
+    stderr: int | None = None
+    master: int | None = None
+    status: int | None = None  # exit code, or 128 + signal
+    signaled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    args: list[str] = field(default_factory=list)
+
+    def close_fds(self) -> None:
+        for name in ("stdin", "stdout", "stderr", "master"):
+            fd = getattr(self, name)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, None)
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: Path
+    init: Process
+    execs: dict[str, Process] = field(default_factory=dict)
+    cgroup: str = ""
+
+
+class Manager:
+    def __init__(self, reaper: proc.Reaper, crun: str = CRUN, bundles: Path = BUNDLES) -> None:
+        self._reaper = reaper
+        self._crun_bin = crun
+        self._bundles = bundles
+        self._lock = threading.Lock()
+        self._containers: dict[str, Container] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _get(self, cid: str) -> Container:
+        with self._lock:
+            c = self._containers.get(cid)
+        if c is None:
+            raise ContainerError("not-found", f"container {cid} does not exist in the guest")
+        return c
+
+    def _process(self, cid: str, exec_id: str) -> Process:
+        c = self._get(cid)
+        if not exec_id:
+            return c.init
+        p = c.execs.get(exec_id)
+        if p is None:
+            raise ContainerError("not-found", f"process {exec_id} of container {cid} not found")
+        return p
+
+    def _crun_argv(self, bundle: Path, *args: str) -> list[str]:
+        return [self._crun_bin, f"--log=file:{bundle / 'crun.log'}", "--log-format=json", *args]
+
+    def _crun(self, bundle: Path, *args: str, timeout: float = 60.0) -> None:
+        offset = _log_size(bundle)
+        res = proc.run(self._reaper, self._crun_argv(bundle, *args), timeout=timeout)
+        if not res.ok:
+            raise ContainerError("internal", f"crun {args[0]}: {_crun_error(bundle, res, offset)}")
+
+    @staticmethod
+    def ensure_shared() -> None:
+        if not mounts.is_mounted(SHARED_DIR):
+            mounts.mount(SHARED_TAG, SHARED_DIR, "virtiofs", mounts.MS_NODEV)
+
+    # ------------------------------------------------------------------ lifecycle
+    def create(self, cid: str, spec_json: bytes, stdin: bool) -> Container:
+        if not _ID.match(cid) or cid in (".", ".."):
+            raise ContainerError("invalid", f"invalid container id {cid!r}")
+        try:
+            spec = json.loads(spec_json)
+        except ValueError as exc:
+            raise ContainerError("invalid", f"container {cid}: spec is not JSON: {exc}") from exc
+        with self._lock:
+            if cid in self._containers:
+                raise ContainerError("exists", f"container {cid} already exists in the guest")
+        if str(spec.get("root", {}).get("path", "")).startswith(SHARED_DIR):
+            try:
+                self.ensure_shared()
+            except OSError as exc:
+                raise ContainerError("internal", f"shared filesystem: {exc}") from exc
+        root = Path(spec.get("root", {}).get("path", ""))
+        if not root.is_absolute() or not root.is_dir():
+            raise ContainerError(
+                "invalid", f"container {cid}: rootfs {root} not found in the guest"
+            )
+        bundle = self._bundles / cid
+        shutil.rmtree(bundle, ignore_errors=True)
+        bundle.mkdir(parents=True)
+        (bundle / "config.json").write_text(json.dumps(spec))
+        terminal = bool(spec.get("process", {}).get("terminal"))
+        p = Process(cid, "", terminal, args=list(spec.get("process", {}).get("args", [])))
+        try:
+            self._launch(p, bundle, ["create", "--bundle", str(bundle)], cid)
+        except BaseException:
+            p.close_fds()
+            with contextlib.suppress(ContainerError):
+                self._crun(bundle, "delete", "--force", cid)
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise
+        c = Container(cid, bundle, p, cgroup=str(spec.get("linux", {}).get("cgroupsPath", "")))
+        with self._lock:
+            self._containers[cid] = c
+        return c
+
+    def _launch(self, p: Process, bundle: Path, verb: list[str], cid: str) -> None:
+        """Runs ``crun create`` or ``crun exec --detach`` with the process's stdio attached."""
+        tag = p.exec_id or "init"
+        pid_file = bundle / f"{tag}.pid"
+        pid_file.unlink(missing_ok=True)
+        child: list[int] = []
+        lsock = None
+        argv = self._crun_argv(bundle, *verb, "--pid-file", str(pid_file))
+        if p.terminal:
+            sock_path = bundle / f"{tag}.console.sock"
+            sock_path.unlink(missing_ok=True)
+            lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            lsock.bind(str(sock_path))
+            lsock.listen(1)
+            argv += ["--console-socket", str(sock_path)]
+            fds: tuple[int | None, int | None, int | None] = (None, None, None)
+        else:
+            in_r, p.stdin = os.pipe()
+            p.stdout, out_w = os.pipe()
+            p.stderr, err_w = os.pipe()
+            child = [in_r, out_w, err_w]
+            fds = (in_r, out_w, err_w)
+        argv.append(cid)
+        offset = _log_size(bundle)
+        try:
+            pid = proc.spawn(argv, *fds)
+        finally:
+            for fd in child:
+                os.close(fd)
+        status: int | None = None
+        try:
+            if lsock is not None:
+                status = self._receive_pty(p, lsock, pid)
+        finally:
+            if lsock is not None:
+                lsock.close()
+        if status is None:
+            status = self._reaper.wait(pid, 120)
+        if status is None or not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
+            res = proc.Result(status or 0, b"", b"")
+            raise ContainerError("internal", f"crun {verb[0]}: {_crun_error(bundle, res, offset)}")
+        try:
+            p.pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise ContainerError("internal", f"crun {verb[0]}: no pid file: {exc}") from exc
+        threading.Thread(target=self._watch, args=(p,), daemon=True).start()
+
+    def _receive_pty(self, p: Process, lsock: socket.socket, crun_pid: int) -> int | None:
+        """Accepts crun's console-socket connection and takes the pty master from it."""
+        for _ in range(1200):
+            r, _, _ = select.select([lsock], [], [], 0.1)
+            if r:
+                conn, _ = lsock.accept()
+                with conn:
+                    _, fds, _, _ = socket.recv_fds(conn, 4096, 4)
+                if not fds:
+                    raise ContainerError("internal", "crun sent no terminal")
+                p.master = fds[0]
+                for extra in fds[1:]:
+                    os.close(extra)
+                return None
+            status = self._reaper.wait(crun_pid, 0)
+            if status is not None:
+                return status
+        raise ContainerError("internal", "crun did not send the terminal within 120s")
+
+    def _watch(self, p: Process) -> None:
+        status = self._reaper.wait(p.pid)
+        assert status is not None
+        p.signaled = os.WIFSIGNALED(status)
+        p.status = proc.exit_code(status)
+        log.info(
+            "container %s process %s (pid %d) exited: %d",
+            p.container_id,
+            p.exec_id or "init",
+            p.pid,
+            p.status,
+        )
+        p.done.set()
+
+    def start(self, cid: str) -> None:
+        c = self._get(cid)
+        self._crun(c.bundle, "start", cid)
+
+    def exec(self, cid: str, exec_id: str, process_json: bytes) -> Process:
+        c = self._get(cid)
+        if c.init.done.is_set():
+            raise ContainerError("precondition", f"container {cid} is not running")
+        if not exec_id or exec_id in c.execs or not _ID.match(exec_id):
+            raise ContainerError("invalid", f"bad or duplicate exec id {exec_id!r}")
+        try:
+            spec = json.loads(process_json)
+        except ValueError as exc:
+            raise ContainerError("invalid", f"exec {exec_id}: process is not JSON: {exc}") from exc
+        pfile = c.bundle / f"{exec_id}.process.json"
+        pfile.write_text(json.dumps(spec))
+        p = Process(cid, exec_id, bool(spec.get("terminal")), args=list(spec.get("args", [])))
+        try:
+            self._launch(p, c.bundle, ["exec", "--detach", "--process", str(pfile)], cid)
+        except BaseException:
+            p.close_fds()
+            raise
+        c.execs[exec_id] = p
+        return p
+
+    def signal(self, cid: str, exec_id: str, sig: int, all_processes: bool) -> None:
+        c = self._get(cid)
+        if all_processes and not exec_id:
+            self._crun(c.bundle, "kill", "--all", cid, str(sig))
+            return
+        p = self._process(cid, exec_id)
+        if p.done.is_set():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, sig)
+
+    def wait(self, cid: str, exec_id: str, alive: Callable[[], bool]) -> Process:
+        p = self._process(cid, exec_id)
+        while not p.done.wait(1.0):
+            if not alive():
+                break
+        return p
+
+    def remove(self, cid: str) -> None:
+        c = self._get(cid)
+        self._crun(c.bundle, "delete", "--force", cid)
+        for p in (c.init, *c.execs.values()):
+            p.close_fds()
+        with self._lock:
+            self._containers.pop(cid, None)
+        shutil.rmtree(c.bundle, ignore_errors=True)
+
+    def pause(self, cid: str) -> None:
+        self._crun(self._get(cid).bundle, "pause", cid)
+
+    def resume(self, cid: str) -> None:
+        self._crun(self._get(cid).bundle, "resume", cid)
+
+    def update(self, cid: str, resources_json: bytes) -> None:
+        c = self._get(cid)
+        try:
+            json.loads(resources_json)
+        except ValueError as exc:
+            raise ContainerError("invalid", f"update {cid}: resources are not JSON: {exc}") from exc
+        f = c.bundle / "resources.json"
+        f.write_bytes(resources_json)
+        self._crun(c.bundle, "update", "--resources", str(f), cid)
+
+    def cgroup_dir(self, cid: str) -> Path:
+        c = self._get(cid)
+        return CGROUP_ROOT / c.cgroup.lstrip("/")
+
+    def pids(self, cid: str) -> list[int]:
+        d = self.cgroup_dir(cid)
+        out: list[int] = []
+        for procs in sorted(d.rglob("cgroup.procs")) if d.is_dir() else []:
+            with contextlib.suppress(OSError, ValueError):
+                out.extend(int(x) for x in procs.read_text().split())
+        return out
+
+    def processes(self, cid: str) -> list[tuple[int, str, list[str]]]:
+        c = self._get(cid)
+        by_pid = {p.pid: p.exec_id for p in (c.init, *c.execs.values())}
+        result = []
+        for pid in self.pids(cid):
+            try:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            result.append(
+                (pid, by_pid.get(pid, ""), [a.decode(errors="replace") for a in args if a])
+            )
+        return result
+
+    # ------------------------------------------------------------------ stdio
+    def read_stream(
+        self, cid: str, exec_id: str, which: str, alive: Callable[[], bool]
+    ) -> Iterator[bytes]:
+        """The process's output as chunks until EOF (lookup errors raise here, not lazily)."""
+        p = self._process(cid, exec_id)
+        fd = p.master if p.terminal and which == "stdout" else getattr(p, which)
+        return _chunks(fd, alive) if fd is not None else iter(())
+
+    def write_stdin(self, cid: str, exec_id: str, chunks: Iterable[bytes]) -> int:
+        p = self._process(cid, exec_id)
+        fd = p.master if p.terminal else p.stdin
+        if fd is None:
+            raise ContainerError("precondition", "stdin is closed")
+        n = 0
+        for data in chunks:
+            view = memoryview(data)
+            while view:
+                try:
+                    w = os.write(fd, view)
+                except BrokenPipeError:
+                    return n
+                view = view[w:]
+                n += w
+        return n
+
+    def close_stdin(self, cid: str, exec_id: str) -> None:
+        p = self._process(cid, exec_id)
+        if p.terminal:
+            return  # a terminal has no separate stdin to close
+        if p.stdin is not None:
+            os.close(p.stdin)
+            p.stdin = None
+
+    def resize(self, cid: str, exec_id: str, rows: int, cols: int) -> None:
+        p = self._process(cid, exec_id)
+        if p.master is None:
+            raise ContainerError("precondition", "process has no terminal")
+        fcntl.ioctl(p.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    # ------------------------------------------------------------------ stats
+    def stats(self, cid: str) -> dict[str, int]:
+        d = self.cgroup_dir(cid)
+        out: dict[str, int] = {}
+
+        def read(name: str) -> str:
+            try:
+                return (d / name).read_text()
+            except OSError:
+                return ""
+
+        for line in read("cpu.stat").splitlines():
+            k, _, v = line.partition(" ")
+            if k in ("usage_usec", "user_usec", "system_usec", "nr_throttled", "throttled_usec"):
+                out[k] = int(v)
+        for name, key in (
+            ("memory.current", "memory"),
+            ("memory.peak", "memory_peak"),
+            ("pids.current", "pids"),
+        ):
+            v = read(name).strip()
+            if v.isdigit():
+                out[key] = int(v)
+        for name, key in (("memory.max", "memory_limit"), ("pids.max", "pids_limit")):
+            v = read(name).strip()
+            out[key] = int(v) if v.isdigit() else 0
+        for line in read("memory.stat").splitlines():
+            k, _, v = line.partition(" ")
+            if k == "file":
+                out["cache"] = int(v)
+        for line in read("memory.events").splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill":
+                out["oom_kill"] = int(v)
+        return out
+
+
+def _log_size(bundle: Path) -> int:
+    try:
+        return (bundle / "crun.log").stat().st_size
+    except OSError:
+        return 0
+
+
+def _crun_error(bundle: Path, res: proc.Result, offset: int) -> str:
+    """The last error crun logged since ``offset``, else its stderr, else its status."""
+    msgs = []
+    with contextlib.suppress(OSError), (bundle / "crun.log").open("rb") as f:
+        f.seek(offset)
+        for line in f.read().decode(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if rec.get("level") in ("error", "fatal"):
+                    msgs.append(str(rec.get("msg", "")))
+    if msgs:
+        return msgs[-1]
+    err = res.stderr.decode(errors="replace").strip()
+    return err.splitlines()[-1] if err else f"failed (wait status {res.status})"
+
+
+def _chunks(fd: int, alive: Callable[[], bool]) -> Iterator[bytes]:
+    while True:
+        r, _, _ = select.select([fd], [], [], 1.0)
+        if not r:
+            if not alive():
+                return
+            continue
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: the pty's last slave closed
+            return
+        if not data:
+            return
+        yield data

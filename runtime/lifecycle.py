@@ -1,0 +1,514 @@
+"""The container lifecycle: what each runc verb does, over the sandbox, the agent and the shim.
+
+create: reserve the id, load the bundle, boot the sandbox (one VM per container unless a pod
+annotation says otherwise), bind the rootfs and volumes into the sandbox share, have the
+agent create the container (crun create in the guest), start the shim (a child of the caller,
+holding its stdio), run the prestart/createRuntime hooks, save the state, write the pid file
+last. Any failure undoes all of it. The other verbs load the state, check the status rule,
+and ask the agent through the monitor.
+
+May import: the standard library, grpc, cocoon.agent (stubs), cocoon.runtime.{config, errors,
+hooks, hostmount, ids, sandbox, spec, state}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from cocoon.agent import agent_pb2 as apb
+from cocoon.runtime import hostmount, sandbox
+from cocoon.runtime import spec as specmod
+from cocoon.runtime.config import Config
+from cocoon.runtime.errors import CocoonError, SandboxError, StateError
+from cocoon.runtime.hooks import run_hooks
+from cocoon.runtime.ids import validate_id
+from cocoon.runtime.state import ContainerState, Status, Store, pid_alive
+
+
+class LifecycleError(CocoonError):
+    pass
+
+
+@dataclass(frozen=True)
+class Ctx:
+    cfg: Config
+    root: Path
+    log_file: Path | None = None
+    log_format: str = "text"
+    debug: bool = False
+
+    @property
+    def store(self) -> Store:
+        return Store(self.root)
+
+
+def _agent_error(what: str, exc: grpc.RpcError) -> LifecycleError:
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return LifecycleError(f"{what}: {details}")
+
+
+@contextlib.contextmanager
+def _client(ctx: Ctx, st: ContainerState) -> Iterator[sandbox.Client]:
+    d = sandbox.sandbox_dir(ctx.root, st.sandbox_id)
+    try:
+        c = sandbox.Client(d, ctx.cfg.agent.request_timeout_s)
+    except StateError as exc:
+        raise LifecycleError(f"container {st.id}: its sandbox is not running") from exc
+    with c:
+        yield c
+
+
+def _write_pid_file(path: Path, pid: int) -> None:
+    tmp = path.with_name(path.name + ".cocoon-tmp")
+    tmp.write_text(str(pid))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- create
+def create(
+    ctx: Ctx,
+    cid: str,
+    bundle_path: Path,
+    pid_file: Path | None,
+    console_socket: str | None,
+) -> ContainerState:
+    return _create(ctx, cid, bundle_path, pid_file, console_socket)[0]
+
+
+def _create(
+    ctx: Ctx,
+    cid: str,
+    bundle_path: Path,
+    pid_file: Path | None,
+    console_socket: str | None,
+) -> tuple[ContainerState, subprocess.Popen[bytes]]:
+    validate_id(cid)
+    store = ctx.store
+    if store.path(cid).exists():
+        raise StateError(f"container {cid} already exists")
+    bundle = specmod.load_bundle(bundle_path)
+    if bundle.terminal and not console_socket:
+        raise LifecycleError("cannot allocate a terminal without --console-socket")
+    store.reserve(cid)
+    sb: sandbox.Sandbox | None = None
+    shim: subprocess.Popen[bytes] | None = None
+    try:
+        sb = sandbox.start(
+            ctx.cfg,
+            ctx.root,
+            cid,
+            log_file=ctx.log_file,
+            log_format=ctx.log_format,
+            debug=ctx.debug,
+        )
+        _share_in(sb.dir, cid, bundle)
+        with sb.client(ctx.cfg.agent.request_timeout_s) as c:
+            req = apb.CreateContainerRequest(
+                container_id=cid,
+                oci_spec_json=json.dumps(specmod.guest_spec(bundle, cid)).encode(),
+                stdio=apb.StdioConfig(terminal=bundle.terminal, stdin=True),
+            )
+            try:
+                c.agent.CreateContainer(req, timeout=120)
+            except grpc.RpcError as exc:
+                raise _agent_error(f"container {cid}", exc) from exc
+        shim = spawn_shim(sb.dir, cid, "", bundle.terminal, console_socket)
+        st = ContainerState(
+            id=cid,
+            bundle=str(bundle.path),
+            rootfs=str(bundle.rootfs),
+            sandbox_id=cid,
+            status=Status.CREATED.value,
+            pid=shim.pid,
+            annotations=bundle.annotations,
+            terminal=bundle.terminal,
+        )
+        state = st.oci()
+        run_hooks("prestart", bundle.hooks("prestart"), state)
+        run_hooks("createRuntime", bundle.hooks("createRuntime"), state)
+        store.save(st)
+        if pid_file is not None:
+            _write_pid_file(pid_file, shim.pid)
+        return st, shim
+    except BaseException:
+        if shim is not None and shim.poll() is None:
+            shim.kill()
+            shim.wait()
+        _teardown_sandbox(ctx, cid)
+        store.remove(cid)
+        raise
+
+
+def _share_in(sandbox_dir: Path, cid: str, bundle: specmod.Bundle) -> None:
+    base = sandbox_dir / "shared" / cid
+    hostmount.bind(bundle.rootfs, base / "rootfs")
+    for bm in bundle.binds:
+        hostmount.bind(bm.source, base / "mounts" / bm.share_name)
+
+
+def _teardown_sandbox(ctx: Ctx, sid: str) -> None:
+    d = sandbox.sandbox_dir(ctx.root, sid)
+    if d.exists():
+        sandbox.stop(ctx.root, sid, ctx.cfg.runtime.shutdown_timeout_s)
+
+
+def spawn_shim(
+    sandbox_dir: Path, cid: str, exec_id: str, terminal: bool, console_socket: str | None
+) -> subprocess.Popen[bytes]:
+    """Starts a shim as our child (so it stays in the caller's tree) and waits until ready."""
+    rfd, wfd = os.pipe()
+    argv = [
+        sys.executable,
+        "-m",
+        "cocoon.shim.main",
+        "--sandbox-dir",
+        str(sandbox_dir),
+        "--container",
+        cid,
+        "--ready-fd",
+        str(wfd),
+    ]
+    if exec_id:
+        argv += ["--exec-id", exec_id]
+    if terminal:
+        argv.append("--terminal")
+    if console_socket:
+        argv += ["--console-socket", console_socket]
+    try:
+        proc = subprocess.Popen(argv, pass_fds=(wfd,), start_new_session=True)
+    finally:
+        os.close(wfd)
+    try:
+        ready, _, _ = select.select([rfd], [], [], 60)
+        ok = bool(ready) and os.read(rfd, 16).startswith(b"ok")
+    finally:
+        os.close(rfd)
+    if not ok:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        raise LifecycleError(f"container {cid}: the shim did not start (status {proc.returncode})")
+    return proc
+
+
+# ---------------------------------------------------------------------------------- start
+def start(ctx: Ctx, cid: str) -> None:
+    store = ctx.store
+    with store.locked(cid):
+        st = store.load(cid)
+        eff = st.effective
+        if not eff.can_start:
+            raise LifecycleError(f"cannot start container {cid} in status {eff.value}")
+        with _client(ctx, st) as c:
+            try:
+                c.agent.StartContainer(apb.StartContainerRequest(container_id=cid), timeout=120)
+            except grpc.RpcError as exc:
+                raise _agent_error(f"start {cid}", exc) from exc
+        st.status = Status.RUNNING.value
+        store.save(st)
+    bundle = specmod.load_bundle(Path(st.bundle))
+    run_hooks("poststart", bundle.hooks("poststart"), st.oci())
+
+
+# ---------------------------------------------------------------------------------- state
+def state(ctx: Ctx, cid: str) -> dict[str, Any]:
+    return ctx.store.load(validate_id(cid)).oci()
+
+
+def list_states(ctx: Ctx) -> list[ContainerState]:
+    out = []
+    for cid in ctx.store.ids():
+        with contextlib.suppress(StateError):
+            out.append(ctx.store.load(cid))
+    return out
+
+
+# ---------------------------------------------------------------------------------- kill
+def kill(ctx: Ctx, cid: str, sig: int, all_processes: bool) -> None:
+    st = ctx.store.load(validate_id(cid))
+    if not st.effective.can_kill:
+        return  # runc: killing a stopped container is not an error for the callers
+    with _client(ctx, st) as c:
+        try:
+            c.agent.SignalProcess(
+                apb.SignalProcessRequest(container_id=cid, signal=sig, all=all_processes),
+                timeout=30,
+            )
+        except grpc.RpcError as exc:
+            raise _agent_error(f"kill {cid}", exc) from exc
+
+
+# ---------------------------------------------------------------------------------- delete
+def delete(ctx: Ctx, cid: str, force: bool) -> None:
+    validate_id(cid)
+    store = ctx.store
+    if not store.exists(cid):
+        if force:
+            # Nothing recorded, but a crashed create may have left a sandbox: clean it.
+            with contextlib.suppress(CocoonError):
+                _teardown_sandbox(ctx, cid)
+            store.remove(cid)
+            return
+        raise StateError(f"container {cid} does not exist")
+    with store.locked(cid):
+        st = store.load(cid)
+        eff = st.effective
+        if not eff.can_delete and not force:
+            raise LifecycleError(f"cannot delete container {cid} that is not stopped: {eff.value}")
+        if eff is not Status.STOPPED:
+            with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
+                if eff is Status.PAUSED:
+                    c.agent.ResumeContainer(
+                        apb.ResumeContainerRequest(container_id=cid), timeout=30
+                    )
+                c.agent.SignalProcess(
+                    apb.SignalProcessRequest(container_id=cid, signal=9, all=True), timeout=30
+                )
+            _wait_gone(st.pid, 15)
+        for pid in [st.pid, *st.exec_pids.values()]:
+            if pid_alive(pid) and _is_shim(pid, cid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
+            c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
+        _teardown_sandbox(ctx, st.sandbox_id)
+        st.status = Status.STOPPED.value
+        try:
+            bundle = specmod.load_bundle(Path(st.bundle))
+            run_hooks("poststop", bundle.hooks("poststop"), st.oci())
+        except CocoonError:
+            pass  # a bundle removed before delete does not block the delete
+    store.remove(cid)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _is_shim(pid: int, cid: str) -> bool:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"cocoon.shim.main" in cmd and cid.encode() in cmd
+
+
+# ---------------------------------------------------------------------------------- exec
+def exec_process(
+    ctx: Ctx,
+    cid: str,
+    process: dict[str, Any],
+    detach: bool,
+    pid_file: Path | None,
+    console_socket: str | None,
+) -> int:
+    store = ctx.store
+    st = store.load(validate_id(cid))
+    if not st.effective.can_exec:
+        raise LifecycleError(f"cannot exec in container {cid}: it is {st.effective.value}")
+    specmod.validate_process(process, "process")
+    terminal = bool(process.get("terminal"))
+    if terminal and detach and not console_socket:
+        raise LifecycleError("cannot allocate a terminal without --console-socket")
+    exec_id = uuid.uuid4().hex[:16]
+    with _client(ctx, st) as c:
+        try:
+            c.agent.ExecProcess(
+                apb.ExecProcessRequest(
+                    container_id=cid,
+                    exec_id=exec_id,
+                    process_json=json.dumps(process).encode(),
+                    stdio=apb.StdioConfig(terminal=terminal, stdin=True),
+                ),
+                timeout=120,
+            )
+        except grpc.RpcError as exc:
+            raise _agent_error(f"exec in {cid}", exc) from exc
+    d = sandbox.sandbox_dir(ctx.root, st.sandbox_id)
+    shim = spawn_shim(d, cid, exec_id, terminal, console_socket)
+    with store.locked(cid):
+        st = store.load(cid)
+        st.exec_pids = {k: v for k, v in st.exec_pids.items() if pid_alive(v)}
+        st.exec_pids[exec_id] = shim.pid
+        store.save(st)
+    if pid_file is not None:
+        _write_pid_file(pid_file, shim.pid)
+    if detach:
+        return 0
+    return wait_forwarding(shim)
+
+
+def wait_forwarding(proc: subprocess.Popen[bytes]) -> int:
+    """Waits for a foreground shim, passing on the signals we get (as runc run/exec do)."""
+
+    def fwd(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signum)
+
+    for s in (
+        signal.SIGINT,
+        signal.SIGTERM,
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGWINCH,
+    ):
+        signal.signal(s, fwd)
+    rc = proc.wait()
+    return 128 - rc if rc < 0 else rc
+
+
+def build_process(
+    base: dict[str, Any],
+    args: list[str],
+    tty: bool,
+    env: list[str],
+    cwd: str | None,
+    user: str | None,
+) -> dict[str, Any]:
+    """An exec process from the container's own process and runc exec's flags."""
+    p: dict[str, Any] = json.loads(json.dumps(base))
+    p["args"] = args
+    p["terminal"] = tty
+    p["env"] = list(p.get("env") or []) + env
+    if cwd:
+        p["cwd"] = cwd
+    if user:
+        uid, _, gid = user.partition(":")
+        try:
+            p["user"] = {"uid": int(uid), "gid": int(gid or 0)}
+        except ValueError:
+            raise LifecycleError(f"user {user!r}: use UID[:GID]") from None
+    return p
+
+
+# ---------------------------------------------------------------------------------- others
+def simple(ctx: Ctx, cid: str, verb: str) -> None:
+    """pause / resume."""
+    store = ctx.store
+    with store.locked(validate_id(cid)):
+        st = store.load(cid)
+        eff = st.effective
+        allowed = eff.can_pause if verb == "pause" else eff.can_resume
+        if not allowed:
+            raise LifecycleError(f"cannot {verb} container {cid} in status {eff.value}")
+        with _client(ctx, st) as c:
+            try:
+                if verb == "pause":
+                    c.agent.PauseContainer(apb.PauseContainerRequest(container_id=cid), timeout=60)
+                else:
+                    c.agent.ResumeContainer(
+                        apb.ResumeContainerRequest(container_id=cid), timeout=60
+                    )
+            except grpc.RpcError as exc:
+                raise _agent_error(f"{verb} {cid}", exc) from exc
+        st.status = (Status.PAUSED if verb == "pause" else Status.RUNNING).value
+        store.save(st)
+
+
+def update(ctx: Ctx, cid: str, resources: dict[str, Any]) -> None:
+    st = ctx.store.load(validate_id(cid))
+    if st.effective is Status.STOPPED:
+        raise LifecycleError(f"cannot update container {cid}: it is stopped")
+    with _client(ctx, st) as c:
+        try:
+            c.agent.UpdateContainer(
+                apb.UpdateContainerRequest(
+                    container_id=cid, resources_json=json.dumps(resources).encode()
+                ),
+                timeout=60,
+            )
+        except grpc.RpcError as exc:
+            raise _agent_error(f"update {cid}", exc) from exc
+
+
+def stats(ctx: Ctx, cid: str) -> dict[str, Any]:
+    st = ctx.store.load(validate_id(cid))
+    if st.effective is Status.STOPPED:
+        raise LifecycleError(f"container {cid} is stopped")
+    with _client(ctx, st) as c:
+        try:
+            s = c.agent.StatsContainer(apb.StatsContainerRequest(container_id=cid), timeout=30)
+        except grpc.RpcError as exc:
+            raise _agent_error(f"stats {cid}", exc) from exc
+    return {
+        "cpu": {
+            "usage": {
+                "total": s.cpu.usage_total_ns,
+                "kernel": s.cpu.usage_kernel_ns,
+                "user": s.cpu.usage_user_ns,
+            },
+            "throttling": {
+                "throttledPeriods": s.cpu.throttled_periods,
+                "throttledTime": s.cpu.throttled_time_ns,
+            },
+        },
+        "memory": {
+            "usage": {
+                "usage": s.memory.usage_bytes,
+                "max": s.memory.max_usage_bytes,
+                "limit": s.memory.limit_bytes,
+                "failcnt": s.memory.failcnt,
+            },
+            "cache": s.memory.cache_bytes,
+        },
+        "pids": {"current": s.pids.current, "limit": s.pids.limit},
+    }
+
+
+def host_pids(ctx: Ctx, cid: str) -> list[int]:
+    """The host pids that stand for the container's processes: its shims."""
+    st = ctx.store.load(validate_id(cid))
+    if st.effective is Status.STOPPED:
+        return []
+    return [p for p in [st.pid, *st.exec_pids.values()] if pid_alive(p)]
+
+
+def run_foreground(
+    ctx: Ctx,
+    cid: str,
+    bundle: Path,
+    pid_file: Path | None,
+    console_socket: str | None,
+    detach: bool,
+) -> int:
+    """runc run: create + start; without -d, wait and delete, returning the status."""
+    if not detach:
+        b = specmod.load_bundle(bundle)
+        if b.terminal and not console_socket:
+            raise LifecycleError(
+                "a terminal in the foreground needs --console-socket (not supported yet)"
+            )
+    _, shim = _create(ctx, cid, bundle, pid_file, console_socket)
+    try:
+        start(ctx, cid)
+    except BaseException:
+        with contextlib.suppress(CocoonError):
+            delete(ctx, cid, force=True)
+        raise
+    if detach:
+        return 0
+    status = wait_forwarding(shim)
+    with contextlib.suppress(CocoonError, SandboxError):
+        delete(ctx, cid, force=True)
+    return status

@@ -1,0 +1,483 @@
+"""The runc verbs: argument grammar and one short function each, over runtime.lifecycle.
+
+May import: the standard library, cocoon.runtime.{lifecycle, errors, state, spec, config}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cocoon.runtime import lifecycle as lc
+from cocoon.runtime import spec as specmod
+from cocoon.runtime.config import Config
+from cocoon.runtime.errors import CocoonError
+from cocoon.runtime.state import OCI_VERSION
+
+
+class UsageError(CocoonError):
+    pass
+
+
+def parse_signal(text: str) -> int:
+    t = text.strip().upper()
+    if t.isdigit():
+        n = int(t)
+        if n in {s.value for s in signal.valid_signals() if isinstance(s, signal.Signals)} or (
+            signal.SIGRTMIN <= n <= signal.SIGRTMAX
+        ):
+            return n
+        raise UsageError(f"unknown signal {text!r}")
+    name = t if t.startswith("SIG") else "SIG" + t
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise UsageError(f"unknown signal {text!r}") from None
+
+
+_SIZE = re.compile(r"^(\d+)\s*([kmgt]?)i?b?$", re.I)
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise UsageError(f"invalid size {text!r} (use e.g. 268435456, 256M, 1G)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(m.group(1)) * mult
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("create", help="create a container")
+    p.add_argument("--bundle", "-b", default=".")
+    p.add_argument("--console-socket")
+    p.add_argument("--pid-file")
+    p.add_argument("--no-pivot", action="store_true")
+    p.add_argument("--no-new-keyring", action="store_true")
+    p.add_argument("--preserve-fds", type=int, default=0)
+    p.add_argument("id")
+
+    p = sub.add_parser("run", help="create and start a container")
+    p.add_argument("--bundle", "-b", default=".")
+    p.add_argument("--console-socket")
+    p.add_argument("--pid-file")
+    p.add_argument("--detach", "-d", action="store_true")
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--no-pivot", action="store_true")
+    p.add_argument("--no-new-keyring", action="store_true")
+    p.add_argument("--preserve-fds", type=int, default=0)
+    p.add_argument("id")
+
+    for verb in ("start", "state", "pause", "resume"):
+        sub.add_parser(verb).add_argument("id")
+
+    p = sub.add_parser("kill")
+    p.add_argument("--all", "-a", action="store_true")
+    p.add_argument("id")
+    p.add_argument("signal", nargs="?", default="SIGTERM")
+
+    p = sub.add_parser("delete")
+    p.add_argument("--force", "-f", action="store_true")
+    p.add_argument("id")
+
+    p = sub.add_parser("exec")
+    p.add_argument("--process", "-p")
+    p.add_argument("--detach", "-d", action="store_true")
+    p.add_argument("--pid-file")
+    p.add_argument("--tty", "-t", action="store_true")
+    p.add_argument("--console-socket")
+    p.add_argument("--cwd")
+    p.add_argument("--env", "-e", action="append", default=[])
+    p.add_argument("--user", "-u")
+    p.add_argument("--additional-gids", "-g", action="append", default=[])
+    p.add_argument("--cap", "-c", action="append", default=[])
+    p.add_argument("--no-new-privs", action="store_true")
+    p.add_argument("--apparmor")
+    p.add_argument("--process-label")
+    p.add_argument("--preserve-fds", type=int, default=0)
+    p.add_argument("--ignore-paused", action="store_true")
+    p.add_argument("--cgroup")
+    p.add_argument("id")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("ps")
+    p.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    p.add_argument("id")
+    p.add_argument("ps_args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("list")
+    p.add_argument("--format", "-f", choices=("table", "json"), default="table")
+    p.add_argument("--quiet", "-q", action="store_true")
+
+    p = sub.add_parser("update")
+    p.add_argument("--resources", "-r")
+    for flag in (
+        "--memory",
+        "--memory-swap",
+        "--memory-reservation",
+        "--kernel-memory",
+        "--kernel-memory-tcp",
+    ):
+        p.add_argument(flag)
+    for flag in (
+        "--cpu-shares",
+        "--cpu-period",
+        "--cpu-quota",
+        "--cpu-rt-period",
+        "--cpu-rt-runtime",
+        "--pids-limit",
+        "--blkio-weight",
+    ):
+        p.add_argument(flag, type=int)
+    p.add_argument("--cpuset-cpus")
+    p.add_argument("--cpuset-mems")
+    p.add_argument("id")
+
+    p = sub.add_parser("events")
+    p.add_argument("--stats", action="store_true")
+    p.add_argument("--interval", default="5s")
+    p.add_argument("id")
+
+    p = sub.add_parser("spec")
+    p.add_argument("--bundle", "-b", default=".")
+    p.add_argument("--rootless", action="store_true")
+
+    sub.add_parser("features")
+
+
+def _ctx(args: argparse.Namespace, cfg: Config) -> lc.Ctx:
+    return lc.Ctx(
+        cfg, Path(args.root), Path(args.log) if args.log else None, args.log_format, args.debug
+    )
+
+
+def _pid_file(args: argparse.Namespace) -> Path | None:
+    return Path(args.pid_file).absolute() if args.pid_file else None
+
+
+def cmd_create(args: argparse.Namespace, cfg: Config) -> int:
+    lc.create(_ctx(args, cfg), args.id, Path(args.bundle), _pid_file(args), args.console_socket)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    return lc.run_foreground(
+        _ctx(args, cfg),
+        args.id,
+        Path(args.bundle),
+        _pid_file(args),
+        args.console_socket,
+        args.detach,
+    )
+
+
+def cmd_start(args: argparse.Namespace, cfg: Config) -> int:
+    lc.start(_ctx(args, cfg), args.id)
+    return 0
+
+
+def cmd_state(args: argparse.Namespace, cfg: Config) -> int:
+    print(json.dumps(lc.state(_ctx(args, cfg), args.id), indent=2))
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace, cfg: Config) -> int:
+    lc.kill(_ctx(args, cfg), args.id, parse_signal(args.signal), args.all)
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace, cfg: Config) -> int:
+    lc.delete(_ctx(args, cfg), args.id, args.force)
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace, cfg: Config) -> int:
+    lc.simple(_ctx(args, cfg), args.id, "pause")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace, cfg: Config) -> int:
+    lc.simple(_ctx(args, cfg), args.id, "resume")
+    return 0
+
+
+def _read_json_arg(src: str, what: str) -> Any:
+    try:
+        text = sys.stdin.read() if src == "-" else Path(src).read_text()
+    except OSError as exc:
+        raise UsageError(f"{what} {src}: {exc.strerror}") from exc
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{what} {src}: not valid JSON: {exc}") from exc
+
+
+def cmd_exec(args: argparse.Namespace, cfg: Config) -> int:
+    ctx = _ctx(args, cfg)
+    if args.process:
+        process = _read_json_arg(args.process, "process file")
+        if not isinstance(process, dict):
+            raise UsageError(f"process file {args.process}: must be a JSON object")
+    else:
+        cmd = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] else args.command
+        if not cmd:
+            raise UsageError("exec: no command given (args or --process FILE)")
+        st = ctx.store.load(args.id)
+        base = specmod.load_bundle(Path(st.bundle)).spec.get("process") or {}
+        process = lc.build_process(base, cmd, args.tty, args.env, args.cwd, args.user)
+    return lc.exec_process(ctx, args.id, process, args.detach, _pid_file(args), args.console_socket)
+
+
+def cmd_ps(args: argparse.Namespace, cfg: Config) -> int:
+    pids = lc.host_pids(_ctx(args, cfg), args.id)
+    if args.format == "json":
+        print(json.dumps(pids))
+        return 0
+    ps_args = [a for a in args.ps_args if a != "--"] or ["-ef"]
+    out = subprocess.run(["ps", *ps_args], capture_output=True, text=True, check=False).stdout
+    lines = out.splitlines()
+    if not lines:
+        return 0
+    header = lines[0].split()
+    col = header.index("PID") if "PID" in header else 1
+    print(lines[0])
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) > col and fields[col].isdigit() and int(fields[col]) in pids:
+            print(line)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
+    states = [s.oci() for s in lc.list_states(_ctx(args, cfg))]
+    if args.quiet:
+        for s in states:
+            print(s["id"])
+    elif args.format == "json":
+        print(json.dumps(states))
+    else:
+        rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+        rows += [
+            (s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"])
+            for s in states
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        for r in rows:
+            print("   ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _update_resources(args: argparse.Namespace) -> dict[str, Any]:
+    if args.resources:
+        given = _read_json_arg(args.resources, "resources")
+        if not isinstance(given, dict):
+            raise UsageError("resources: must be a JSON object (OCI LinuxResources)")
+        return given
+    res: dict[str, Any] = {}
+    mem = {
+        k: parse_size(v)
+        for k, v in (
+            ("limit", args.memory),
+            ("swap", args.memory_swap),
+            ("reservation", args.memory_reservation),
+        )
+        if v
+    }
+    if mem:
+        res["memory"] = mem
+    cpu = {
+        k: v
+        for k, v in (
+            ("shares", args.cpu_shares),
+            ("period", args.cpu_period),
+            ("quota", args.cpu_quota),
+            ("realtimePeriod", args.cpu_rt_period),
+            ("realtimeRuntime", args.cpu_rt_runtime),
+            ("cpus", args.cpuset_cpus),
+            ("mems", args.cpuset_mems),
+        )
+        if v is not None
+    }
+    if cpu:
+        res["cpu"] = cpu
+    if args.pids_limit is not None:
+        res["pids"] = {"limit": args.pids_limit}
+    if args.blkio_weight is not None:
+        res["blockIO"] = {"weight": args.blkio_weight}
+    if not res:
+        raise UsageError("update: nothing to update (give --resources or a resource flag)")
+    return res
+
+
+def cmd_update(args: argparse.Namespace, cfg: Config) -> int:
+    lc.update(_ctx(args, cfg), args.id, _update_resources(args))
+    return 0
+
+
+def _interval(text: str) -> float:
+    m = re.match(r"^(\d+(?:\.\d+)?)(ms|s|m)?$", text)
+    if not m:
+        raise UsageError(f"invalid interval {text!r} (e.g. 5s, 500ms)")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[m.group(2) or "s"]
+
+
+def cmd_events(args: argparse.Namespace, cfg: Config) -> int:
+    ctx = _ctx(args, cfg)
+    interval = _interval(args.interval)
+    while True:
+        data = lc.stats(ctx, args.id)
+        print(json.dumps({"type": "stats", "id": args.id, "data": data}), flush=True)
+        if args.stats:
+            return 0
+        time.sleep(interval)
+
+
+def default_spec(rootless: bool = False) -> dict[str, Any]:
+    caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": True,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["sh"],
+            "env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "TERM=xterm",
+            ],
+            "cwd": "/",
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "cocoon",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {
+                "destination": "/dev",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+            },
+            {
+                "destination": "/dev/pts",
+                "type": "devpts",
+                "source": "devpts",
+                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+            },
+            {
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            },
+            {
+                "destination": "/dev/mqueue",
+                "type": "mqueue",
+                "source": "mqueue",
+                "options": ["nosuid", "noexec", "nodev"],
+            },
+            {
+                "destination": "/sys",
+                "type": "sysfs",
+                "source": "sysfs",
+                "options": ["nosuid", "noexec", "nodev", "ro"],
+            },
+            {
+                "destination": "/sys/fs/cgroup",
+                "type": "cgroup",
+                "source": "cgroup",
+                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+            },
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": [
+                {"type": t}
+                for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")
+                + (("user",) if rootless else ())
+            ],
+            "maskedPaths": [
+                "/proc/acpi",
+                "/proc/asound",
+                "/proc/kcore",
+                "/proc/keys",
+                "/proc/latency_stats",
+                "/proc/timer_list",
+                "/proc/timer_stats",
+                "/proc/sched_debug",
+                "/sys/firmware",
+                "/proc/scsi",
+            ],
+            "readonlyPaths": [
+                "/proc/bus",
+                "/proc/fs",
+                "/proc/irq",
+                "/proc/sys",
+                "/proc/sysrq-trigger",
+            ],
+        },
+    }
+
+
+def cmd_spec(args: argparse.Namespace, cfg: Config) -> int:
+    target = Path(args.bundle) / "config.json"
+    if target.exists():
+        raise UsageError(f"{target} exists: remove it first")
+    target.write_text(json.dumps(default_spec(args.rootless), indent="\t") + "\n")
+    return 0
+
+
+def cmd_features(args: argparse.Namespace, cfg: Config) -> int:
+    features = {
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": "1.1.0",
+        "hooks": [
+            "prestart",
+            "createRuntime",
+            "createContainer",
+            "startContainer",
+            "poststart",
+            "poststop",
+        ],
+        "mountOptions": ["bind", "rbind", "ro", "rw", "nosuid", "nodev", "noexec"],
+        "linux": {
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
+            "cgroup": {"v1": False, "v2": True, "systemd": False, "systemdUser": False},
+            "seccomp": {"enabled": True},
+            "apparmor": {"enabled": False},
+            "selinux": {"enabled": False},
+        },
+        "annotations": {
+            "io.github.cocoon.runtime": "vm",
+            "org.opencontainers.runc.version": "cocoon",
+        },
+    }
+    print(json.dumps(features, indent=2))
+    return 0
+
+
+VERBS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+    "create": cmd_create,
+    "run": cmd_run,
+    "start": cmd_start,
+    "state": cmd_state,
+    "kill": cmd_kill,
+    "delete": cmd_delete,
+    "pause": cmd_pause,
+    "resume": cmd_resume,
+    "exec": cmd_exec,
+    "ps": cmd_ps,
+    "list": cmd_list,
+    "update": cmd_update,
+    "events": cmd_events,
+    "spec": cmd_spec,
+    "features": cmd_features,
+}

@@ -1,0 +1,184 @@
+"""The OCI bundle: loading config.json (checked once, at the edge) and rewriting it for the
+guest.
+
+``load_bundle`` reads ``<bundle>/config.json`` and checks what cocoon relies on (process,
+root, mounts, hooks, namespaces), with one clear error per problem. ``guest_spec`` produces the
+spec crun sees inside the VM: the rootfs and bind-mount sources point into the sandbox share
+(``/run/cocoon/shared/<id>/...``), host-only settings are dropped (AppArmor/SELinux labels,
+host hooks; host namespace paths become new namespaces), cgroups go under ``/cocoon/<id>``
+in the guest's cgroupfs, and /dev/shm becomes a guest tmpfs.
+
+May import: the standard library, cocoon.runtime.errors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cocoon.runtime.errors import CocoonError
+
+GUEST_SHARED = "/run/cocoon/shared"
+HOST_HOOKS = ("prestart", "createRuntime", "poststart", "poststop")
+GUEST_HOOKS = ("createContainer", "startContainer")
+
+
+class SpecError(CocoonError):
+    """config.json is missing, malformed, or asks for something impossible."""
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host path the container mounts; it reaches the guest through the share."""
+
+    index: int
+    source: Path
+    destination: str
+
+    @property
+    def share_name(self) -> str:
+        return f"{self.index}-{self.source.name or 'root'}"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    path: Path
+    spec: dict[str, Any]
+    rootfs: Path
+    binds: tuple[BindMount, ...]
+
+    @property
+    def terminal(self) -> bool:
+        return bool(self.spec.get("process", {}).get("terminal"))
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        return dict(self.spec.get("annotations") or {})
+
+    def hooks(self, kind: str) -> list[dict[str, Any]]:
+        return list((self.spec.get("hooks") or {}).get(kind) or [])
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise SpecError(msg)
+
+
+def _is_bind(m: dict[str, Any]) -> bool:
+    opts = m.get("options") or []
+    return m.get("type") == "bind" or "bind" in opts or "rbind" in opts
+
+
+def load_bundle(bundle: Path) -> Bundle:
+    bundle = bundle.resolve()
+    cfg = bundle / "config.json"
+    try:
+        raw = cfg.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{cfg}: no such file (is {bundle} an OCI bundle?)") from None
+    except OSError as exc:
+        raise SpecError(f"{cfg}: {exc.strerror}") from exc
+    try:
+        spec = json.loads(raw)
+    except ValueError as exc:
+        raise SpecError(f"{cfg}: not valid JSON: {exc}") from exc
+    _need(isinstance(spec, dict), f"{cfg}: the top level must be a JSON object")
+    _need(isinstance(spec.get("ociVersion"), str), f"{cfg}: ociVersion must be a string")
+    root = spec.get("root")
+    _need(
+        isinstance(root, dict) and isinstance(root.get("path"), str) and root["path"] != "",
+        f"{cfg}: root.path must be a non-empty string",
+    )
+    rootfs = Path(root["path"])
+    rootfs = rootfs if rootfs.is_absolute() else bundle / rootfs
+    _need(rootfs.is_dir(), f"rootfs {rootfs} does not exist or is not a directory")
+    proc = spec.get("process")
+    if proc is not None:
+        _need(isinstance(proc, dict), f"{cfg}: process must be an object")
+        validate_process(proc, str(cfg))
+    mounts = spec.get("mounts") or []
+    _need(isinstance(mounts, list), f"{cfg}: mounts must be a list")
+    binds = []
+    for i, m in enumerate(mounts):
+        _need(
+            isinstance(m, dict) and isinstance(m.get("destination"), str),
+            f"{cfg}: mounts[{i}] needs a destination",
+        )
+        if _is_bind(m) and not str(m.get("source", "")).startswith("/dev/"):
+            src = Path(str(m.get("source", "")))
+            src = src if src.is_absolute() else bundle / src
+            _need(src.exists(), f"{cfg}: mounts[{i}] source {src} does not exist")
+            binds.append(BindMount(i, src, m["destination"]))
+    hooks = spec.get("hooks") or {}
+    _need(isinstance(hooks, dict), f"{cfg}: hooks must be an object")
+    for kind, entries in hooks.items():
+        for j, h in enumerate(entries or []):
+            _need(
+                isinstance(h, dict) and isinstance(h.get("path"), str),
+                f"{cfg}: hooks.{kind}[{j}] needs a path",
+            )
+    return Bundle(bundle, spec, rootfs, tuple(binds))
+
+
+def validate_process(proc: dict[str, Any], where: str) -> None:
+    args = proc.get("args")
+    _need(
+        isinstance(args, list) and len(args) > 0 and all(isinstance(a, str) for a in args),
+        f"{where}: process.args must be a non-empty list of strings",
+    )
+    _need(
+        isinstance(proc.get("cwd", "/"), str) and str(proc.get("cwd", "/")).startswith("/"),
+        f"{where}: process.cwd must be an absolute path",
+    )
+    env = proc.get("env", [])
+    _need(
+        isinstance(env, list) and all(isinstance(e, str) for e in env),
+        f"{where}: process.env must be a list of strings",
+    )
+    user = proc.get("user", {})
+    _need(isinstance(user, dict), f"{where}: process.user must be an object")
+
+
+def guest_container_dir(cid: str) -> str:
+    return f"{GUEST_SHARED}/{cid}"
+
+
+def guest_spec(b: Bundle, cid: str) -> dict[str, Any]:
+    spec = copy.deepcopy(b.spec)
+    base = guest_container_dir(cid)
+    spec["root"]["path"] = f"{base}/rootfs"
+    binds = {bm.index: bm for bm in b.binds}
+    mounts = []
+    for i, m in enumerate(spec.get("mounts") or []):
+        if m.get("destination") == "/dev/shm":
+            m = {
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            }
+        elif i in binds:
+            m["source"] = f"{base}/mounts/{binds[i].share_name}"
+        mounts.append(m)
+    spec["mounts"] = mounts
+    proc = spec.get("process") or {}
+    proc.pop("apparmorProfile", None)
+    proc.pop("selinuxLabel", None)
+    linux = spec.setdefault("linux", {})
+    linux.pop("mountLabel", None)
+    linux["cgroupsPath"] = f"/cocoon/{cid}"
+    nss = []
+    for ns in linux.get("namespaces") or []:
+        # Host namespace paths mean nothing in the guest: each becomes a new namespace.
+        # (The network model joins the sandbox's guest netns instead, see networking.)
+        nss.append({k: v for k, v in ns.items() if k != "path"})
+    linux["namespaces"] = nss
+    hooks = {k: v for k, v in (spec.get("hooks") or {}).items() if k in GUEST_HOOKS}
+    if hooks:
+        spec["hooks"] = hooks
+    else:
+        spec.pop("hooks", None)
+    return spec

@@ -1,0 +1,169 @@
+"""Container state on disk: one directory per container under ``<root>/containers``.
+
+``state.json`` is written atomically (temp file + rename) under an flock on the directory's
+``lock`` file; liveness is re-checked on every load (a container whose shim is gone is
+stopped, whatever the file says). The status rules live on the Status enum so every verb asks
+the same question the same way.
+
+May import: the standard library, cocoon.runtime.{errors, ids}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import enum
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cocoon.runtime.errors import StateError
+from cocoon.runtime.ids import validate_id
+
+OCI_VERSION = "1.0.2"
+
+
+class Status(enum.Enum):
+    CREATING = "creating"
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+
+    @property
+    def can_start(self) -> bool:
+        return self is Status.CREATED
+
+    @property
+    def can_kill(self) -> bool:
+        return self in (Status.CREATED, Status.RUNNING, Status.PAUSED)
+
+    @property
+    def can_exec(self) -> bool:
+        return self is Status.RUNNING
+
+    @property
+    def can_pause(self) -> bool:
+        return self is Status.RUNNING
+
+    @property
+    def can_resume(self) -> bool:
+        return self is Status.PAUSED
+
+    @property
+    def can_delete(self) -> bool:
+        return self is Status.STOPPED
+
+
+def pid_alive(pid: int) -> bool:
+    """True if pid exists and is not a zombie."""
+    if pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class ContainerState:
+    id: str
+    bundle: str
+    rootfs: str
+    sandbox_id: str
+    status: str
+    pid: int = 0
+    created: str = field(default_factory=now_iso)
+    annotations: dict[str, str] = field(default_factory=dict)
+    owner: str = ""
+    exec_pids: dict[str, int] = field(default_factory=dict)
+    terminal: bool = False
+
+    @property
+    def effective(self) -> Status:
+        st = Status(self.status)
+        if st in (Status.CREATED, Status.RUNNING, Status.PAUSED) and not pid_alive(self.pid):
+            return Status.STOPPED
+        return st
+
+    def oci(self) -> dict[str, Any]:
+        st = self.effective
+        return {
+            "ociVersion": OCI_VERSION,
+            "id": self.id,
+            "pid": self.pid if st is not Status.STOPPED else 0,
+            "status": st.value,
+            "bundle": self.bundle,
+            "rootfs": self.rootfs,
+            "created": self.created,
+            "owner": self.owner,
+            "annotations": self.annotations,
+        }
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.dir = root / "containers"
+
+    def path(self, cid: str) -> Path:
+        return self.dir / validate_id(cid)
+
+    def exists(self, cid: str) -> bool:
+        return (self.path(cid) / "state.json").exists()
+
+    def reserve(self, cid: str) -> Path:
+        """Creates the container's directory; an existing id is an error."""
+        d = self.path(cid)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            raise StateError(f"container {cid} already exists") from None
+        return d
+
+    def load(self, cid: str) -> ContainerState:
+        f = self.path(cid) / "state.json"
+        try:
+            data = json.loads(f.read_text())
+        except FileNotFoundError:
+            raise StateError(f"container {cid} does not exist") from None
+        except (OSError, ValueError) as exc:
+            raise StateError(f"container {cid}: unreadable state {f}: {exc}") from exc
+        try:
+            return ContainerState(**data)
+        except TypeError as exc:
+            raise StateError(f"container {cid}: invalid state {f}: {exc}") from exc
+
+    def save(self, st: ContainerState) -> None:
+        d = self.path(st.id)
+        tmp = d / "state.json.tmp"
+        tmp.write_text(json.dumps(asdict(st), indent=1))
+        os.replace(tmp, d / "state.json")
+
+    @contextlib.contextmanager
+    def locked(self, cid: str) -> Iterator[None]:
+        d = self.path(cid)
+        if not d.is_dir():
+            raise StateError(f"container {cid} does not exist")
+        with open(d / "lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def remove(self, cid: str) -> None:
+        shutil.rmtree(self.path(cid), ignore_errors=True)
+
+    def ids(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name for p in self.dir.iterdir() if (p / "state.json").exists())

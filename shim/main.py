@@ -1,0 +1,204 @@
+"""The shim: one host process per container process; its pid stands for the workload.
+
+``python -m cocoon.shim.main --sandbox-dir D --container ID [--exec-id E] [--terminal]
+[--console-socket S] [--ready-fd N]``
+
+It inherits the caller's stdio (pipes, FIFOs, /dev/null) or, for a terminal, makes a host pty
+and sends its master over ``--console-socket`` (as runc does), then proxies to the agent's
+process streams through the sandbox monitor: stdin until EOF (then CloseStdin), stdout and
+stderr until the guest closes them, window-size changes as TtyWinResize. Every signal it
+receives is forwarded to the workload. It exits with the workload's status (128 + signal
+number after a signal death) once the output has drained.
+
+Signals are taken with sigtimedwait in the main thread (blocked everywhere else), since a
+thread blocked in a gRPC call would not run Python signal handlers.
+
+May import: the standard library, grpc, cocoon.agent (generated stubs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import struct
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from cocoon.agent import agent_pb2 as pb
+from cocoon.agent import agent_pb2_grpc as pbg
+
+NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE}
+FORWARDED = {s for s in signal.valid_signals() if s not in NOT_FORWARDED}
+CHUNK = 64 * 1024
+
+
+def send_console(sock_path: str, master: int) -> None:
+    """Sends the pty master to the caller's console socket (runc's protocol)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(sock_path)
+        fds = array.array("i", [master])
+        s.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+
+
+class Shim:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.cid: str = args.container
+        self.exec_id: str = args.exec_id or ""
+        self.channel = grpc.insecure_channel(f"unix:{Path(args.sandbox_dir) / 'monitor.sock'}")
+        self.agent = pbg.AgentServiceStub(self.channel)
+        self.terminal: bool = args.terminal
+        self.tty_fd: int | None = None  # the host side the caller talks to
+        self.in_fd, self.out_fd, self.err_fd = 0, 1, 2
+        self.done = threading.Event()
+        self.status = 255
+
+    def setup_terminal(self, console_socket: str | None) -> None:
+        if not self.terminal:
+            return
+        if console_socket:
+            master, slave = os.openpty()
+            tty.setraw(slave)
+            send_console(console_socket, master)
+            os.close(master)
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(slave, termios.TIOCSCTTY, 0)  # SIGWINCH on resize
+            self.tty_fd = slave
+            self.in_fd = self.out_fd = slave
+        elif os.isatty(0):
+            self.tty_fd = 0
+            tty.setraw(0)
+
+    def winsize(self) -> tuple[int, int] | None:
+        if self.tty_fd is None:
+            return None
+        try:
+            rows, cols, _, _ = struct.unpack(
+                "HHHH", fcntl.ioctl(self.tty_fd, termios.TIOCGWINSZ, b"\0" * 8)
+            )
+        except OSError:
+            return None
+        return (rows, cols) if rows and cols else None
+
+    def resize(self) -> None:
+        ws = self.winsize()
+        if ws is not None:
+            with contextlib.suppress(grpc.RpcError):
+                self.agent.TtyWinResize(
+                    pb.TtyWinResizeRequest(
+                        container_id=self.cid, exec_id=self.exec_id, rows=ws[0], columns=ws[1]
+                    ),
+                    timeout=10,
+                )
+
+    def _stdin_chunks(self) -> Iterator[pb.WriteStreamRequest]:
+        while True:
+            try:
+                data = os.read(self.in_fd, CHUNK)
+            except OSError:
+                return
+            if not data:
+                return
+            yield pb.WriteStreamRequest(container_id=self.cid, exec_id=self.exec_id, data=data)
+
+    def pump_stdin(self) -> None:
+        with contextlib.suppress(grpc.RpcError):
+            self.agent.WriteStdin(self._stdin_chunks())
+        if not self.terminal:
+            with contextlib.suppress(grpc.RpcError):
+                self.agent.CloseStdin(
+                    pb.CloseStdinRequest(container_id=self.cid, exec_id=self.exec_id), timeout=30
+                )
+
+    def pump_out(self, which: str, fd: int) -> None:
+        call = self.agent.ReadStdout if which == "stdout" else self.agent.ReadStderr
+        req = pb.ReadStreamRequest(container_id=self.cid, exec_id=self.exec_id)
+        try:
+            for chunk in call(req):
+                view = memoryview(chunk.data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+        except (grpc.RpcError, OSError):
+            pass
+
+    def wait(self) -> None:
+        req = pb.WaitProcessRequest(container_id=self.cid, exec_id=self.exec_id)
+        try:
+            self.status = self.agent.WaitProcess(req).status
+        except grpc.RpcError as exc:
+            print(f"cocoon-shim: {self.cid}: lost the workload: {exc.details()}", file=sys.stderr)
+            self.status = 255
+        self.done.set()
+
+    def forward(self, sig: int) -> None:
+        req = pb.SignalProcessRequest(container_id=self.cid, exec_id=self.exec_id, signal=sig)
+        with contextlib.suppress(grpc.RpcError):
+            self.agent.SignalProcess(req, timeout=30)
+
+
+def close_inherited(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cocoon-shim")
+    ap.add_argument("--sandbox-dir", required=True)
+    ap.add_argument("--container", required=True)
+    ap.add_argument("--exec-id", default="")
+    ap.add_argument("--terminal", action="store_true")
+    ap.add_argument("--console-socket")
+    ap.add_argument("--ready-fd", type=int, default=-1)
+    args = ap.parse_args(argv)
+    close_inherited({args.ready_fd})
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {signal.SIGWINCH, signal.SIGCHLD})
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    shim = Shim(args)
+    try:
+        shim.setup_terminal(args.console_socket)
+    except OSError as exc:
+        print(f"cocoon-shim: console socket {args.console_socket}: {exc}", file=sys.stderr)
+        return 255
+    outs = [threading.Thread(target=shim.pump_out, args=("stdout", shim.out_fd), daemon=True)]
+    if not shim.terminal:
+        outs.append(
+            threading.Thread(target=shim.pump_out, args=("stderr", shim.err_fd), daemon=True)
+        )
+    for t in outs:
+        t.start()
+    threading.Thread(target=shim.pump_stdin, daemon=True).start()
+    threading.Thread(target=shim.wait, daemon=True).start()
+    shim.resize()
+    if args.ready_fd >= 0:
+        os.write(args.ready_fd, b"ok\n")
+        os.close(args.ready_fd)
+    waited = FORWARDED | {signal.SIGWINCH, signal.SIGCHLD}
+    while not shim.done.is_set():
+        info = signal.sigtimedwait(waited, 0.2)
+        if info is None:
+            continue
+        if info.si_signo == signal.SIGWINCH:
+            shim.resize()
+        elif info.si_signo != signal.SIGCHLD:
+            shim.forward(info.si_signo)
+    for t in outs:
+        t.join(30)
+    return shim.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
