@@ -73,8 +73,22 @@ class Shim:
             os.close(master)
             with contextlib.suppress(OSError):
                 fcntl.ioctl(slave, termios.TIOCSCTTY, 0)  # SIGWINCH on resize
+            if slave <= 2:
+                slave = fcntl.fcntl(slave, fcntl.F_DUPFD_CLOEXEC, 3)
+            # Let go of the caller's stdio (runc's detached init holds none of it): go-runc
+            # reads `create`'s output pipe to EOF, so containerd's shim hangs while we hold it.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
             self.tty_fd = slave
             self.in_fd = self.out_fd = slave
+            # The workload talks through the pty: let go of the caller's stdio (as runc's
+            # container does), or a caller reading create's output to EOF would wait forever.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
         elif os.isatty(0):
             self.tty_fd = 0
             tty.setraw(0)

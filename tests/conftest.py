@@ -22,6 +22,22 @@ def _qemu_missing() -> str:
     return ""
 
 
+def _daemon_missing(item: pytest.Item) -> str:
+    """For ``@pytest.mark.daemon("containerd", ...)``: why one of the callers cannot run."""
+    from tests.integration.callers import NEEDS, missing
+
+    marker = item.get_closest_marker("daemon")
+    assert marker is not None
+    names = marker.args or tuple(NEEDS)
+    for name in names:
+        if name not in NEEDS:
+            raise pytest.UsageError(f"{item.nodeid}: unknown daemon {name!r} (know {list(NEEDS)})")
+        reason = missing(name)
+        if reason:
+            return f"{name}: {reason}"
+    return ""
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     root_reason = "needs root" if os.geteuid() != 0 else ""
     qemu_reason = _qemu_missing()
@@ -30,3 +46,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=qemu_reason))
         elif "root" in item.keywords and root_reason:
             item.add_marker(pytest.mark.skip(reason=root_reason))
+        elif "daemon" in item.keywords and (daemon_reason := _daemon_missing(item)):
+            item.add_marker(pytest.mark.skip(reason=daemon_reason))
