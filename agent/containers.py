@@ -24,6 +24,7 @@ import socket
 import struct
 import termios
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ log = logging.getLogger("cocoon.agent.containers")
 SHARED_TAG = "cocoon"
 SHARED_DIR = "/run/cocoon/shared"
 BUNDLES = Path("/run/cocoon/containers")
+TTY_SOCKETS = Path("/run/cocoon/tty")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CRUN = "/usr/bin/crun"
 _ID = re.compile(r"^[\w+\-.]{1,1024}$")
@@ -169,8 +171,9 @@ class Manager:
         lsock = None
         argv = self._crun_argv(bundle, *verb, "--pid-file", str(pid_file))
         if p.terminal:
-            sock_path = bundle / f"{tag}.console.sock"
-            sock_path.unlink(missing_ok=True)
+            # Not in the bundle: a long container id would overflow sun_path (107 bytes).
+            TTY_SOCKETS.mkdir(parents=True, exist_ok=True)
+            sock_path = TTY_SOCKETS / f"{uuid.uuid4().hex}.sock"
             lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             lsock.bind(str(sock_path))
             lsock.listen(1)
@@ -196,6 +199,7 @@ class Manager:
         finally:
             if lsock is not None:
                 lsock.close()
+                sock_path.unlink(missing_ok=True)
         if status is None:
             status = self._reaper.wait(pid, 120)
         if status is None or not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):

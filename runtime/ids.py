@@ -9,7 +9,8 @@ import re
 
 from cocoon.runtime.errors import StateError
 
-MAX_ID_LEN = 1024
+# A container's state lives in a directory named by its id: NAME_MAX bounds it.
+MAX_ID_LEN = 255
 _ID = re.compile(r"^[\w+\-.]+$")
 
 

@@ -13,6 +13,7 @@ cocoon.runtime.{config, errors, hostcheck, ids, qemu_argv, vm_pb2*, monitor.laun
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -36,9 +37,29 @@ from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateErr
 from cocoon.runtime.ids import validate_id
 from cocoon.runtime.monitor import launch as L
 
+# Unix socket paths (sun_path) hold at most 107 bytes, and the sandbox dir holds sockets
+# (monitor.sock, qmp.sock, virtiofsd.sock, agent-port.sock): long ids (containerd and dockerd
+# use 64 hex digits) get a short, stable directory name derived from the id.
+SUN_PATH_MAX = 107
+LONGEST_SOCKET = "agent-port.sock"
+MAX_DIR_NAME = 24
+
 
 def sandbox_dir(root: Path, sandbox_id: str) -> Path:
-    return root / "sandboxes" / validate_id(sandbox_id, "sandbox")
+    validate_id(sandbox_id, "sandbox")
+    name = sandbox_id
+    if len(name) > MAX_DIR_NAME:
+        name = "h-" + hashlib.sha256(sandbox_id.encode()).hexdigest()[: MAX_DIR_NAME - 2]
+    return root.absolute() / "sandboxes" / name
+
+
+def check_socket_room(d: Path) -> None:
+    longest = len(str(d / LONGEST_SOCKET).encode())
+    if longest > SUN_PATH_MAX:
+        raise HostError(
+            f"state root {d.parent.parent} is too long: socket paths under it would take "
+            f"{longest} bytes, unix sockets allow {SUN_PATH_MAX} (use a shorter --root)"
+        )
 
 
 @dataclass(frozen=True)
@@ -123,6 +144,7 @@ def start(
     build_output: object = None,
 ) -> Sandbox:
     d = sandbox_dir(root, sandbox_id)
+    check_socket_room(d)
     files = guest_files(cfg, build_output)
     accel, _why, channel, seccomp = resolve_host(cfg, files)
     d.parent.mkdir(parents=True, exist_ok=True, mode=0o711)

@@ -40,13 +40,17 @@ def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     while processes_mentioning(str(root)) and time.monotonic() < deadline:
         time.sleep(0.1)
     leaked = processes_mentioning(str(root))
-    left = (
-        sorted(str(p) for p in (root / "sandboxes").glob("*"))
-        if (root / "sandboxes").exists()
-        else []
-    )
+    left = [str(p) for sub in ("sandboxes", "containers") for p in sorted((root / sub).glob("*"))]
     assert not leaked, f"processes left behind: {leaked}"
     assert not left, f"state left behind: {left}"
+    assert not mounts_under(root), f"mounts left behind: {mounts_under(root)}"
+
+
+def mounts_under(d: Path) -> list[str]:
+    prefix = str(d.resolve())
+    with open("/proc/self/mountinfo") as f:
+        mps = [line.split()[4] for line in f]
+    return [m for m in mps if m == prefix or m.startswith(prefix + "/")]
 
 
 @pytest.fixture
