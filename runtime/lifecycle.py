@@ -95,13 +95,14 @@ def _create(
     bundle_path: Path,
     pid_file: Path | None,
     console_socket: str | None,
+    foreground_tty: bool = False,
 ) -> tuple[ContainerState, subprocess.Popen[bytes]]:
     validate_id(cid)
     store = ctx.store
     if store.path(cid).exists():
         raise StateError(f"container {cid} already exists")
     bundle = specmod.load_bundle(bundle_path)
-    if bundle.terminal and not console_socket:
+    if bundle.terminal and not console_socket and not (foreground_tty and os.isatty(0)):
         raise LifecycleError("cannot allocate a terminal without --console-socket")
     store.reserve(cid)
     sb: sandbox.Sandbox | None = None
@@ -493,13 +494,8 @@ def run_foreground(
     detach: bool,
 ) -> int:
     """runc run: create + start; without -d, wait and delete, returning the status."""
-    if not detach:
-        b = specmod.load_bundle(bundle)
-        if b.terminal and not console_socket:
-            raise LifecycleError(
-                "a terminal in the foreground needs --console-socket (not supported yet)"
-            )
-    _, shim = _create(ctx, cid, bundle, pid_file, console_socket)
+    # In the foreground without --console-socket, a terminal is the caller's own (stdin).
+    _, shim = _create(ctx, cid, bundle, pid_file, console_socket, foreground_tty=not detach)
     try:
         start(ctx, cid)
     except BaseException:

@@ -62,6 +62,7 @@ class Shim:
         self.in_fd, self.out_fd, self.err_fd = 0, 1, 2
         self.done = threading.Event()
         self.status = 255
+        self.saved_tty: list[object] | None = None  # the caller's terminal mode, restored
 
     def setup_terminal(self, console_socket: str | None) -> None:
         if not self.terminal:
@@ -91,6 +92,7 @@ class Shim:
             os.close(devnull)
         elif os.isatty(0):
             self.tty_fd = 0
+            self.saved_tty = termios.tcgetattr(0)
             tty.setraw(0)
 
     def winsize(self) -> tuple[int, int] | None:
@@ -211,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
             shim.forward(info.si_signo)
     for t in outs:
         t.join(30)
+    if shim.saved_tty is not None:
+        with contextlib.suppress(termios.error):
+            termios.tcsetattr(0, termios.TCSADRAIN, shim.saved_tty)
     return shim.status
 
 

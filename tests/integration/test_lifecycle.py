@@ -476,6 +476,7 @@ def test_terminal_over_console_socket(
         assert create.returncode == 0, err
         pid = int(pid_file.read_text())
         rt.ok("start", "c1")
+        _talk(master, b"", b"# ")
         _talk(master, b"echo $((6*7))x\n", b"42x")
         _talk(master, b"tty\n", b"/dev/pts/")
         # an exec with its own terminal, as containerd/dockerd ask for one
@@ -496,6 +497,7 @@ def test_terminal_over_console_socket(
         assert r.returncode == 0, r.stderr
         emaster = _receive_master(elistener)
         try:
+            _talk(emaster, b"", b"# ")
             _talk(emaster, b"echo $((7*6))y\n", b"42y")
             os.write(emaster, b"exit 6\n")
             assert wait_pid(int(epid_file.read_text())) == 6
@@ -657,3 +659,28 @@ def test_failing_prestart_hook_fails_create(rt: Rt, mkbundle: Callable[..., Path
     assert r.returncode == 1
     rt.error_logged()
     assert rt.ids() == []
+
+
+def test_run_in_the_foreground_on_the_callers_terminal(
+    rt: Rt, mkbundle: Callable[..., Path]
+) -> None:
+    """`run` of a terminal spec without --console-socket uses the caller's own terminal."""
+    b = mkbundle(["sh"], terminal=True)
+    master, slave = os.openpty()
+    proc = subprocess.Popen(
+        [*rt.argv, "run", "--bundle", str(b), "c1"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        start_new_session=True,
+    )
+    os.close(slave)
+    try:
+        _talk(master, b"", b"# ", timeout=120)  # type when the shell is there, as a person would
+        _talk(master, b"echo $((6*7))z\n", b"42z")
+        os.write(master, b"exit 3\n")
+        assert proc.wait(60) == 3
+    finally:
+        os.close(master)
+        proc.kill()
+        proc.wait()
