@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("id")
     sb.add_parser("list")
 
-    sub.add_parser("demo", help="boot a sandbox, show what the guest reports, stop it")
+    demo = sub.add_parser("demo", help="run a busybox container in a VM (the default bundle)")
+    demo.add_argument("command", nargs=argparse.REMAINDER, help="what to run (default: a greeting)")
     oci_cli.add_parsers(sub)
     return p
 
@@ -189,43 +190,44 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_SCRIPT = (
+    'echo "hello from a container inside a cocoon VM"; '
+    'echo "  guest kernel: $(uname -r)"; echo "  CPUs: $(nproc)"; '
+    'echo "  memory: $(grep MemTotal /proc/meminfo | tr -s " " | cut -d" " -f2-3)"; '
+    'echo "  hostname: $(hostname), pid $$, uid $(id -u)"'
+)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``run`` of the embedded default bundle (busybox from the host) in a fresh sandbox."""
+    import shutil
+    import tempfile
     import uuid
 
-    from cocoon.agent import agent_pb2 as apb
-    from cocoon.runtime import sandbox
+    from cocoon.runtime import busybox
+    from cocoon.runtime import lifecycle as lc
 
     cfg = _load_config(args)
-    sid = f"demo-{uuid.uuid4().hex[:8]}"
-    root = Path(args.root)
-    print(f"starting sandbox {sid} (first run builds the guest image) ...", flush=True)
-    sb = sandbox.start(
-        cfg,
-        root,
-        sid,
-        log_file=Path(args.log) if args.log else None,
-        log_format=args.log_format,
-        debug=args.debug,
-    )
+    command = [c for c in args.command if c != "--"] or ["sh", "-c", DEMO_SCRIPT]
+    cid = f"demo-{uuid.uuid4().hex[:8]}"
+    work = Path(tempfile.mkdtemp(prefix="cocoon-demo-"))
     try:
-        with sb.client() as c:
-            d = c.agent.GetGuestDetails(apb.GuestDetailsRequest(), timeout=c.timeout)
-        print(f"guest up in {sb.boot_seconds:.2f}s under {sb.accel}")
-        print(f"  host kernel:  {os.uname().release}")
-        print(f"  guest kernel: {d.kernel_release}")
-        print(f"  guest CPUs:   {d.cpus_online} online of {d.cpus_possible} possible")
+        # A command of the user's own on a terminal (`cocoon demo sh`) gets a terminal.
+        tty = bool(args.command) and os.isatty(0) and os.isatty(1)
+        bundle = busybox.make_bundle(work, command, terminal=tty)
         print(
-            f"  guest memory: {d.mem_total_bytes // (1024 * 1024)} MiB total, "
-            f"{d.mem_available_bytes // (1024 * 1024)} MiB available"
+            f"host kernel: {os.uname().release}; running {cid} (first use builds the guest "
+            "image) ...",
+            flush=True,
         )
-        print(
-            f"  agent:        {d.agent_version} over {d.channel}, "
-            f"serving {d.agent_ready_uptime_seconds:.2f}s after kernel start"
+        ctx = lc.Ctx(
+            cfg, Path(args.root), Path(args.log) if args.log else None, args.log_format, args.debug
         )
+        status = lc.run_foreground(ctx, cid, bundle, None, None, detach=False)
     finally:
-        how = sandbox.stop(root, sid, cfg.runtime.shutdown_timeout_s)
-        print(f"sandbox {sid} stopped ({how})")
-    return 0
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"container {cid} exited with status {status}; its VM is gone")
+    return status
 
 
 VERBS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -59,3 +59,13 @@ def test_sandbox_verbs(state_root: Path, image: sandbox.GuestFiles) -> None:
     assert r.returncode == 0 and r.stdout.strip() == "agent", r.stderr
     r = cli(state_root, "sandbox", "details", "c1")
     assert r.returncode == 1 and "c1" in r.stderr
+
+
+def test_demo_runs_the_default_bundle_in_a_vm(state_root: Path) -> None:
+    r = cli(state_root, "demo")
+    assert r.returncode == 0, r.stdout + r.stderr
+    guest = [ln.split(":", 1)[1].strip() for ln in r.stdout.splitlines() if "guest kernel" in ln]
+    assert guest and guest[0] != os.uname().release
+    assert "hello from a container inside a cocoon VM" in r.stdout
+    r = cli(state_root, "demo", "sh", "-c", "echo custom; exit 4")
+    assert r.returncode == 4 and "custom" in r.stdout
