@@ -84,12 +84,6 @@ class Shim:
             os.close(devnull)
             self.tty_fd = slave
             self.in_fd = self.out_fd = slave
-            # The workload talks through the pty: let go of the caller's stdio (as runc's
-            # container does), or a caller reading create's output to EOF would wait forever.
-            devnull = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(devnull, fd)
-            os.close(devnull)
         elif os.isatty(0):
             self.tty_fd = 0
             self.saved_tty = termios.tcgetattr(0)
