@@ -537,6 +537,10 @@ def test_update_limits_seen_in_the_container(rt: Rt, mkbundle: Callable[..., Pat
     rt.ok("update", "--pids-limit", "77", "c1")
     read_pids = "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max"
     assert rt.ok("exec", "c1", "sh", "-c", read_pids).strip() == "77"
+    ev = json.loads(rt.ok("events", "--stats", "c1"))
+    assert ev["type"] == "stats" and ev["id"] == "c1", ev
+    assert ev["data"]["memory"]["usage"]["limit"] == limit, ev
+    assert ev["data"]["pids"]["limit"] == 77 and ev["data"]["pids"]["current"] >= 1, ev
     r = rt("update", "--resources", "-", "c1", input="{oops")
     assert r.returncode == 1
     rt.error_logged()
