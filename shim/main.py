@@ -13,7 +13,7 @@ number after a signal death) once the output has drained.
 Signals are taken with sigtimedwait in the main thread (blocked everywhere else), since a
 thread blocked in a gRPC call would not run Python signal handlers.
 
-May import: the standard library, grpc, cocoon.agent (generated stubs).
+May import: the standard library, grpc, cocoon.agent (generated stubs), cocoon.runtime.fds.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ import threading
 import tty
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from cocoon.agent import agent_pb2 as pb
 from cocoon.agent import agent_pb2_grpc as pbg
+from cocoon.runtime.fds import close_inherited
 
 NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE}
 FORWARDED = {s for s in signal.valid_signals() if s not in NOT_FORWARDED}
@@ -62,7 +64,7 @@ class Shim:
         self.in_fd, self.out_fd, self.err_fd = 0, 1, 2
         self.done = threading.Event()
         self.status = 255
-        self.saved_tty: list[object] | None = None  # the caller's terminal mode, restored
+        self.saved_tty: list[Any] | None = None  # the caller's terminal mode, restored
 
     def setup_terminal(self, console_socket: str | None) -> None:
         if not self.terminal:
@@ -155,14 +157,6 @@ class Shim:
         req = pb.SignalProcessRequest(container_id=self.cid, exec_id=self.exec_id, signal=sig)
         with contextlib.suppress(grpc.RpcError):
             self.agent.SignalProcess(req, timeout=30)
-
-
-def close_inherited(keep: set[int]) -> None:
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:

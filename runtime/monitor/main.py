@@ -7,7 +7,7 @@ JSON line goes to ``--ready-fd``: ``{"ok": true, ...}`` or ``{"ok": false, "erro
 removes the state directory before reporting; so does the end of a sandbox, orderly or not.
 
 May import: the standard library, grpc, qemu.qmp, cocoon.agent (proto, mux),
-cocoon.runtime.{vm_pb2, vm_pb2_grpc, logs, monitor.*}.
+cocoon.runtime.{vm_pb2, vm_pb2_grpc, fds, hostmount, logs, errors, monitor.*}.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from qemu.qmp.error import QMPError
 
 from cocoon.agent import agent_pb2 as apb
 from cocoon.agent import api_hash
-from cocoon.runtime import hostmount, logs
+from cocoon.runtime import fds, hostmount, logs
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime import vm_pb2_grpc as vpbg
 from cocoon.runtime.errors import HostError
@@ -411,21 +411,12 @@ async def amain(spec: L.LaunchSpec, ready_fd: int) -> int:
     return 0
 
 
-def close_inherited_fds(keep: set[int]) -> None:
-    """Callers leak their sockets into us; a long-lived process must not hold them."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cocoon-monitor")
     ap.add_argument("--launch", required=True, type=Path)
     ap.add_argument("--ready-fd", type=int, default=-1)
     args = ap.parse_args(argv)
-    close_inherited_fds({args.ready_fd})
+    fds.close_inherited({args.ready_fd})
     spec = L.LaunchSpec.read(args.launch)
     logs.setup(Path(spec.log_file) if spec.log_file else None, spec.log_format, spec.debug)
     # Everything at info level also goes to the state dir's monitor.log via stderr.

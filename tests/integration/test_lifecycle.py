@@ -210,10 +210,11 @@ def test_run_prints_output_and_returns_status(rt: Rt, mkbundle: Callable[..., Pa
     assert rt.ids() == []
 
 
-def test_run_killed_returns_137(rt: Rt, mkbundle: Callable[..., Path]) -> None:
-    b = mkbundle(sh("echo ready; exec sleep 1000"))
+@contextlib.contextmanager
+def run_until_ready(rt: Rt, bundle: Path) -> Iterator[subprocess.Popen[str]]:
+    """`run` in the foreground, once the workload has printed its first line (ready)."""
     proc = subprocess.Popen(
-        [*rt.argv, "run", "--bundle", str(b), "c1"],
+        [*rt.argv, "run", "--bundle", str(bundle), "c1"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         text=True,
@@ -221,11 +222,16 @@ def test_run_killed_returns_137(rt: Rt, mkbundle: Callable[..., Path]) -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
-        rt.ok("kill", "c1", "KILL")
-        assert proc.wait(60) == 137
+        yield proc
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_run_killed_returns_137(rt: Rt, mkbundle: Callable[..., Path]) -> None:
+    with run_until_ready(rt, mkbundle(sh("echo ready; exec sleep 1000"))) as proc:
+        rt.ok("kill", "c1", "KILL")
+        assert proc.wait(60) == 137
 
 
 def test_stdin_reaches_workload_until_eof(rt: Rt, mkbundle: Callable[..., Path]) -> None:
@@ -259,21 +265,10 @@ def test_100_mib_of_stdout_arrive_byte_exact(rt: Rt, mkbundle: Callable[..., Pat
 
 def test_sigterm_to_run_reaches_the_workload(rt: Rt, mkbundle: Callable[..., Path]) -> None:
     b = mkbundle(sh("trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.1; done"))
-    proc = subprocess.Popen(
-        [*rt.argv, "run", "--bundle", str(b), "c1"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
+    with run_until_ready(rt, b) as proc:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 7
-        assert proc.stdout.read().strip() == "got TERM"
-    finally:
-        proc.kill()
-        proc.wait()
+        assert proc.stdout is not None and proc.stdout.read().strip() == "got TERM"
 
 
 # ------------------------------------------------------------------------------- create/start

@@ -1,0 +1,21 @@
+"""File descriptors of long-lived processes (monitor, shim): close what callers leak in.
+
+Callers leak their sockets into the runtime (containerd's create has a socket on fd 3); a
+process that outlives the call must not hold them, or the caller's peers never see EOF.
+
+May import: the standard library only (the shim imports it: keep it light).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+def close_inherited(keep: set[int]) -> None:
+    """Closes every fd above 2 except those in ``keep``."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
