@@ -279,6 +279,11 @@ def _update_resources(args: argparse.Namespace) -> dict[str, Any]:
         given = _read_json_arg(args.resources, "resources")
         if not isinstance(given, dict):
             raise UsageError("resources: must be a JSON object (OCI LinuxResources)")
+        # Kernel memory has no cgroup v2 knob (the guest's): runc ignores these keys there,
+        # crun refuses them, and dockerd 20.10 sends "kernel": 0 with every `docker update`.
+        if isinstance(given.get("memory"), dict):
+            for key in ("kernel", "kernelTCP"):
+                given["memory"].pop(key, None)
         return given
     res: dict[str, Any] = {}
     mem = {
