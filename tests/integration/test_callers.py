@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,3 +146,107 @@ def test_ctr_exec_pause_resume_kill(ctd: C.Containerd) -> None:
         ctd.ctr("-n", NS, "tasks", "delete", "-f", cid)
         ctd.ctr("-n", NS, "containers", "delete", cid)
     assert ctd.ctr("-n", NS, "containers", "list", "-q").stdout.split() == []
+
+
+# ---- dockerd ----------------------------------------------------------------------------
+
+DK_IMAGE = "cocoon-busybox:test"
+DK_RUN = ["run", "--runtime", "cocoon", "--network", "none"]
+
+
+@pytest.fixture(scope="module")
+def dockerd_daemon(
+    tmp_path_factory: pytest.TempPathFactory, containerd_daemon: C.Containerd, image_dir: Path
+) -> Iterator[C.Dockerd]:
+    """dockerd on the module's private containerd (namespace moby), the busybox layer imported."""
+    with C.dockerd(tmp_path_factory.mktemp("dk"), containerd_daemon.address) as dk:
+        r = dk.docker("import", image_dir / "layer.tar", DK_IMAGE)
+        assert r.returncode == 0, r.stderr
+        yield dk
+
+
+@pytest.fixture
+def dk(dockerd_daemon: C.Dockerd) -> Iterator[C.Dockerd]:
+    yield dockerd_daemon
+    C.assert_no_leaks(dockerd_daemon.runtime_root)
+
+
+def dk_state(dk: C.Dockerd, cid: str, field: str) -> str:
+    r = dk.docker("inspect", "-f", "{{.State." + field + "}}", cid)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+@pytest.mark.daemon("dockerd")
+def test_docker_run_rm_prints_guest_output_and_exit_codes(dk: C.Dockerd) -> None:
+    r = dk.docker(*DK_RUN, "--rm", DK_IMAGE, "uname", "-r")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() not in ("", HOST_KERNEL), r.stdout
+    r = dk.docker(*DK_RUN, "--rm", DK_IMAGE, "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "out\n" and r.stderr == "err\n"
+    assert dk.docker("ps", "-aq").stdout.split() == []
+
+
+@pytest.mark.daemon("dockerd")
+def test_docker_run_it_interactive_shell(dk: C.Dockerd) -> None:
+    argv = [C.DOCKER, "-H", dk.host, *DK_RUN, "--rm", "-it", DK_IMAGE, "sh"]
+    status, out = C.run_pty(argv, b"echo $((6*7))\nexit\n")
+    assert status == 0, out
+    assert "42" in out.split("$((6*7))", 1)[-1], out
+
+
+@pytest.mark.daemon("dockerd")
+def test_docker_exec_pause_update_stop_start_kill(dk: C.Dockerd) -> None:
+    # PID 1 of the container turns SIGTERM into exit 7: `docker stop` must deliver it.
+    loop = 'trap "exit 7" TERM; while :; do sleep 1; done'
+    r = dk.docker(*DK_RUN, "-d", "--name", "dk-life", DK_IMAGE, "sh", "-c", loop)
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.strip()
+    try:
+        r = dk.docker("exec", cid, "sh", "-c", "uname -r; exit 4")
+        assert r.returncode == 4, r.stderr
+        assert r.stdout.strip() not in ("", HOST_KERNEL)
+        argv = [C.DOCKER, "-H", dk.host, "exec", "-it", cid, "sh", "-c", "tty; echo $((6*7))"]
+        status, out = C.run_pty(argv)
+        assert status == 0 and "/dev/pts/" in out and "42" in out, out
+        r = dk.docker("top", cid)
+        assert r.returncode == 0 and "cocoon.shim" in r.stdout, r.stdout + r.stderr
+
+        assert dk.docker("pause", cid).returncode == 0
+        assert dk_state(dk, cid, "Status") == "paused"
+        assert dk.docker("unpause", cid).returncode == 0
+        assert dk_state(dk, cid, "Status") == "running"
+
+        r = dk.docker("update", "--memory", "300m", "--memory-swap", "600m", cid)
+        assert r.returncode == 0, r.stderr
+        limit = "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max"
+        r = dk.docker("exec", cid, "sh", "-c", limit)
+        assert r.stdout.strip() == str(300 << 20), r.stdout + r.stderr
+
+        started = time.monotonic()
+        r = dk.docker("stop", "-t", "30", cid)
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - started < 25  # SIGTERM reached the workload, no SIGKILL
+        assert dk_state(dk, cid, "ExitCode") == "7"
+        C.assert_no_leaks(dk.runtime_root)
+
+        assert dk.docker("start", cid).returncode == 0  # a second create + start
+        assert dk_state(dk, cid, "Status") == "running"
+        assert dk.docker("kill", cid).returncode == 0
+        r = dk.docker("wait", cid)
+        assert r.stdout.strip() == "137", r.stdout + r.stderr
+    finally:
+        dk.docker("rm", "-f", cid)
+    assert dk.docker("ps", "-aq").stdout.split() == []
+
+
+@pytest.mark.daemon("dockerd")
+def test_docker_rm_f_running(dk: C.Dockerd) -> None:
+    r = dk.docker(*DK_RUN, "-d", DK_IMAGE, "sleep", "1000")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.strip()
+    assert dk_state(dk, cid, "Status") == "running"
+    r = dk.docker("rm", "-f", cid)
+    assert r.returncode == 0 and r.stdout.strip() == cid, r.stderr
+    assert dk.docker("ps", "-aq").stdout.split() == []
