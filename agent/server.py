@@ -5,7 +5,8 @@ teardown. Every other method of agent.proto answers UNIMPLEMENTED (the generated
 does that; the status says which method was called), so a host that is newer than the guest
 gets a clear error.
 
-May import: the standard library, grpc, cocoon.agent.{agent_pb2, agent_pb2_grpc, guest, logbuf}.
+May import: the standard library, grpc, cocoon.agent.{agent_pb2, agent_pb2_grpc, guest, logbuf,
+containers, devices}.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cocoon.agent import AGENT_VERSION, api_hash, guest
 from cocoon.agent import agent_pb2 as pb
 from cocoon.agent import agent_pb2_grpc as pbg
 from cocoon.agent.containers import ContainerError, Manager
+from cocoon.agent.devices import DeviceError, Devices
 from cocoon.agent.logbuf import LogBuffer
 
 log = logging.getLogger("cocoon.agent")
@@ -40,6 +42,7 @@ class AgentService(pbg.AgentServiceServicer):
         containers: Manager | None = None,
     ) -> None:
         self._containers = containers
+        self._devices = Devices(root)
         self._logs = logs
         self._channel = channel
         self._poweroff = poweroff
@@ -291,6 +294,37 @@ class AgentService(pbg.AgentServiceServicer):
             )
         return pb.Empty()
 
+    # ------------------------------------------------------------------ resources, devices
+    def OnlineCPUMem(
+        self, request: pb.OnlineCPUMemRequest, context: grpc.ServicerContext
+    ) -> pb.OnlineCPUMemResponse:
+        with _errors(context):
+            online = self._devices.online_cpus(request.nb_cpus)
+            if request.online_memory:
+                self._devices.online_memory()
+        return self._cpumem(online)
+
+    def OfflineCPUs(
+        self, request: pb.OfflineCPUsRequest, context: grpc.ServicerContext
+    ) -> pb.OnlineCPUMemResponse:
+        with _errors(context):
+            online = self._devices.offline_cpus(request.keep_online)
+        return self._cpumem(online)
+
+    def _cpumem(self, online: int) -> pb.OnlineCPUMemResponse:
+        facts = guest.read_facts(self._root)
+        return pb.OnlineCPUMemResponse(cpus_online=online, mem_total_bytes=facts.mem_total)
+
+    def WaitDevice(
+        self, request: pb.WaitDeviceRequest, context: grpc.ServicerContext
+    ) -> pb.WaitDeviceResponse:
+        timeout = (request.timeout_ms or 10000) / 1000
+        with _errors(context):
+            path = self._devices.wait_device(request.type, request.address, timeout)
+        if request.type == "pci":
+            return pb.WaitDeviceResponse(sysfs_path=path)
+        return pb.WaitDeviceResponse(guest_path=path)
+
 
 _CODES = {
     "not-found": grpc.StatusCode.NOT_FOUND,
@@ -308,5 +342,7 @@ def _errors(context: grpc.ServicerContext) -> Iterator[None]:
         yield
     except ContainerError as exc:
         context.abort(_CODES.get(exc.kind, grpc.StatusCode.INTERNAL), str(exc))
+    except DeviceError as exc:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     except OSError as exc:
         context.abort(grpc.StatusCode.INTERNAL, str(exc))

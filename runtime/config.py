@@ -33,6 +33,7 @@ from cocoon.runtime.errors import (
 Accel = Literal["auto", "kvm", "tcg"]
 SharedFs = Literal["virtio-fs", "virtio-9p", "none"]
 Channel = Literal["auto", "vsock", "virtio-serial"]
+MemoryHotplug = Literal["virtio-mem", "pc-dimm"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class HypervisorConfig:
     default_memory_mib: int = 256
     memory_slots: int = 8
     max_memory_mib: int = 0
+    memory_hotplug: MemoryHotplug = "virtio-mem"
+    cpu_hotunplug: bool = False
     hotplug_root_ports: int = 4
     kernel_params: tuple[str, ...] = ()
     seccomp_sandbox: bool = True
@@ -53,6 +56,7 @@ class HypervisorConfig:
     shared_fs: SharedFs = "virtio-fs"
     virtiofsd_path: str = "/usr/lib/qemu/virtiofsd"
     msize_9p: int = 512000
+    vfio_driver_override: bool = False
 
 
 @dataclass(frozen=True)

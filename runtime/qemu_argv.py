@@ -26,6 +26,7 @@ AGENT_PORT_NAME = "agent.channel.0"
 VSOCK_AGENT_PORT = 1024
 PMEM_ALIGN = 2 * 1024 * 1024
 MIB = 1024 * 1024
+VMEM_BLOCK_MIB = 2
 
 BASE_KERNEL_PARAMS = (
     "console=ttyS0",
@@ -95,6 +96,7 @@ class VmPlan:
     channel: str  # "vsock" or "virtio-serial", already resolved
     vsock_cid: int
     shared_fs: str
+    memory_hotplug: str  # "virtio-mem" or "pc-dimm"
     msize_9p: int
     seccomp: bool
     paths: SandboxPaths
@@ -149,6 +151,7 @@ def plan(
         channel=channel,
         vsock_cid=vsock_cid,
         shared_fs=h.shared_fs,
+        memory_hotplug=h.memory_hotplug,
         msize_9p=h.msize_9p,
         seccomp=seccomp,
         paths=SandboxPaths(state_dir),
@@ -192,6 +195,17 @@ def build_argv(p: VmPlan) -> list[str]:
             f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},addr={slot:#x}.{fn}{multi}",
         ]
     a += ["-device", "virtio-scsi-pci,id=scsi0"]
+    if p.memory_hotplug == "virtio-mem" and p.max_memory_mib > p.memory_mib:
+        # Pre-created (virtio-mem devices cannot be hot-added usefully), resized over QMP.
+        size = (p.max_memory_mib - p.memory_mib) // VMEM_BLOCK_MIB * VMEM_BLOCK_MIB
+        backend = "memory-backend-memfd" if p.shared_fs == "virtio-fs" else "memory-backend-ram"
+        share = ",share=on" if p.shared_fs == "virtio-fs" else ""
+        a += [
+            "-object",
+            f"{backend},id=vmem0,size={size}M{share},reserve=off",
+            "-device",
+            f"virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0,block-size={VMEM_BLOCK_MIB}M",
+        ]
     a += [
         "-object",
         f"memory-backend-file,id=rootfs,mem-path={p.rootfs_image},size={p.rootfs_size},"

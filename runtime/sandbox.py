@@ -204,6 +204,17 @@ def _launch(
         log_file=str(log_file) if log_file else "",
         log_format=log_format,
         debug=debug,
+        hotplug={
+            "vcpus": vm.vcpus,
+            "max_vcpus": vm.max_vcpus,
+            "memory_mib": vm.memory_mib,
+            "max_memory_mib": vm.max_memory_mib,
+            "memory_slots": vm.memory_slots,
+            "root_ports": vm.root_ports,
+            "memory_hotplug": cfg.hypervisor.memory_hotplug,
+            "cpu_hotunplug": cfg.hypervisor.cpu_hotunplug,
+            "shared_memory": vm.shared_fs == "virtio-fs",
+        },
     )
     spec.write(d / L.LAUNCH_FILE)
     if cfg.hypervisor.shared_fs != "none":

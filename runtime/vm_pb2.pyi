@@ -1,8 +1,70 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class AttachDiskRequest(_message.Message):
+    __slots__ = ["id", "path", "readonly"]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    READONLY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    path: str
+    readonly: bool
+    def __init__(self, id: _Optional[str] = ..., path: _Optional[str] = ..., readonly: bool = ...) -> None: ...
+
+class AttachDiskResponse(_message.Message):
+    __slots__ = ["guest_path", "scsi_target", "seconds"]
+    class SecondsEntry(_message.Message):
+        __slots__ = ["key", "value"]
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    GUEST_PATH_FIELD_NUMBER: _ClassVar[int]
+    SCSI_TARGET_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    guest_path: str
+    scsi_target: int
+    seconds: _containers.ScalarMap[str, float]
+    def __init__(self, guest_path: _Optional[str] = ..., scsi_target: _Optional[int] = ..., seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class AttachVfioRequest(_message.Message):
+    __slots__ = ["host_bdfs", "id"]
+    HOST_BDFS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    host_bdfs: _containers.RepeatedScalarFieldContainer[str]
+    id: str
+    def __init__(self, id: _Optional[str] = ..., host_bdfs: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AttachVfioResponse(_message.Message):
+    __slots__ = ["guest_paths"]
+    GUEST_PATHS_FIELD_NUMBER: _ClassVar[int]
+    guest_paths: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, guest_paths: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DetachDiskRequest(_message.Message):
+    __slots__ = ["id"]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DetachDiskResponse(_message.Message):
+    __slots__ = []
+    def __init__(self) -> None: ...
+
+class DetachVfioRequest(_message.Message):
+    __slots__ = ["id"]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DetachVfioResponse(_message.Message):
+    __slots__ = []
+    def __init__(self) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ["data_json", "detail", "kind", "time"]
@@ -33,6 +95,33 @@ class QmpResponse(_message.Message):
     RETURN_JSON_FIELD_NUMBER: _ClassVar[int]
     return_json: str
     def __init__(self, return_json: _Optional[str] = ...) -> None: ...
+
+class ResizeRequest(_message.Message):
+    __slots__ = ["memory_mib", "vcpus"]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    VCPUS_FIELD_NUMBER: _ClassVar[int]
+    memory_mib: int
+    vcpus: int
+    def __init__(self, vcpus: _Optional[int] = ..., memory_mib: _Optional[int] = ...) -> None: ...
+
+class ResizeResponse(_message.Message):
+    __slots__ = ["guest_mem_total_bytes", "memory_mib", "seconds", "vcpus_online"]
+    class SecondsEntry(_message.Message):
+        __slots__ = ["key", "value"]
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    GUEST_MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    VCPUS_ONLINE_FIELD_NUMBER: _ClassVar[int]
+    guest_mem_total_bytes: int
+    memory_mib: int
+    seconds: _containers.ScalarMap[str, float]
+    vcpus_online: int
+    def __init__(self, vcpus_online: _Optional[int] = ..., memory_mib: _Optional[int] = ..., guest_mem_total_bytes: _Optional[int] = ..., seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ["timeout_seconds"]

@@ -6,8 +6,9 @@ May import: the standard library only.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,8 @@ class LaunchSpec:
     log_file: str = ""
     log_format: str = "text"
     debug: bool = False
+    # hotplug.Limits as a dict: what the VM was built to hold (maxcpus, maxmem, slots, ports).
+    hotplug: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:

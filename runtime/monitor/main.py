@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from cocoon.runtime import fds, hostmount, logs
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime import vm_pb2_grpc as vpbg
 from cocoon.runtime.errors import HostError
-from cocoon.runtime.monitor import forward
+from cocoon.runtime.monitor import forward, hotplug
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.channel import ChannelError, SerialMuxHost, VsockRelay
 
@@ -83,6 +84,10 @@ class Monitor(vpbg.VMServicer):
         self.t_spawn = 0.0
         self.boot_seconds = 0.0
         self.tasks: list[asyncio.Task[None]] = []
+        self.event_waiters: list[
+            tuple[str, Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]
+        ] = []
+        self.hotplug: hotplug.Hotplug | None = None
 
     # ------------------------------------------------------------------ events
     def publish(self, kind: str, detail: str, data: object = None) -> None:
@@ -111,6 +116,8 @@ class Monitor(vpbg.VMServicer):
         self.boot_seconds = time.monotonic() - self.t_spawn
         self.state = "running"
         self.tasks.append(asyncio.create_task(self._qmp_events()))
+        if self.spec.hotplug:
+            self._start_hotplug()
 
     async def _race(self, coro: Any, what: str) -> None:
         """Runs ``coro`` but fails at once, with QEMU's reason, if QEMU exits meanwhile."""
@@ -237,7 +244,40 @@ class Monitor(vpbg.VMServicer):
     async def _qmp_events(self) -> None:
         with contextlib.suppress(QMPError, asyncio.CancelledError):
             async for ev in self.qmp.events:
-                self.publish("qmp", str(ev.get("event", "")), ev.get("data"))
+                name = str(ev.get("event", ""))
+                raw = ev.get("data")
+                data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+                for waiter in list(self.event_waiters):
+                    if waiter[0] == name and not waiter[2].done() and waiter[1](data):
+                        waiter[2].set_result(data)
+                self.publish("qmp", name, data)
+
+    async def wait_event(
+        self, name: str, match: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any] | None:
+        """The next QMP event ``name`` whose data matches, or None after ``timeout``."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        entry = (name, match, fut)
+        self.event_waiters.append(entry)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self.event_waiters.remove(entry)
+
+    async def qmp_command(self, command: str, args: dict[str, Any] | None) -> Any:
+        async with self.qmp_lock:
+            return await self.qmp.execute(command, args)
+
+    def _start_hotplug(self) -> None:
+        assert self.agent is not None
+        self.hotplug = hotplug.Hotplug(
+            hotplug.Limits.from_dict(self.spec.hotplug),
+            self.qmp_command,
+            self.wait_event,
+            AgentCalls(self.agent, self.spec.request_timeout_s),
+        )
 
     # ------------------------------------------------------------------ stop
     async def stop(self, timeout: float) -> str:
@@ -360,6 +400,67 @@ class Monitor(vpbg.VMServicer):
             )
         return vpb.QmpResponse(return_json=json.dumps(ret))
 
+    # ------------------------------------------------------------------ hot-plug
+    async def _hp(self, context: Any) -> hotplug.Hotplug:
+        if self.hotplug is None or self.state != "running":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the VM is not running")
+        assert self.hotplug is not None
+        return self.hotplug
+
+    async def Resize(self, request: vpb.ResizeRequest, context: Any) -> vpb.ResizeResponse:
+        hp = await self._hp(context)
+        timing = hotplug.Timing()
+        async with _hotplug_errors(context):
+            await hp.resize(request.vcpus, request.memory_mib, timing)
+        total = await hp.agent_memory_total()
+        return vpb.ResizeResponse(
+            vcpus_online=hp.cpus_online,
+            memory_mib=hp.memory_mib,
+            guest_mem_total_bytes=total,
+            seconds=timing.steps,
+        )
+
+    async def AttachDisk(
+        self, request: vpb.AttachDiskRequest, context: Any
+    ) -> vpb.AttachDiskResponse:
+        hp = await self._hp(context)
+        try:
+            is_block = stat.S_ISBLK(os.stat(request.path).st_mode)
+        except OSError as exc:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"disk {request.path}: {exc.strerror}"
+            )
+        timing = hotplug.Timing()
+        async with _hotplug_errors(context):
+            d = await hp.attach_disk(request.id, request.path, request.readonly, is_block, timing)
+        return vpb.AttachDiskResponse(
+            guest_path=d.guest_path, scsi_target=d.target, seconds=timing.steps
+        )
+
+    async def DetachDisk(
+        self, request: vpb.DetachDiskRequest, context: Any
+    ) -> vpb.DetachDiskResponse:
+        hp = await self._hp(context)
+        async with _hotplug_errors(context):
+            await hp.detach_disk(request.id)
+        return vpb.DetachDiskResponse()
+
+    async def AttachVfio(
+        self, request: vpb.AttachVfioRequest, context: Any
+    ) -> vpb.AttachVfioResponse:
+        hp = await self._hp(context)
+        async with _hotplug_errors(context):
+            paths = await hp.attach_vfio(request.id, list(request.host_bdfs))
+        return vpb.AttachVfioResponse(guest_paths=paths)
+
+    async def DetachVfio(
+        self, request: vpb.DetachVfioRequest, context: Any
+    ) -> vpb.DetachVfioResponse:
+        hp = await self._hp(context)
+        async with _hotplug_errors(context):
+            await hp.detach_vfio(request.id)
+        return vpb.DetachVfioResponse()
+
     async def serve(self) -> None:
         self.server = grpc.aio.server()
         vpbg.add_VMServicer_to_server(self, self.server)
@@ -367,6 +468,69 @@ class Monitor(vpbg.VMServicer):
         sock = self.dir / L.MONITOR_SOCK
         self.server.add_insecure_port(f"unix:{sock}")
         await self.server.start()
+
+
+_HOTPLUG_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "limit": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "failed": grpc.StatusCode.ABORTED,
+}
+
+
+@contextlib.asynccontextmanager
+async def _hotplug_errors(context: Any) -> AsyncIterator[None]:
+    try:
+        yield
+    except hotplug.HotplugError as exc:
+        await context.abort(_HOTPLUG_CODES[exc.kind], str(exc))
+    except (grpc.aio.AioRpcError, QMPError) as exc:
+        await context.abort(grpc.StatusCode.ABORTED, f"hot-plug failed: {exc}")
+
+
+class AgentCalls:
+    """The agent RPCs hot-plug needs, over the monitor's own agent connection."""
+
+    def __init__(self, channel: grpc.aio.Channel, timeout: float) -> None:
+        self._ch = channel
+        self._timeout = timeout
+
+    def _call(self, name: str, req: Any, resp: Any) -> Any:
+        return self._ch.unary_unary(
+            AGENT_SERVICE + name,
+            request_serializer=type(req).SerializeToString,
+            response_deserializer=resp.FromString,
+        )(req, timeout=self._timeout)
+
+    async def online_cpus(self, count: int) -> int:
+        r = await self._call(
+            "OnlineCPUMem", apb.OnlineCPUMemRequest(nb_cpus=count), apb.OnlineCPUMemResponse
+        )
+        return int(r.cpus_online)
+
+    async def offline_cpus(self, keep: int) -> int:
+        r = await self._call(
+            "OfflineCPUs", apb.OfflineCPUsRequest(keep_online=keep), apb.OnlineCPUMemResponse
+        )
+        return int(r.cpus_online)
+
+    async def memory_total(self) -> int:
+        r = await self._call(
+            "OnlineCPUMem",
+            apb.OnlineCPUMemRequest(nb_cpus=1, online_memory=True),
+            apb.OnlineCPUMemResponse,
+        )
+        return int(r.mem_total_bytes)
+
+    async def wait_device(self, kind: str, address: str, timeout_ms: int) -> str:
+        r = await self._ch.unary_unary(
+            AGENT_SERVICE + "WaitDevice",
+            request_serializer=apb.WaitDeviceRequest.SerializeToString,
+            response_deserializer=apb.WaitDeviceResponse.FromString,
+        )(
+            apb.WaitDeviceRequest(type=kind, address=address, timeout_ms=timeout_ms),
+            timeout=timeout_ms / 1000 + 5,
+        )
+        return str(r.guest_path or r.sysfs_path)
 
 
 def _remove_dir(d: Path) -> None:
