@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pty
+import resource
 import select
 import shutil
 import signal
@@ -89,7 +90,12 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def run_pty(
-    argv: Sequence[str | Path], send: bytes = b"", *, prompt: bytes = b"# ", timeout: float = 120
+    argv: Sequence[str | Path],
+    send: bytes = b"",
+    *,
+    prompt: bytes = b"# ",
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, str]:
     """Runs ``argv`` with a pseudo-terminal as its stdin/stdout/stderr (a session of its own, the
     pty its controlling terminal, as under a terminal emulator), writes ``send`` once the output
@@ -97,7 +103,7 @@ def run_pty(
     pid, fd = pty.fork()
     if pid == 0:  # child: exec at once, nothing else (pty.fork made us a session leader)
         try:
-            os.execve(str(argv[0]), [str(a) for a in argv], dict(os.environ, TERM="xterm"))
+            os.execve(str(argv[0]), [str(a) for a in argv], dict(env or os.environ, TERM="xterm"))
         finally:
             os._exit(127)
     out = bytearray()
@@ -371,7 +377,8 @@ class Containerd:
 
     @property
     def runc_root(self) -> Path:
-        """Where the runc shim tells cocoon to keep state (``ctr run --runc-root``)."""
+        """What ctr gives the runc shim as ``--runc-root``; the shim passes cocoon
+        ``--root <runc-root>/<namespace>``."""
         return self.base / "cocoon"
 
     def ctr(
@@ -541,3 +548,92 @@ def dockerd(base: Path, containerd_address: Path) -> Iterator[Dockerd]:
         yield dk
     finally:
         stop_dockerd(dk)
+
+
+@dataclass
+class Podman:
+    """podman with everything private: storage (--root/--runroot), --tmpdir, events file, CNI
+    config dir, and its containers.conf/storage.conf/registries.conf given by environment.
+    podman passes cocoon no --root: cocoon keeps state in its default, /run/cocoon."""
+
+    base: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": str(self.base),
+            "CONTAINERS_CONF": str(self.base / "containers.conf"),
+            "CONTAINERS_STORAGE_CONF": str(self.base / "storage.conf"),
+            "CONTAINERS_REGISTRIES_CONF": str(self.base / "registries.conf"),
+        }
+
+    @property
+    def argv(self) -> list[str]:
+        b = self.base
+        return [
+            PODMAN,
+            "--root", f"{b}/root",
+            "--runroot", f"{b}/runroot",
+            "--tmpdir", f"{b}/tmp",
+            "--runtime", COCOON,
+            "--cgroup-manager", "cgroupfs",
+            "--events-backend", "file",
+        ]  # fmt: skip
+
+    def podman(
+        self, *args: str | Path, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return run([*self.argv, *args], timeout=timeout, input=input, env=self.env)
+
+
+def podman_config(base: Path) -> Podman:
+    """Writes the private configuration. Quirks of these hosts: no CAP_SYS_RESOURCE, so the
+    default ulimits must stay within the host's hard limits (podman's own default raises
+    nofile to 1048576 and the container fails to start)."""
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "tmp").mkdir(exist_ok=True)
+    (base / "net").mkdir(exist_ok=True)
+    nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+    limits = [f"nofile={nofile}:{nofile}"] + ([f"nproc={nproc}:{nproc}"] if nproc > 0 else [])
+    (base / "containers.conf").write_text(
+        "\n".join(
+            [
+                "[containers]",
+                f"default_ulimits = {json.dumps(limits)}",
+                'log_driver = "k8s-file"',
+                "[engine]",
+                'cgroup_manager = "cgroupfs"',
+                'events_logger = "file"',
+                f'events_logfile_path = "{base}/events.log"',
+                f'tmp_dir = "{base}/tmp"',
+                "[network]",
+                'network_backend = "cni"',
+                f'network_config_dir = "{base}/net"',
+                "",
+            ]
+        )
+    )
+    (base / "storage.conf").write_text(
+        f'[storage]\ndriver = "overlay"\ngraphroot = "{base}/root"\nrunroot = "{base}/runroot"\n'
+    )
+    (base / "registries.conf").write_text("")
+    return Podman(base)
+
+
+def stop_podman(pm: Podman) -> None:
+    """Removes every container and image, then unmounts what storage left mounted."""
+    pm.podman("rm", "-af", "-t", "5", timeout=180)
+    pm.podman("rmi", "-af", timeout=60)
+    unmount_under(pm.base)
+    kill_stragglers(str(pm.base))  # conmon processes of ours, if any survived
+
+
+@contextlib.contextmanager
+def podman(base: Path) -> Iterator[Podman]:
+    pm = podman_config(base)
+    try:
+        yield pm
+    finally:
+        stop_podman(pm)

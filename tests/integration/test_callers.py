@@ -36,6 +36,14 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def assert_leak_check_sees_a_sandbox(state_root: Path) -> None:
+    """While a container runs, the leak check must see its QEMU, monitor, shim, mounts and
+    state under ``state_root`` (else the checks after each test would pass vacuously)."""
+    found = "\n".join(C.leaks(state_root))
+    for what in ("qemu-system", "cocoon.runtime.monitor", "cocoon.shim", "mount ", "state "):
+        assert what in found, f"{what!r} not seen under {state_root}:\n{found}"
+
+
 # ---- containerd (ctr) -------------------------------------------------------------------
 
 NS = "cocoon-test"
@@ -54,7 +62,7 @@ def containerd_daemon(
 @pytest.fixture
 def ctd(containerd_daemon: C.Containerd) -> Iterator[C.Containerd]:
     yield containerd_daemon
-    C.assert_no_leaks(containerd_daemon.runc_root)
+    C.assert_no_leaks(containerd_daemon.runc_root / NS)
 
 
 def runc_opts(ctd: C.Containerd) -> list[str]:
@@ -122,6 +130,7 @@ def test_ctr_exec_pause_resume_kill(ctd: C.Containerd) -> None:
     r = ctd.ctr("-n", NS, "run", "-d", *runc_opts(ctd), IMAGE, cid, "sleep", "1000")
     assert r.returncode == 0, r.stderr
     try:
+        assert_leak_check_sees_a_sandbox(ctd.runc_root / NS)
         r = ctd.ctr("-n", NS, "tasks", "exec", "--exec-id", "e1", cid, "sh", "-c",
                     "uname -r; echo err >&2; exit 5")  # fmt: skip
         assert r.returncode == 5, r.stderr
@@ -204,6 +213,7 @@ def test_docker_exec_pause_update_stop_start_kill(dk: C.Dockerd) -> None:
     assert r.returncode == 0, r.stderr
     cid = r.stdout.strip()
     try:
+        assert_leak_check_sees_a_sandbox(dk.runtime_root)
         r = dk.docker("exec", cid, "sh", "-c", "uname -r; exit 4")
         assert r.returncode == 4, r.stderr
         assert r.stdout.strip() not in ("", HOST_KERNEL)
@@ -250,3 +260,70 @@ def test_docker_rm_f_running(dk: C.Dockerd) -> None:
     r = dk.docker("rm", "-f", cid)
     assert r.returncode == 0 and r.stdout.strip() == cid, r.stderr
     assert dk.docker("ps", "-aq").stdout.split() == []
+
+
+# ---- podman -----------------------------------------------------------------------------
+
+PM_IMAGE = "localhost/cocoon-busybox:test"
+# --network none: the default (a CNI bridge) would add a host bridge and iptables rules.
+PM_RUN = ["run", "--network", "none"]
+
+
+@pytest.fixture(scope="module")
+def podman_env(tmp_path_factory: pytest.TempPathFactory, image_dir: Path) -> Iterator[C.Podman]:
+    with C.podman(tmp_path_factory.mktemp("pm")) as pm:
+        r = pm.podman("import", image_dir / "layer.tar", PM_IMAGE)
+        assert r.returncode == 0, r.stderr
+        yield pm
+
+
+@pytest.fixture
+def pm(podman_env: C.Podman) -> Iterator[C.Podman]:
+    C.assert_no_leaks(C.PODMAN_ROOT, timeout=0)  # /run/cocoon is shared: start clean
+    yield podman_env
+    C.assert_no_leaks(C.PODMAN_ROOT, podman_env.base)
+
+
+@pytest.mark.daemon("podman")
+def test_podman_run_rm_on_rootfs_and_image(pm: C.Podman, image_dir: Path) -> None:
+    r = pm.podman(*PM_RUN, "--rm", "--rootfs", image_dir / "rootfs", "uname", "-r")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() not in ("", HOST_KERNEL), r.stdout
+    r = pm.podman(*PM_RUN, "--rm", PM_IMAGE, "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "out\n" and r.stderr == "err\n"
+    assert pm.podman("ps", "-aq").stdout.split() == []
+
+
+@pytest.mark.daemon("podman")
+def test_podman_run_it_interactive_shell(pm: C.Podman) -> None:
+    argv = [*pm.argv, *PM_RUN, "--rm", "-it", PM_IMAGE, "sh"]
+    status, out = C.run_pty(argv, b"echo $((6*7))\nexit\n", env=pm.env)
+    assert status == 0, out
+    assert "42" in out.split("$((6*7))", 1)[-1], out
+
+
+@pytest.mark.daemon("podman")
+def test_podman_exec_pause_kill(pm: C.Podman) -> None:
+    r = pm.podman(*PM_RUN, "-d", PM_IMAGE, "sleep", "1000")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.strip()
+    try:
+        assert_leak_check_sees_a_sandbox(C.PODMAN_ROOT)
+        r = pm.podman("exec", cid, "sh", "-c", "uname -r; exit 4")
+        assert r.returncode == 4, r.stderr
+        assert r.stdout.strip() not in ("", HOST_KERNEL)
+        argv = [*pm.argv, "exec", "-it", cid, "sh", "-c", "tty; echo $((6*7))"]
+        status, out = C.run_pty(argv, env=pm.env)
+        assert status == 0 and "/dev/pts/" in out and "42" in out, out
+        state = ["inspect", "-f", "{{.State.Status}}", cid]
+        assert pm.podman("pause", cid).returncode == 0
+        assert pm.podman(*state).stdout.strip() == "paused"
+        assert pm.podman("unpause", cid).returncode == 0
+        assert pm.podman(*state).stdout.strip() == "running"
+        assert pm.podman("kill", cid).returncode == 0
+        r = pm.podman("wait", cid)
+        assert r.stdout.strip() == "137", r.stdout + r.stderr
+    finally:
+        pm.podman("rm", "-f", cid)
+    assert pm.podman("ps", "-aq").stdout.split() == []
