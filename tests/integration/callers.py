@@ -45,7 +45,14 @@ PODMAN_ROOT = Path("/run/cocoon")  # podman passes no --root: cocoon's default s
 # What each caller needs on the host, by the Debian package that ships it.
 NEEDS: dict[str, dict[str, str]] = {
     "containerd": {CONTAINERD: "containerd", CONTAINERD_SHIM: "containerd", CTR: "containerd"},
-    "dockerd": {DOCKERD: "docker.io", DOCKER: "docker.io", CONTAINERD: "containerd"},
+    # dockerd runs on the tests' private containerd (started and checked with ctr).
+    "dockerd": {
+        DOCKERD: "docker.io",
+        DOCKER: "docker.io",
+        CONTAINERD: "containerd",
+        CONTAINERD_SHIM: "containerd",
+        CTR: "containerd",
+    },
     "podman": {PODMAN: "podman", CONMON: "conmon"},
 }
 # cocoon's own processes, as they appear in /proc/*/cmdline.
