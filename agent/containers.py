@@ -21,6 +21,7 @@ import re
 import select
 import shutil
 import socket
+import stat
 import struct
 import termios
 import threading
@@ -28,6 +29,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cocoon.agent import mounts, proc
 
@@ -123,13 +125,22 @@ class Manager:
             mounts.mount(SHARED_TAG, SHARED_DIR, "virtiofs", mounts.MS_NODEV)
 
     # ------------------------------------------------------------------ lifecycle
-    def create(self, cid: str, spec_json: bytes, stdin: bool) -> Container:
+    def create(
+        self,
+        cid: str,
+        spec_json: bytes,
+        stdin: bool,
+        devices: Iterable[tuple[str, str]] = (),
+    ) -> Container:
+        """``devices``: (guest device node, container path) of hot-plugged block devices."""
         if not _ID.match(cid) or cid in (".", ".."):
             raise ContainerError("invalid", f"invalid container id {cid!r}")
         try:
             spec = json.loads(spec_json)
         except ValueError as exc:
             raise ContainerError("invalid", f"container {cid}: spec is not JSON: {exc}") from exc
+        for vm_path, container_path in devices:
+            bind_device(spec, vm_path, container_path)
         with self._lock:
             if cid in self._containers:
                 raise ContainerError("exists", f"container {cid} already exists in the guest")
@@ -413,6 +424,31 @@ class Manager:
             if k == "oom_kill":
                 out["oom_kill"] = int(v)
         return out
+
+
+def bind_device(spec: dict[str, Any], vm_path: str, container_path: str) -> None:
+    """Points the spec's device ``container_path`` at the guest's node ``vm_path``.
+
+    The host wrote the host's major:minor; crun must make the node with the guest's, and the
+    device cgroup must allow it.
+    """
+    try:
+        st = os.stat(vm_path)
+    except OSError as exc:
+        raise ContainerError("internal", f"device {vm_path}: {exc.strerror}") from exc
+    if not stat.S_ISBLK(st.st_mode):
+        raise ContainerError("internal", f"device {vm_path} is not a block device")
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    linux = spec.setdefault("linux", {})
+    devs = linux.setdefault("devices", [])
+    entry = next((d for d in devs if d.get("path") == container_path), None)
+    if entry is None:
+        entry = {"path": container_path, "type": "b"}
+        devs.append(entry)
+    entry.update(type="b", major=major, minor=minor)
+    entry.setdefault("fileMode", 0o660)
+    rules = linux.setdefault("resources", {}).setdefault("devices", [])
+    rules.append({"allow": True, "type": "b", "major": major, "minor": minor, "access": "rwm"})
 
 
 def _log_size(bundle: Path) -> int:

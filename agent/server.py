@@ -148,7 +148,12 @@ class AgentService(pbg.AgentServiceServicer):
         self, request: pb.CreateContainerRequest, context: grpc.ServicerContext
     ) -> pb.Empty:
         with _errors(context):
-            self.containers.create(request.container_id, request.oci_spec_json, request.stdio.stdin)
+            self.containers.create(
+                request.container_id,
+                request.oci_spec_json,
+                request.stdio.stdin,
+                [(d.vm_path, d.container_path) for d in request.devices if d.type == "blk"],
+            )
         return pb.Empty()
 
     def StartContainer(

@@ -7,8 +7,8 @@ holding its stdio), run the prestart/createRuntime hooks, save the state, write 
 last. Any failure undoes all of it. The other verbs load the state, check the status rule,
 and ask the agent through the monitor.
 
-May import: the standard library, grpc, cocoon.agent (stubs), cocoon.runtime.{config, errors,
-hooks, hostmount, ids, sandbox, spec, state}.
+May import: the standard library, grpc, cocoon.agent (stubs), cocoon.runtime.{config, devices,
+errors, hooks, hostmount, ids, sandbox, sizing, spec, state, vm_pb2}.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from typing import Any
 import grpc
 
 from cocoon.agent import agent_pb2 as apb
-from cocoon.runtime import hostmount, sandbox
+from cocoon.runtime import devices as devmod
+from cocoon.runtime import hostmount, sandbox, sizing
 from cocoon.runtime import spec as specmod
+from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import Config
 from cocoon.runtime.errors import CocoonError, SandboxError, StateError
 from cocoon.runtime.hooks import run_hooks
@@ -104,6 +106,11 @@ def _create(
     bundle = specmod.load_bundle(bundle_path)
     if bundle.terminal and not console_socket and not (foreground_tty and os.isatty(0)):
         raise LifecycleError("cannot allocate a terminal without --console-socket")
+    resources = (bundle.spec.get("linux") or {}).get("resources") or {}
+    size = sizing.size_for(ctx.cfg, resources)
+    sizing.check_fits(ctx.cfg, size, os.cpu_count() or 1, sandbox.host_memory_mib())
+    disks = devmod.block_devices(cid, bundle.spec)
+    groups = devmod.vfio_groups(cid, bundle.spec, override=ctx.cfg.hypervisor.vfio_driver_override)
     store.reserve(cid)
     sb: sandbox.Sandbox | None = None
     shim: subprocess.Popen[bytes] | None = None
@@ -118,10 +125,13 @@ def _create(
         )
         _share_in(sb.dir, cid, bundle)
         with sb.client(ctx.cfg.agent.request_timeout_s) as c:
+            _resize(c, cid, size)
+            devices = _attach_devices(c, cid, disks, groups)
             req = apb.CreateContainerRequest(
                 container_id=cid,
                 oci_spec_json=json.dumps(specmod.guest_spec(bundle, cid)).encode(),
                 stdio=apb.StdioConfig(terminal=bundle.terminal, stdin=True),
+                devices=devices,
             )
             try:
                 c.agent.CreateContainer(req, timeout=120)
@@ -137,6 +147,9 @@ def _create(
             pid=shim.pid,
             annotations=bundle.annotations,
             terminal=bundle.terminal,
+            resources=resources,
+            disks=[d.disk_id for d in disks],
+            vfio=[g.vfio_id for g in groups],
         )
         state = st.oci()
         run_hooks("prestart", bundle.hooks("prestart"), state)
@@ -152,6 +165,54 @@ def _create(
         _teardown_sandbox(ctx, cid)
         store.remove(cid)
         raise
+
+
+def _resize(c: sandbox.Client, cid: str, size: sizing.Size) -> None:
+    try:
+        c.vm.Resize(vpb.ResizeRequest(vcpus=size.vcpus, memory_mib=size.memory_mib), timeout=120)
+    except grpc.RpcError as exc:
+        raise _agent_error(
+            f"container {cid}: sizing the sandbox to {size.vcpus} vCPUs and {size.memory_mib} MiB",
+            exc,
+        ) from exc
+
+
+def _attach_devices(
+    c: sandbox.Client,
+    cid: str,
+    disks: list[devmod.BlockDevice],
+    groups: list[devmod.VfioGroup],
+) -> list[apb.Device]:
+    """Hot-plugs the container's block devices and VFIO groups; the agent's Device list."""
+    out = []
+    for d in disks:
+        try:
+            r = c.vm.AttachDisk(vpb.AttachDiskRequest(id=d.disk_id, path=d.host_path), timeout=60)
+        except grpc.RpcError as exc:
+            raise _agent_error(f"container {cid}: device {d.container_path}", exc) from exc
+        out.append(
+            apb.Device(
+                id=d.disk_id, type="blk", vm_path=r.guest_path, container_path=d.container_path
+            )
+        )
+    for g in groups:
+        try:
+            v = c.vm.AttachVfio(
+                vpb.AttachVfioRequest(id=g.vfio_id, host_bdfs=list(g.bdfs)), timeout=60
+            )
+        except grpc.RpcError as exc:
+            raise _agent_error(f"container {cid}: VFIO group {g.group}", exc) from exc
+        out += [apb.Device(id=g.vfio_id, type="vfio", vm_path=p) for p in v.guest_paths]
+    return out
+
+
+def _detach_devices(c: sandbox.Client, st: ContainerState) -> None:
+    for disk_id in st.disks:
+        with contextlib.suppress(grpc.RpcError):
+            c.vm.DetachDisk(vpb.DetachDiskRequest(id=disk_id), timeout=60)
+    for vfio_id in st.vfio:
+        with contextlib.suppress(grpc.RpcError):
+            c.vm.DetachVfio(vpb.DetachVfioRequest(id=vfio_id), timeout=60)
 
 
 def _share_in(sandbox_dir: Path, cid: str, bundle: specmod.Bundle) -> None:
@@ -286,6 +347,7 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
             c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
+            _detach_devices(c, st)
         _teardown_sandbox(ctx, st.sandbox_id)
         st.status = Status.STOPPED.value
         try:
@@ -428,19 +490,36 @@ def simple(ctx: Ctx, cid: str, verb: str) -> None:
 
 
 def update(ctx: Ctx, cid: str, resources: dict[str, Any]) -> None:
-    st = ctx.store.load(validate_id(cid))
-    if st.effective is Status.STOPPED:
-        raise LifecycleError(f"cannot update container {cid}: it is stopped")
-    with _client(ctx, st) as c:
-        try:
-            c.agent.UpdateContainer(
-                apb.UpdateContainerRequest(
-                    container_id=cid, resources_json=json.dumps(resources).encode()
-                ),
-                timeout=60,
-            )
-        except grpc.RpcError as exc:
-            raise _agent_error(f"update {cid}", exc) from exc
+    """Resizes the sandbox for the new resources, then applies them in the guest (crun
+    update); growing resizes first (a cpuset needs its CPUs online), shrinking after."""
+    store = ctx.store
+    with store.locked(validate_id(cid)):
+        st = store.load(cid)
+        if st.effective is Status.STOPPED:
+            raise LifecycleError(f"cannot update container {cid}: it is stopped")
+        merged = sizing.merge(st.resources, resources)
+        new, old = sizing.size_for(ctx.cfg, merged), sizing.size_for(ctx.cfg, st.resources)
+        sizing.check_fits(ctx.cfg, new, os.cpu_count() or 1, sandbox.host_memory_mib())
+        grows = new.vcpus > old.vcpus or new.memory_mib > old.memory_mib
+        with _client(ctx, st) as c:
+            if grows:
+                _resize(c, cid, new)
+            try:
+                c.agent.UpdateContainer(
+                    apb.UpdateContainerRequest(
+                        container_id=cid, resources_json=json.dumps(resources).encode()
+                    ),
+                    timeout=60,
+                )
+            except grpc.RpcError as exc:
+                if grows:
+                    with contextlib.suppress(CocoonError):
+                        _resize(c, cid, old)
+                raise _agent_error(f"update {cid}", exc) from exc
+            if not grows and new != old:
+                _resize(c, cid, new)
+        st.resources = merged
+        store.save(st)
 
 
 def stats(ctx: Ctx, cid: str) -> dict[str, Any]:

@@ -142,6 +142,11 @@ def validate_process(proc: dict[str, Any], where: str) -> None:
     _need(isinstance(user, dict), f"{where}: process.user must be an object")
 
 
+def _is_vfio_group(d: Any) -> bool:
+    p = d.get("path", "") if isinstance(d, dict) else ""
+    return isinstance(p, str) and p.startswith("/dev/vfio/") and p != "/dev/vfio/vfio"
+
+
 def guest_container_dir(cid: str) -> str:
     return f"{GUEST_SHARED}/{cid}"
 
@@ -176,6 +181,10 @@ def guest_spec(b: Bundle, cid: str) -> dict[str, Any]:
         # (The network model joins the sandbox's guest netns instead, see networking.)
         nss.append({k: v for k, v in ns.items() if k != "path"})
     linux["namespaces"] = nss
+    # VFIO groups are hot-plugged PCI devices the guest kernel drives: no node to make.
+    devs = [d for d in linux.get("devices") or [] if not _is_vfio_group(d)]
+    if devs or "devices" in linux:
+        linux["devices"] = devs
     hooks = {k: v for k, v in (spec.get("hooks") or {}).items() if k in GUEST_HOOKS}
     if hooks:
         spec["hooks"] = hooks

@@ -88,6 +88,9 @@ class ContainerState:
     owner: str = ""
     exec_pids: dict[str, int] = field(default_factory=dict)
     terminal: bool = False
+    resources: dict[str, Any] = field(default_factory=dict)  # linux.resources, as updated
+    disks: list[str] = field(default_factory=list)  # hot-plugged disk ids
+    vfio: list[str] = field(default_factory=list)  # hot-plugged VFIO group ids
 
     @property
     def effective(self) -> Status:

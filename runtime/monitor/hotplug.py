@@ -121,7 +121,7 @@ class Hotplug:
         self.cpus_plugged = limits.vcpus  # QEMU vCPU devices present (boot ones included)
         self.cpus_online = limits.vcpus
         self.vmem_mib = 0  # virtio-mem requested size
-        self.dimms: list[tuple[str, int]] = []  # (id, MiB), in plug order
+        self.dimms: list[tuple[str, str, int]] = []  # (device id, backend id, MiB), in order
         self.disks: dict[str, Disk] = {}
         self.vfio: dict[str, list[tuple[str, int]]] = {}  # id -> [(device id, root port)]
         self._seq = 0
@@ -133,7 +133,7 @@ class Hotplug:
 
     @property
     def memory_mib(self) -> int:
-        return self.limits.memory_mib + self.vmem_mib + sum(s for _, s in self.dimms)
+        return self.limits.memory_mib + self.vmem_mib + sum(s for _, _, s in self.dimms)
 
     def _check(self, vcpus: int, memory_mib: int) -> None:
         lim = self.limits
@@ -157,8 +157,7 @@ class Hotplug:
         if lim.memory_hotplug == "pc-dimm" and grows and len(self.dimms) >= lim.memory_slots:
             raise HotplugError(
                 "limit",
-                f"no free memory slot: all {lim.memory_slots} are in use "
-                "(hypervisor.memory_slots)",
+                f"no free memory slot: all {lim.memory_slots} are in use (hypervisor.memory_slots)",
             )
 
     async def agent_memory_total(self) -> int:
@@ -178,13 +177,15 @@ class Hotplug:
                     await self._set_cpus(vcpus)
                 async with timing.step("memory"):
                     await self._set_memory(memory_mib)
-            except HotplugError:
+            except Exception as exc:
                 log.warning("resize to %d vCPUs / %d MiB failed; rolling back", vcpus, memory_mib)
-                with contextlib.suppress(HotplugError, Exception):
+                with contextlib.suppress(Exception):
                     await self._set_memory(before[1])
-                with contextlib.suppress(HotplugError, Exception):
+                with contextlib.suppress(Exception):
                     await self._set_cpus(before[0])
-                raise
+                if isinstance(exc, HotplugError):
+                    raise
+                raise HotplugError("failed", f"resize: {exc}") from exc
 
     async def _set_cpus(self, target: int) -> None:
         if target > self.cpus_plugged:
@@ -292,15 +293,15 @@ class Hotplug:
             with contextlib.suppress(Exception):
                 await self._qmp("object-del", {"id": mem})
             raise HotplugError("failed", f"pc-dimm hot-add: {exc}") from exc
-        self.dimms.append((dimm, size))
+        self.dimms.append((dimm, mem, size))
         await self._agent.memory_total()
 
     async def _remove_dimms(self, target_mib: int) -> None:
-        while self.dimms and self.memory_mib - self.dimms[-1][1] >= target_mib:
-            dimm, _size = self.dimms[-1]
+        while self.dimms and self.memory_mib - self.dimms[-1][2] >= target_mib:
+            dimm, mem, _size = self.dimms[-1]
             await self._device_del(dimm)
             with contextlib.suppress(Exception):
-                await self._qmp("object-del", {"id": "mem" + dimm.removeprefix("dimm")})
+                await self._qmp("object-del", {"id": mem})
             self.dimms.pop()
 
     async def _device_del(self, dev: str) -> None:

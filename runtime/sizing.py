@@ -1,0 +1,133 @@
+"""How big a sandbox must be for its container's resources, as Kata sizes its VMs.
+
+vCPUs: the CPU quota over its period, rounded up (``quota 150000 / period 100000`` is 2),
+else the number of CPUs in the cpuset, else the configured default; never fewer than the
+default the VM boots with. Memory: the container's memory limit plus the configured base
+(the guest kernel, agent and page cache need room of their own); no limit means the base.
+Bad values (negative, zero periods, unparsable cpusets, sizes no VM holds) are errors here,
+before anything is hot-plugged.
+
+May import: the standard library, cocoon.runtime.{config, errors}.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from cocoon.runtime.config import Config
+from cocoon.runtime.errors import CocoonError
+
+MIB = 1024 * 1024
+MAX_BYTES = 1 << 50  # 1 PiB: anything above is a typo, not a limit
+
+
+class SizingError(CocoonError):
+    pass
+
+
+@dataclass(frozen=True)
+class Size:
+    vcpus: int
+    memory_mib: int
+
+
+def _int(res: dict[str, Any], key: str, where: str) -> int | None:
+    v = res.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise SizingError(f"{where}.{key} must be an integer, got {v!r}")
+    return v
+
+
+def cpuset_count(text: str) -> int:
+    cpus: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise SizingError(f"cpu.cpus {text!r} is not a CPU list (e.g. 0-1,3)")
+        first, last = int(lo), int(hi) if sep else int(lo)
+        if last < first or last > 4095:
+            raise SizingError(f"cpu.cpus {text!r} is not a CPU list (e.g. 0-1,3)")
+        cpus.update(range(first, last + 1))
+    return len(cpus)
+
+
+def vcpus_for(cpu: dict[str, Any]) -> int | None:
+    """vCPUs the CPU resources ask for, or None when they ask for none in particular."""
+    quota = _int(cpu, "quota", "cpu")
+    period = _int(cpu, "period", "cpu")
+    if quota is not None and quota > 0:
+        if period is not None and period <= 0:
+            raise SizingError(f"cpu.period must be positive with a quota, got {period}")
+        return math.ceil(quota / (period or 100000))
+    if quota is not None and quota not in (0, -1):
+        raise SizingError(f"cpu.quota must be positive or -1 (no limit), got {quota}")
+    cpus = cpu.get("cpus")
+    if cpus:
+        if not isinstance(cpus, str):
+            raise SizingError(f"cpu.cpus must be a string, got {cpus!r}")
+        return cpuset_count(cpus)
+    return None
+
+
+def memory_limit(mem: dict[str, Any]) -> int | None:
+    limit = _int(mem, "limit", "memory")
+    if limit is None or limit == -1 or limit == 0:
+        return None
+    if limit < 0:
+        raise SizingError(f"memory.limit must be positive or -1 (no limit), got {limit}")
+    if limit > MAX_BYTES:
+        raise SizingError(f"memory.limit {limit} is absurd (over 1 PiB)")
+    return limit
+
+
+def size_for(cfg: Config, resources: dict[str, Any] | None) -> Size:
+    res = resources or {}
+    if not isinstance(res, dict):
+        raise SizingError("linux.resources must be an object")
+    cpu = res.get("cpu") or {}
+    mem = res.get("memory") or {}
+    if not isinstance(cpu, dict) or not isinstance(mem, dict):
+        raise SizingError("linux.resources.cpu and .memory must be objects")
+    h = cfg.hypervisor
+    vcpus = max(vcpus_for(cpu) or h.default_vcpus, h.default_vcpus)
+    limit = memory_limit(mem)
+    memory = h.default_memory_mib + (math.ceil(limit / MIB) if limit else 0)
+    return Size(vcpus, memory)
+
+
+def check_fits(cfg: Config, size: Size, host_cpus: int, host_memory_mib: int) -> None:
+    """Refuses, before a VM is booted, a size that the VM could never reach."""
+    h = cfg.hypervisor
+    max_vcpus = max(h.default_maxvcpus or host_cpus, h.default_vcpus)
+    max_memory = max(h.max_memory_mib or host_memory_mib, h.default_memory_mib)
+    if size.vcpus > max_vcpus:
+        raise SizingError(
+            f"the container asks for {size.vcpus} CPUs, a sandbox holds at most {max_vcpus} "
+            "(hypervisor.default_maxvcpus)"
+        )
+    if size.memory_mib > max_memory:
+        raise SizingError(
+            f"the container needs {size.memory_mib} MiB (its memory limit plus the "
+            f"{h.default_memory_mib} MiB base), a sandbox holds at most {max_memory} MiB "
+            "(hypervisor.max_memory_mib)"
+        )
+
+
+def merge(base: dict[str, Any] | None, update: dict[str, Any]) -> dict[str, Any]:
+    """The resources after ``update`` (runc update semantics: given keys replace, per table)."""
+    out: dict[str, Any] = {
+        k: (dict(v) if isinstance(v, dict) else v) for k, v in (base or {}).items()
+    }
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
