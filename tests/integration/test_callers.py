@@ -66,8 +66,13 @@ def ctd(containerd_daemon: C.Containerd) -> Iterator[C.Containerd]:
 
 
 def runc_opts(ctd: C.Containerd) -> list[str]:
-    """ctr's way to the runc shim's options: BinaryName (--runc-binary) and Root."""
-    return ["--runc-binary", C.COCOON, "--runc-root", str(ctd.runc_root)]
+    """ctr's way to the runc shim's options: BinaryName (--runc-binary) and Root; and the
+    client's stdio FIFOs in a private dir (else /run/containerd/fifo)."""
+    return ["--runc-binary", C.COCOON, "--runc-root", str(ctd.runc_root), *fifo(ctd)]
+
+
+def fifo(ctd: C.Containerd) -> list[str]:
+    return ["--fifo-dir", str(ctd.base / "fifo")]
 
 
 @pytest.mark.daemon("containerd")
@@ -131,12 +136,22 @@ def test_ctr_exec_pause_resume_kill(ctd: C.Containerd) -> None:
     assert r.returncode == 0, r.stderr
     try:
         assert_leak_check_sees_a_sandbox(ctd.runc_root / NS)
-        r = ctd.ctr("-n", NS, "tasks", "exec", "--exec-id", "e1", cid, "sh", "-c",
+        r = ctd.ctr("-n", NS, "tasks", "exec", *fifo(ctd), "--exec-id", "e1", cid, "sh", "-c",
                     "uname -r; echo err >&2; exit 5")  # fmt: skip
         assert r.returncode == 5, r.stderr
         assert r.stdout.strip() not in ("", HOST_KERNEL), r.stdout
         assert "err" in r.stderr
-        argv: list[str | Path] = [C.CTR, "--address", ctd.address, "-n", NS, "tasks", "exec", "-t"]
+        argv: list[str | Path] = [
+            C.CTR,
+            "--address",
+            ctd.address,
+            "-n",
+            NS,
+            "tasks",
+            "exec",
+            "-t",
+            *fifo(ctd),
+        ]
         status, out = C.run_pty([*argv, "--exec-id", "e2", cid, "sh", "-c", "tty; echo $((6*7))"])
         assert status == 0, out
         assert "/dev/pts/" in out and "42" in out, out
@@ -145,7 +160,9 @@ def test_ctr_exec_pause_resume_kill(ctd: C.Containerd) -> None:
         assert "PAUSED" in listing, listing
         assert ctd.ctr("-n", NS, "tasks", "resume", cid).returncode == 0
         assert "RUNNING" in ctd.ctr("-n", NS, "tasks", "list").stdout
-        r = ctd.ctr("-n", NS, "tasks", "exec", "--exec-id", "e3", cid, "echo", "resumed")
+        r = ctd.ctr(
+            "-n", NS, "tasks", "exec", *fifo(ctd), "--exec-id", "e3", cid, "echo", "resumed"
+        )
         assert r.returncode == 0 and r.stdout.strip() == "resumed", r.stderr
         r = ctd.ctr("-n", NS, "tasks", "ps", cid)
         assert r.returncode == 0, r.stderr
