@@ -412,3 +412,23 @@ def test_audit_hook_sees_filesystem_access(tmp_path: Path) -> None:
         (tmp_path / "x").write_text("x")
         (tmp_path / "x").exists()
     assert any(e.startswith("open") for e in events), events
+
+
+def test_memory_hotplug_device_follows_configuration() -> None:
+    base = CASES["defaults_tcg_serial_virtiofs_seccomp"]
+    vmem = argv_of(base)
+    devs = values_of(vmem, "-device")
+    objs = values_of(vmem, "-object")
+    assert "virtio-mem-pci,id=vm0,memdev=vmem0,requested-size=0,block-size=2M" in devs
+    # sized so that boot RAM + virtio-mem + the pmem image fill maxmem exactly
+    size = int(
+        next(o for o in objs if o.startswith("memory-backend-memfd,id=vmem0"))
+        .split("size=")[1]
+        .split("M")[0]
+    )
+    m = value_of(vmem, "-m")
+    maxmem = int(m.split("maxmem=")[1].rstrip("M"))
+    assert 256 + size + 302 == maxmem
+    dimm = argv_of(replace(base, cfg=hv(memory_hotplug="pc-dimm")))
+    assert not any("virtio-mem" in d for d in values_of(dimm, "-device"))
+    assert not any("vmem0" in o for o in values_of(dimm, "-object"))
