@@ -97,6 +97,30 @@ def block_devices(
     return out
 
 
+def _is_bind(m: dict[str, Any]) -> bool:
+    opts = m.get("options") or []
+    return m.get("type") == "bind" or "bind" in opts or "rbind" in opts
+
+
+def block_mounts(cid: str, spec: dict[str, Any]) -> list[BlockDevice]:
+    """Mounts whose source is a host block device (a block-backed volume): each is
+    hot-plugged and mounted by crun in the guest from the guest's node."""
+    out = []
+    for i, m in enumerate(spec.get("mounts") or []):
+        src = m.get("source") if isinstance(m, dict) else None
+        if not isinstance(src, str) or not src.startswith("/dev/") or _is_bind(m):
+            continue
+        where = f"mounts[{i}]"
+        try:
+            st = os.stat(src)
+        except OSError as exc:
+            raise DeviceError(f"{where}: source {src}: {exc.strerror}") from exc
+        if not stat.S_ISBLK(st.st_mode):
+            raise DeviceError(f"{where}: source {src} is not a block device")
+        out.append(BlockDevice(i, str(m.get("destination")), src, _disk_id(cid, "m", i)))
+    return out
+
+
 def vfio_groups(
     cid: str, spec: dict[str, Any], sysfs: Path = Path("/sys"), override: bool = False
 ) -> list[VfioGroup]:

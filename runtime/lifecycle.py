@@ -110,6 +110,7 @@ def _create(
     size = sizing.size_for(ctx.cfg, resources)
     sizing.check_fits(ctx.cfg, size, os.cpu_count() or 1, sandbox.host_memory_mib())
     disks = devmod.block_devices(cid, bundle.spec)
+    volumes = devmod.block_mounts(cid, bundle.spec)
     groups = devmod.vfio_groups(cid, bundle.spec, override=ctx.cfg.hypervisor.vfio_driver_override)
     store.reserve(cid)
     sb: sandbox.Sandbox | None = None
@@ -127,9 +128,10 @@ def _create(
         with sb.client(ctx.cfg.agent.request_timeout_s) as c:
             _resize(c, cid, size)
             devices = _attach_devices(c, cid, disks, groups)
+            sources = {v.index: _attach_disk(c, cid, v) for v in volumes}
             req = apb.CreateContainerRequest(
                 container_id=cid,
-                oci_spec_json=json.dumps(specmod.guest_spec(bundle, cid)).encode(),
+                oci_spec_json=json.dumps(specmod.guest_spec(bundle, cid, sources)).encode(),
                 stdio=apb.StdioConfig(terminal=bundle.terminal, stdin=True),
                 devices=devices,
             )
@@ -148,7 +150,7 @@ def _create(
             annotations=bundle.annotations,
             terminal=bundle.terminal,
             resources=resources,
-            disks=[d.disk_id for d in disks],
+            disks=[d.disk_id for d in (*disks, *volumes)],
             vfio=[g.vfio_id for g in groups],
         )
         state = st.oci()
@@ -184,17 +186,15 @@ def _attach_devices(
     groups: list[devmod.VfioGroup],
 ) -> list[apb.Device]:
     """Hot-plugs the container's block devices and VFIO groups; the agent's Device list."""
-    out = []
-    for d in disks:
-        try:
-            r = c.vm.AttachDisk(vpb.AttachDiskRequest(id=d.disk_id, path=d.host_path), timeout=60)
-        except grpc.RpcError as exc:
-            raise _agent_error(f"container {cid}: device {d.container_path}", exc) from exc
-        out.append(
-            apb.Device(
-                id=d.disk_id, type="blk", vm_path=r.guest_path, container_path=d.container_path
-            )
+    out = [
+        apb.Device(
+            id=d.disk_id,
+            type="blk",
+            vm_path=_attach_disk(c, cid, d),
+            container_path=d.container_path,
         )
+        for d in disks
+    ]
     for g in groups:
         try:
             v = c.vm.AttachVfio(
@@ -204,6 +204,15 @@ def _attach_devices(
             raise _agent_error(f"container {cid}: VFIO group {g.group}", exc) from exc
         out += [apb.Device(id=g.vfio_id, type="vfio", vm_path=p) for p in v.guest_paths]
     return out
+
+
+def _attach_disk(c: sandbox.Client, cid: str, d: devmod.BlockDevice) -> str:
+    """Hot-plugs one host block device; its node in the guest."""
+    try:
+        r = c.vm.AttachDisk(vpb.AttachDiskRequest(id=d.disk_id, path=d.host_path), timeout=60)
+    except grpc.RpcError as exc:
+        raise _agent_error(f"container {cid}: {d.host_path} for {d.container_path}", exc) from exc
+    return str(r.guest_path)
 
 
 def _detach_devices(c: sandbox.Client, st: ContainerState) -> None:

@@ -151,8 +151,10 @@ def guest_container_dir(cid: str) -> str:
     return f"{GUEST_SHARED}/{cid}"
 
 
-def guest_spec(b: Bundle, cid: str) -> dict[str, Any]:
+def guest_spec(b: Bundle, cid: str, block_sources: dict[int, str] | None = None) -> dict[str, Any]:
+    """``block_sources``: mount index -> the guest node of its hot-plugged block device."""
     spec = copy.deepcopy(b.spec)
+    block_sources = block_sources or {}
     base = guest_container_dir(cid)
     spec["root"]["path"] = f"{base}/rootfs"
     binds = {bm.index: bm for bm in b.binds}
@@ -167,6 +169,8 @@ def guest_spec(b: Bundle, cid: str) -> dict[str, Any]:
             }
         elif i in binds:
             m["source"] = f"{base}/mounts/{binds[i].share_name}"
+        elif i in block_sources:
+            m["source"] = block_sources[i]
         mounts.append(m)
     spec["mounts"] = mounts
     proc = spec.get("process") or {}

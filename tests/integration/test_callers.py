@@ -269,6 +269,36 @@ def test_docker_exec_pause_update_stop_start_kill(dk: C.Dockerd) -> None:
 
 
 @pytest.mark.daemon("dockerd")
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a host with 2 CPUs or more")
+def test_docker_update_hot_plugs_cpus_and_memory(dk: C.Dockerd) -> None:
+    """`docker update` resizes the VM: the workload's nproc and MemTotal grow, then shrink."""
+    r = dk.docker(*DK_RUN, "-d", DK_IMAGE, "sleep", "1000")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.strip()
+
+    def sees() -> tuple[int, int]:
+        r = dk.docker("exec", cid, "sh", "-c", "nproc; grep MemTotal /proc/meminfo")
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.split("\n")
+        return int(lines[0]), int(lines[1].split()[1]) // 1024
+
+    try:
+        cpus0, mem0 = sees()
+        assert cpus0 == 1
+        r = dk.docker("update", "--cpus", "2", "--memory", "768m", "--memory-swap", "2g", cid)
+        assert r.returncode == 0, r.stderr
+        cpus1, mem1 = sees()
+        assert cpus1 == 2 and mem1 >= mem0 + 700, (cpus1, mem0, mem1)
+        r = dk.docker("update", "--cpus", "1", "--memory", "128m", "--memory-swap", "256m", cid)
+        assert r.returncode == 0, r.stderr
+        cpus2, mem2 = sees()
+        assert cpus2 == 1 and mem2 < mem1 - 500, (cpus2, mem1, mem2)
+    finally:
+        dk.docker("rm", "-f", cid)
+    assert dk.docker("ps", "-aq").stdout.split() == []
+
+
+@pytest.mark.daemon("dockerd")
 def test_docker_rm_f_running(dk: C.Dockerd) -> None:
     r = dk.docker(*DK_RUN, "-d", DK_IMAGE, "sleep", "1000")
     assert r.returncode == 0, r.stderr

@@ -212,6 +212,24 @@ def test_file_backed_disk_appears_and_takes_a_filesystem(
         assert f.read(2) == b"\x53\xef"
 
 
+def test_block_backed_volume_is_mounted_in_the_container(
+    cli: Cli, tmp_path: Path, loop_device: tuple[Path, str]
+) -> None:
+    _img, dev = loop_device
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True, timeout=60)
+    b = bundle(tmp_path, ["sh", "-c", "echo written-in-vm > /data/f && grep /data /proc/mounts"])
+    spec = json.loads((b / "config.json").read_text())
+    spec["mounts"].append({"destination": "/data", "type": "ext4", "source": dev, "options": []})
+    (b / "config.json").write_text(json.dumps(spec))
+    r = cli("run", "--bundle", str(b), "c1")
+    assert r.returncode == 0, r.stderr
+    assert " /data ext4 " in r.stdout, r.stdout
+    out = subprocess.run(
+        ["debugfs", "-R", "cat /f", dev], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert out.strip() == "written-in-vm"
+
+
 def test_bad_devices_are_refused(cli: Cli, tmp_path: Path) -> None:
     b = bundle(tmp_path, ["true"])
     spec = json.loads((b / "config.json").read_text())
