@@ -141,6 +141,7 @@ class Manager:
             raise ContainerError("invalid", f"container {cid}: spec is not JSON: {exc}") from exc
         for vm_path, container_path in devices:
             bind_device(spec, vm_path, container_path)
+        allow_mounted_devices(spec)
         with self._lock:
             if cid in self._containers:
                 raise ContainerError("exists", f"container {cid} already exists in the guest")
@@ -447,8 +448,27 @@ def bind_device(spec: dict[str, Any], vm_path: str, container_path: str) -> None
         devs.append(entry)
     entry.update(type="b", major=major, minor=minor)
     entry.setdefault("fileMode", 0o660)
-    rules = linux.setdefault("resources", {}).setdefault("devices", [])
+    _allow(spec, major, minor)
+
+
+def _allow(spec: dict[str, Any], major: int, minor: int) -> None:
+    rules = spec.setdefault("linux", {}).setdefault("resources", {}).setdefault("devices", [])
     rules.append({"allow": True, "type": "b", "major": major, "minor": minor, "access": "rwm"})
+
+
+def allow_mounted_devices(spec: dict[str, Any]) -> None:
+    """A mount from a guest block device (a hot-plugged volume) needs the device allowed in
+    the container's device cgroup, or the kernel refuses the mount (EPERM)."""
+    for m in spec.get("mounts") or []:
+        src = m.get("source") if isinstance(m, dict) else None
+        if not isinstance(src, str) or not src.startswith("/dev/"):
+            continue
+        try:
+            st = os.stat(src)
+        except OSError:
+            continue
+        if stat.S_ISBLK(st.st_mode):
+            _allow(spec, os.major(st.st_rdev), os.minor(st.st_rdev))
 
 
 def _log_size(bundle: Path) -> int:

@@ -46,9 +46,14 @@ def test_boot_guest_details_and_orderly_stop(
         assert status.state == "running"
         assert status.qemu_pid > 0 and status.monitor_pid == sb.monitor_pid
         assert status.accel in ("kvm", "tcg")
-        # Calls the agent does not implement yet come back as a clear gRPC status.
+        # A bad request comes back through the monitor as a clear gRPC status.
         with sb.client() as c, pytest.raises(grpc.RpcError) as err:
             c.agent.CreateContainer(apb.CreateContainerRequest(container_id="x"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "spec is not JSON" in (err.value.details() or "")
+        # ... and so do the calls the agent does not implement yet.
+        with sb.client() as c, pytest.raises(grpc.RpcError) as err:
+            c.agent.GetOOMEvent(apb.GetOOMEventRequest(), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         how = sandbox.stop(state_root, "boot1", cfg.runtime.shutdown_timeout_s)
