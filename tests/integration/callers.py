@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cocoon.runtime import busybox
+from tests.integration.procs import live_processes
 
 COCOON = "/usr/local/bin/cocoon"
 CONTAINERD = "/usr/bin/containerd"
@@ -154,16 +155,7 @@ def leaks(state_root: Path, *extra: Path) -> list[str]:
     virtiofsd, anything naming the root or ``extra`` dirs), mounts under it, and state dirs."""
     found: list[str] = []
     needles = [str(state_root), *(str(e) for e in extra)]
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if stat == "Z":
-            continue
+    for pid, cmd in live_processes():
         if any(p in cmd for p in COCOON_PROCESSES) and any(n in cmd for n in needles):
             found.append(f"process {pid}: {cmd[:200]}")
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
@@ -332,18 +324,7 @@ def start_daemon(
 
 def pids_mentioning(needle: str) -> list[int]:
     """Live processes whose command line contains ``needle`` (a private path of the tests)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in cmd and stat != "Z":
-            found.append(int(pid))
-    return found
+    return [pid for pid, cmd in live_processes() if needle in cmd]
 
 
 def kill_stragglers(needle: str) -> list[int]:

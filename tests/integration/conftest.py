@@ -5,7 +5,6 @@ On failure the sandbox's console and logs are attached to the report."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,21 +13,11 @@ import pytest
 
 from cocoon.runtime import config as config_mod
 from cocoon.runtime import sandbox
+from tests.integration.procs import live_processes
 
 
 def processes_mentioning(needle: str) -> list[str]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if needle in cmd and state != "Z":
-            found.append(f"{pid}: {cmd[:200]}")
-    return found
+    return [f"{pid}: {cmd[:200]}" for pid, cmd in live_processes() if needle in cmd]
 
 
 @pytest.fixture
