@@ -58,6 +58,14 @@ class HypervisorConfig:
     msize_9p: int = 512000
     vfio_driver_override: bool = False
 
+    def ceilings(self, host_cpus: int, host_memory_mib: int) -> tuple[int, int]:
+        """(vCPUs, MiB of RAM) a sandbox can grow to on this host: the configured maxima
+        (0: the host's), never below what it boots with."""
+        return (
+            max(self.default_maxvcpus or host_cpus, self.default_vcpus),
+            max(self.max_memory_mib or host_memory_mib, self.default_memory_mib),
+        )
+
 
 @dataclass(frozen=True)
 class AgentConfig:

@@ -8,7 +8,7 @@ vfio-pci (or, with ``hypervisor.vfio_driver_override``, are rebound with driver_
 before they are hot-plugged onto root ports; the guest kernel then drives them. Everything is
 checked before the VM is touched; sysfs and /dev are parameters so unit tests use a fake tree.
 
-May import: the standard library, cocoon.runtime.errors.
+May import: the standard library, cocoon.runtime.{errors, spec}.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.runtime.errors import CocoonError
+from cocoon.runtime.spec import is_bind_mount, is_vfio_group
 
 _BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
@@ -50,6 +51,15 @@ def _disk_id(cid: str, kind: str, index: int) -> str:
     return f"{kind}{index}-{hashlib.sha256(cid.encode()).hexdigest()[:10]}"
 
 
+def _check_block(path: str, what: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise DeviceError(f"{what} {path}: {exc.strerror}") from exc
+    if not stat.S_ISBLK(st.st_mode):
+        raise DeviceError(f"{what} {path} is not a block device")
+
+
 def _host_block(entry: dict[str, Any], where: str, sysfs: Path, dev: Path) -> str:
     major, minor = entry.get("major"), entry.get("minor")
     if isinstance(major, int) and isinstance(minor, int):
@@ -66,14 +76,7 @@ def _host_block(entry: dict[str, Any], where: str, sysfs: Path, dev: Path) -> st
         if not name:
             raise DeviceError(f"{where}: block device {major}:{minor} has no name in {uevent}")
         return str(dev / name)
-    path = entry.get("path")
-    try:
-        st = os.stat(str(path))
-    except OSError as exc:
-        raise DeviceError(f"{where}: {path}: {exc.strerror} (and no major/minor given)") from exc
-    if not stat.S_ISBLK(st.st_mode):
-        raise DeviceError(f"{where}: {path} is not a block device")
-    return str(path)
+    return str(entry.get("path"))  # no major:minor: the path names the host device
 
 
 def block_devices(
@@ -87,19 +90,9 @@ def block_devices(
         if entry.get("type") != "b":
             continue
         host = _host_block(entry, where, sysfs, dev)
-        try:
-            st = os.stat(host)
-        except OSError as exc:
-            raise DeviceError(f"{where}: host device {host}: {exc.strerror}") from exc
-        if not stat.S_ISBLK(st.st_mode):
-            raise DeviceError(f"{where}: host device {host} is not a block device")
+        _check_block(host, f"{where}: host device")
         out.append(BlockDevice(i, entry["path"], host, _disk_id(cid, "d", i)))
     return out
-
-
-def _is_bind(m: dict[str, Any]) -> bool:
-    opts = m.get("options") or []
-    return m.get("type") == "bind" or "bind" in opts or "rbind" in opts
 
 
 def block_mounts(cid: str, spec: dict[str, Any]) -> list[BlockDevice]:
@@ -108,15 +101,9 @@ def block_mounts(cid: str, spec: dict[str, Any]) -> list[BlockDevice]:
     out = []
     for i, m in enumerate(spec.get("mounts") or []):
         src = m.get("source") if isinstance(m, dict) else None
-        if not isinstance(src, str) or not src.startswith("/dev/") or _is_bind(m):
+        if not isinstance(src, str) or not src.startswith("/dev/") or is_bind_mount(m):
             continue
-        where = f"mounts[{i}]"
-        try:
-            st = os.stat(src)
-        except OSError as exc:
-            raise DeviceError(f"{where}: source {src}: {exc.strerror}") from exc
-        if not stat.S_ISBLK(st.st_mode):
-            raise DeviceError(f"{where}: source {src} is not a block device")
+        _check_block(src, f"mounts[{i}]: source")
         out.append(BlockDevice(i, str(m.get("destination")), src, _disk_id(cid, "m", i)))
     return out
 
@@ -126,10 +113,9 @@ def vfio_groups(
 ) -> list[VfioGroup]:
     out = []
     for i, entry in enumerate(((spec.get("linux") or {}).get("devices")) or []):
-        path = entry.get("path", "") if isinstance(entry, dict) else ""
-        if not path.startswith("/dev/vfio/") or path == "/dev/vfio/vfio":
+        if not is_vfio_group(entry):
             continue
-        group = path.rsplit("/", 1)[1]
+        group = entry["path"].rsplit("/", 1)[1]
         bdfs = group_devices(group, sysfs)
         check_bound(group, bdfs, sysfs, override)
         out.append(VfioGroup(i, group, tuple(bdfs), _disk_id(cid, "v", i)))

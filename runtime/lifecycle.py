@@ -108,7 +108,7 @@ def _create(
         raise LifecycleError("cannot allocate a terminal without --console-socket")
     resources = (bundle.spec.get("linux") or {}).get("resources") or {}
     size = sizing.size_for(ctx.cfg, resources)
-    sizing.check_fits(ctx.cfg, size, os.cpu_count() or 1, sandbox.host_memory_mib())
+    _check_fits(ctx, size)
     disks = devmod.block_devices(cid, bundle.spec)
     volumes = devmod.block_mounts(cid, bundle.spec)
     groups = devmod.vfio_groups(cid, bundle.spec, override=ctx.cfg.hypervisor.vfio_driver_override)
@@ -126,7 +126,8 @@ def _create(
         )
         _share_in(sb.dir, cid, bundle)
         with sb.client(ctx.cfg.agent.request_timeout_s) as c:
-            _resize(c, cid, size)
+            if size != sizing.boot_size(ctx.cfg):  # the VM boots at this size: nothing to plug
+                _resize(c, cid, size)
             devices = _attach_devices(c, cid, disks, groups)
             sources = {v.index: _attach_disk(c, cid, v) for v in volumes}
             req = apb.CreateContainerRequest(
@@ -167,6 +168,10 @@ def _create(
         _teardown_sandbox(ctx, cid)
         store.remove(cid)
         raise
+
+
+def _check_fits(ctx: Ctx, size: sizing.Size) -> None:
+    sizing.check_fits(ctx.cfg, size, os.cpu_count() or 1, sandbox.host_memory_mib())
 
 
 def _resize(c: sandbox.Client, cid: str, size: sizing.Size) -> None:
@@ -508,7 +513,7 @@ def update(ctx: Ctx, cid: str, resources: dict[str, Any]) -> None:
             raise LifecycleError(f"cannot update container {cid}: it is stopped")
         merged = sizing.merge(st.resources, resources)
         new, old = sizing.size_for(ctx.cfg, merged), sizing.size_for(ctx.cfg, st.resources)
-        sizing.check_fits(ctx.cfg, new, os.cpu_count() or 1, sandbox.host_memory_mib())
+        _check_fits(ctx, new)
         grows = new.vcpus > old.vcpus or new.memory_mib > old.memory_mib
         with _client(ctx, st) as c:
             if grows:

@@ -123,9 +123,7 @@ def plan(
     vsock_cid: int = 0,
 ) -> VmPlan:
     h = cfg.hypervisor
-    max_vcpus = h.default_maxvcpus or host_cpus
-    max_vcpus = max(max_vcpus, h.default_vcpus)
-    hotplug_ceiling = h.max_memory_mib or host_memory_mib
+    max_vcpus, max_memory = h.ceilings(host_cpus, host_memory_mib)
     params = list(BASE_KERNEL_PARAMS)
     if cfg.agent.debug:
         params.append("cocoon.debug=1")
@@ -140,7 +138,7 @@ def plan(
         vcpus=h.default_vcpus,
         max_vcpus=max_vcpus,
         memory_mib=h.default_memory_mib,
-        max_memory_mib=max(hotplug_ceiling, h.default_memory_mib),
+        max_memory_mib=max_memory,
         memory_slots=h.memory_slots,
         root_ports=h.hotplug_root_ports,
         kernel=kernel,

@@ -87,6 +87,11 @@ def memory_limit(mem: dict[str, Any]) -> int | None:
     return limit
 
 
+def boot_size(cfg: Config) -> Size:
+    """The size every sandbox boots with."""
+    return Size(cfg.hypervisor.default_vcpus, cfg.hypervisor.default_memory_mib)
+
+
 def size_for(cfg: Config, resources: dict[str, Any] | None) -> Size:
     res = resources or {}
     if not isinstance(res, dict):
@@ -105,8 +110,7 @@ def size_for(cfg: Config, resources: dict[str, Any] | None) -> Size:
 def check_fits(cfg: Config, size: Size, host_cpus: int, host_memory_mib: int) -> None:
     """Refuses, before a VM is booted, a size that the VM could never reach."""
     h = cfg.hypervisor
-    max_vcpus = max(h.default_maxvcpus or host_cpus, h.default_vcpus)
-    max_memory = max(h.max_memory_mib or host_memory_mib, h.default_memory_mib)
+    max_vcpus, max_memory = h.ceilings(host_cpus, host_memory_mib)
     if size.vcpus > max_vcpus:
         raise SizingError(
             f"the container asks for {size.vcpus} CPUs, a sandbox holds at most {max_vcpus} "

@@ -67,7 +67,7 @@ def _need(cond: bool, msg: str) -> None:
         raise SpecError(msg)
 
 
-def _is_bind(m: dict[str, Any]) -> bool:
+def is_bind_mount(m: dict[str, Any]) -> bool:
     opts = m.get("options") or []
     return m.get("type") == "bind" or "bind" in opts or "rbind" in opts
 
@@ -107,7 +107,7 @@ def load_bundle(bundle: Path) -> Bundle:
             isinstance(m, dict) and isinstance(m.get("destination"), str),
             f"{cfg}: mounts[{i}] needs a destination",
         )
-        if _is_bind(m) and not str(m.get("source", "")).startswith("/dev/"):
+        if is_bind_mount(m) and not str(m.get("source", "")).startswith("/dev/"):
             src = Path(str(m.get("source", "")))
             src = src if src.is_absolute() else bundle / src
             _need(src.exists(), f"{cfg}: mounts[{i}] source {src} does not exist")
@@ -142,7 +142,8 @@ def validate_process(proc: dict[str, Any], where: str) -> None:
     _need(isinstance(user, dict), f"{where}: process.user must be an object")
 
 
-def _is_vfio_group(d: Any) -> bool:
+def is_vfio_group(d: Any) -> bool:
+    """A linux.devices entry naming a VFIO group (/dev/vfio/N, not the /dev/vfio/vfio node)."""
     p = d.get("path", "") if isinstance(d, dict) else ""
     return isinstance(p, str) and p.startswith("/dev/vfio/") and p != "/dev/vfio/vfio"
 
@@ -186,7 +187,7 @@ def guest_spec(b: Bundle, cid: str, block_sources: dict[int, str] | None = None)
         nss.append({k: v for k, v in ns.items() if k != "path"})
     linux["namespaces"] = nss
     # VFIO groups are hot-plugged PCI devices the guest kernel drives: no node to make.
-    devs = [d for d in linux.get("devices") or [] if not _is_vfio_group(d)]
+    devs = [d for d in linux.get("devices") or [] if not is_vfio_group(d)]
     if devs or "devices" in linux:
         linux["devices"] = devs
     hooks = {k: v for k, v in (spec.get("hooks") or {}).items() if k in GUEST_HOOKS}
