@@ -7,7 +7,8 @@ monitor over ``<state>/monitor.sock`` with the agent's stubs and the VM stubs. `
 asks for an orderly shutdown and waits until the monitor and its state directory are gone.
 
 May import: the standard library, grpc, cocoon.agent (generated stubs), cocoon.guest_image,
-cocoon.runtime.{config, errors, hostcheck, ids, qemu_argv, vm_pb2*, monitor.launch}.
+cocoon.runtime.{config, errors, hostcheck, hostmount, ids, qemu_argv, state, vm_pb2*,
+monitor.launch}.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from cocoon.runtime.config import Config
 from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
 from cocoon.runtime.ids import validate_id
 from cocoon.runtime.monitor import launch as L
+from cocoon.runtime.state import pid_alive
 
 # Unix socket paths (sun_path) hold at most 107 bytes, and the sandbox dir holds sockets
 # (monitor.sock, qmp.sock, virtiofsd.sock, agent-port.sock): long ids (containerd and dockerd
@@ -325,14 +327,6 @@ def _is_our_qemu(pid: int, d: Path) -> bool:
     except OSError:
         return False
     return str(d).encode() in cmdline
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class Client:
