@@ -1,12 +1,14 @@
 """The agent's gRPC service: what the host can ask of the guest.
 
-This release answers health, version, guest details, time sync, file copy, logs and sandbox
-teardown. Every other method of agent.proto answers UNIMPLEMENTED (the generated base class
-does that; the status says which method was called), so a host that is newer than the guest
-gets a clear error.
+This release answers health, version, guest details, time sync, file copy, logs, sandbox
+teardown, containers and their processes, CPU/memory/device hot-plug and network
+configuration (UpdateInterface, ListInterfaces, UpdateRoutes, AddARPNeighbors,
+SetNetworkIdentity). Every other method of agent.proto answers UNIMPLEMENTED (the generated
+base class does that; the status says which method was called), so a host that is newer than
+the guest gets a clear error.
 
 May import: the standard library, grpc, cocoon.agent.{agent_pb2, agent_pb2_grpc, guest, logbuf,
-containers, devices}.
+containers, devices, network}.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from cocoon.agent import agent_pb2_grpc as pbg
 from cocoon.agent.containers import ContainerError, Manager
 from cocoon.agent.devices import DeviceError, Devices
 from cocoon.agent.logbuf import LogBuffer
+from cocoon.agent.network import Iface, NetError, Network, RouteSpec
 
 log = logging.getLogger("cocoon.agent")
 
@@ -43,6 +46,7 @@ class AgentService(pbg.AgentServiceServicer):
     ) -> None:
         self._containers = containers
         self._devices = Devices(root)
+        self._network = Network(root)
         self._logs = logs
         self._channel = channel
         self._poweroff = poweroff
@@ -330,6 +334,87 @@ class AgentService(pbg.AgentServiceServicer):
             return pb.WaitDeviceResponse(sysfs_path=path)
         return pb.WaitDeviceResponse(guest_path=path)
 
+    # ------------------------------------------------------------------ network
+    def UpdateInterface(
+        self, request: pb.UpdateInterfaceRequest, context: grpc.ServicerContext
+    ) -> pb.Interface:
+        i = request.interface
+        iface = Iface(
+            name=i.name,
+            mac=i.hw_addr,
+            mtu=i.mtu,
+            pci=i.pci_path,
+            addresses=[
+                (6 if a.family == pb.IPAddress.V6 else 4, a.address, a.prefix_len)
+                for a in i.addresses
+            ],
+        )
+        with _errors(context):
+            device = self._network.update_interface(iface)
+        out = pb.Interface()
+        out.CopyFrom(i)
+        out.device = device
+        return out
+
+    def ListInterfaces(
+        self, request: pb.ListInterfacesRequest, context: grpc.ServicerContext
+    ) -> pb.Interfaces:
+        with _errors(context):
+            ifaces = self._network.list_interfaces()
+        return pb.Interfaces(
+            interfaces=[
+                pb.Interface(
+                    device=f.name,
+                    name=f.name,
+                    hw_addr=f.mac,
+                    mtu=f.mtu,
+                    addresses=[
+                        pb.IPAddress(
+                            family=pb.IPAddress.V6 if fam == 6 else pb.IPAddress.V4,
+                            address=ip,
+                            prefix_len=prefix,
+                        )
+                        for fam, ip, prefix in f.addresses
+                    ],
+                )
+                for f in ifaces
+            ]
+        )
+
+    def UpdateRoutes(
+        self, request: pb.UpdateRoutesRequest, context: grpc.ServicerContext
+    ) -> pb.Routes:
+        routes = [
+            RouteSpec(
+                family=6 if r.family == pb.IPAddress.V6 else 4,
+                dest=r.dest,
+                gateway=r.gateway,
+                device=r.device,
+                source=r.source,
+                scope=r.scope,
+            )
+            for r in request.routes.routes
+        ]
+        with _errors(context):
+            self._network.update_routes(routes)
+        return request.routes
+
+    def AddARPNeighbors(
+        self, request: pb.AddARPNeighborsRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _errors(context):
+            self._network.add_neighbours(
+                [(n.to_ip, n.ll_addr, n.device) for n in request.neighbors]
+            )
+        return pb.Empty()
+
+    def SetNetworkIdentity(
+        self, request: pb.SetNetworkIdentityRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        with _errors(context):
+            self._network.set_identity(request.hostname, request.hosts, request.resolv_conf)
+        return pb.Empty()
+
 
 _CODES = {
     "not-found": grpc.StatusCode.NOT_FOUND,
@@ -349,5 +434,7 @@ def _errors(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(_CODES.get(exc.kind, grpc.StatusCode.INTERNAL), str(exc))
     except DeviceError as exc:
         context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    except NetError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     except OSError as exc:
         context.abort(grpc.StatusCode.INTERNAL, str(exc))

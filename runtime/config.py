@@ -10,7 +10,10 @@ tables/keys, wrong types and out-of-range values are ConfigErrors of one line na
 and the dotted key.
 
 API: ``load()`` -> ``LoadedConfig`` (config + files applied), ``validate()`` for a Config
-built in code, ``to_toml()`` to print the resolved configuration (round-trips through load).
+built in code, ``to_toml()`` to print the resolved configuration (round-trips through load),
+``with_annotations()`` for a sandbox's own overrides: an OCI annotation
+``io.cocoon.config.<table>.<key>`` sets that key for one sandbox, for the keys in
+``ANNOTATABLE`` only (anything else under the prefix is an error).
 
 May import: the standard library and cocoon.runtime.errors.
 """
@@ -22,7 +25,7 @@ import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -34,6 +37,7 @@ Accel = Literal["auto", "kvm", "tcg"]
 SharedFs = Literal["virtio-fs", "virtio-9p", "none"]
 Channel = Literal["auto", "vsock", "virtio-serial"]
 MemoryHotplug = Literal["virtio-mem", "pc-dimm"]
+NetworkModel = Literal["tcfilter", "macvtap", "none"]
 
 
 @dataclass(frozen=True)
@@ -90,11 +94,18 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
+class NetworkConfig:
+    model: NetworkModel = "tcfilter"
+    queues: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
 
 
 @dataclass(frozen=True)
@@ -302,6 +313,7 @@ def validate(cfg: Config, origins: Mapping[str, Path] | None = None) -> None:
     at_least("hypervisor.hotplug_root_ports", h.hotplug_root_ports, 0, 30)
     at_least("hypervisor.tcg_tb_size_mib", h.tcg_tb_size_mib, 0)
     at_least("hypervisor.msize_9p", h.msize_9p, 4096)
+    at_least("network.queues", cfg.network.queues, 0, 8)
 
     for table in _FIELDS:
         section = getattr(cfg, table)
@@ -386,3 +398,41 @@ def to_toml(cfg: Config) -> str:
         lines += [f"{k} = {_toml_value(getattr(section, k))}" for k in _FIELDS[table]]
         blocks.append("\n".join(lines) + "\n")
     return "\n".join(blocks)
+
+
+ANNOTATION_PREFIX = "io.cocoon.config."
+ANNOTATABLE = ("network.model", "network.queues")
+
+
+def with_annotations(cfg: Config, annotations: Mapping[str, str]) -> Config:
+    """``cfg`` with the sandbox's ``io.cocoon.config.*`` annotations applied (allowlist)."""
+    values: dict[str, dict[str, object]] = {}
+    for name, raw in sorted(annotations.items()):
+        if not name.startswith(ANNOTATION_PREFIX):
+            continue
+        dotted = name[len(ANNOTATION_PREFIX) :]
+        if dotted not in ANNOTATABLE:
+            raise ConfigError(
+                f"annotation {name}: {dotted} cannot be set by an annotation "
+                f"(allowed: {', '.join(ANNOTATABLE)})"
+            )
+        table, key = dotted.split(".", 1)
+        tp = _FIELDS[table][key]
+        value: object = raw
+        if tp is int:
+            try:
+                value = int(raw, 10)
+            except ValueError:
+                raise ConfigError(f"annotation {name}: expected an integer, got {raw!r}") from None
+        try:
+            values.setdefault(table, {})[key] = _convert(value, tp)
+        except _Mismatch as e:
+            raise ConfigError(f"annotation {name}: {e}") from None
+    if not values:
+        return cfg
+    sections = {
+        t: replace(getattr(cfg, t), **kv) if kv else getattr(cfg, t) for t, kv in values.items()
+    }
+    out = replace(cfg, **sections)
+    validate(out, {k: Path(f"annotation {ANNOTATION_PREFIX}{k}") for k in ANNOTATABLE})
+    return out

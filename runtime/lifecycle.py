@@ -3,18 +3,22 @@
 create: reserve the id, load the bundle, boot the sandbox (one VM per container unless a pod
 annotation says otherwise), bind the rootfs and volumes into the sandbox share, have the
 agent create the container (crun create in the guest), start the shim (a child of the caller,
-holding its stdio), run the prestart/createRuntime hooks, save the state, write the pid file
-last. Any failure undoes all of it. The other verbs load the state, check the status rule,
-and ask the agent through the monitor.
+holding its stdio, and inside the container's network namespace), run the
+prestart/createRuntime hooks, then bring the network namespace's interfaces into the guest
+(the hooks may have just made them: docker's libnetwork), save the state, write the pid file
+last. Any failure undoes all of it. A spec that asks for a new network namespace without a
+path gets one made by cocoon (bound under <root>/netns/), removed again on delete. The other
+verbs load the state, check the status rule, and ask the agent through the monitor.
 
 May import: the standard library, grpc, cocoon.agent (stubs), cocoon.runtime.{config, devices,
-errors, hooks, hostmount, ids, sandbox, sizing, spec, state, vm_pb2}.
+errors, hooks, hostmount, ids, network (lazily), sandbox, sizing, spec, state, vm_pb2}.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import select
 import signal
@@ -34,7 +38,7 @@ from cocoon.runtime import devices as devmod
 from cocoon.runtime import hostmount, sandbox, sizing
 from cocoon.runtime import spec as specmod
 from cocoon.runtime import vm_pb2 as vpb
-from cocoon.runtime.config import Config
+from cocoon.runtime.config import Config, NetworkConfig, with_annotations
 from cocoon.runtime.errors import CocoonError, SandboxError, StateError
 from cocoon.runtime.hooks import run_hooks
 from cocoon.runtime.ids import validate_id
@@ -112,10 +116,22 @@ def _create(
     disks = devmod.block_devices(cid, bundle.spec)
     volumes = devmod.block_mounts(cid, bundle.spec)
     groups = devmod.vfio_groups(cid, bundle.spec, override=ctx.cfg.hypervisor.vfio_driver_override)
+    net = with_annotations(ctx.cfg, bundle.annotations).network
+    has_netns, netns = specmod.network_namespace(bundle.spec)
+    if netns and not os.path.exists(netns):
+        raise LifecycleError(f"network namespace {netns} does not exist")
+    guest_network = has_netns and net.model != "none"
     store.reserve(cid)
     sb: sandbox.Sandbox | None = None
     shim: subprocess.Popen[bytes] | None = None
+    owned_netns: Path | None = None
     try:
+        if has_netns and not netns:
+            from cocoon.runtime import network
+
+            owned_netns = ctx.root / "netns" / cid
+            network.create_netns(owned_netns)
+            netns = str(owned_netns)
         sb = sandbox.start(
             ctx.cfg,
             ctx.root,
@@ -132,7 +148,9 @@ def _create(
             sources = {v.index: _attach_disk(c, cid, v) for v in volumes}
             req = apb.CreateContainerRequest(
                 container_id=cid,
-                oci_spec_json=json.dumps(specmod.guest_spec(bundle, cid, sources)).encode(),
+                oci_spec_json=json.dumps(
+                    specmod.guest_spec(bundle, cid, sources, guest_network)
+                ).encode(),
                 stdio=apb.StdioConfig(terminal=bundle.terminal, stdin=True),
                 devices=devices,
             )
@@ -140,7 +158,7 @@ def _create(
                 c.agent.CreateContainer(req, timeout=120)
             except grpc.RpcError as exc:
                 raise _agent_error(f"container {cid}", exc) from exc
-        shim = spawn_shim(sb.dir, cid, "", bundle.terminal, console_socket)
+        shim = spawn_shim(sb.dir, cid, "", bundle.terminal, console_socket, netns)
         st = ContainerState(
             id=cid,
             bundle=str(bundle.path),
@@ -153,10 +171,15 @@ def _create(
             resources=resources,
             disks=[d.disk_id for d in (*disks, *volumes)],
             vfio=[g.vfio_id for g in groups],
+            netns=netns,
+            netns_owned=owned_netns is not None,
         )
         state = st.oci()
         run_hooks("prestart", bundle.hooks("prestart"), state)
         run_hooks("createRuntime", bundle.hooks("createRuntime"), state)
+        if guest_network:
+            with sb.client(ctx.cfg.agent.request_timeout_s) as c:
+                _attach_network(c, cid, netns, net)
         store.save(st)
         if pid_file is not None:
             _write_pid_file(pid_file, shim.pid)
@@ -166,8 +189,28 @@ def _create(
             shim.kill()
             shim.wait()
         _teardown_sandbox(ctx, cid)
+        if owned_netns is not None:
+            _remove_netns(owned_netns)
         store.remove(cid)
         raise
+
+
+def _attach_network(c: sandbox.Client, cid: str, netns: str, net: NetworkConfig) -> None:
+    try:
+        r = c.vm.AttachNetwork(
+            vpb.AttachNetworkRequest(netns_path=netns, model=net.model, queues=net.queues),
+            timeout=120,
+        )
+    except grpc.RpcError as exc:
+        raise _agent_error(f"container {cid}: network", exc) from exc
+    for sk in r.skipped:
+        logging.getLogger("cocoon").warning("container %s: %s", cid, sk.reason)
+
+
+def _remove_netns(path: Path) -> None:
+    from cocoon.runtime import network
+
+    network.remove_netns(path)
 
 
 def _check_fits(ctx: Ctx, size: sizing.Size) -> None:
@@ -243,7 +286,12 @@ def _teardown_sandbox(ctx: Ctx, sid: str) -> None:
 
 
 def spawn_shim(
-    sandbox_dir: Path, cid: str, exec_id: str, terminal: bool, console_socket: str | None
+    sandbox_dir: Path,
+    cid: str,
+    exec_id: str,
+    terminal: bool,
+    console_socket: str | None,
+    netns: str = "",
 ) -> subprocess.Popen[bytes]:
     """Starts a shim as our child (so it stays in the caller's tree) and waits until ready."""
     rfd, wfd = os.pipe()
@@ -264,6 +312,8 @@ def spawn_shim(
         argv.append("--terminal")
     if console_socket:
         argv += ["--console-socket", console_socket]
+    if netns:
+        argv += ["--netns", netns]
     try:
         proc = subprocess.Popen(argv, pass_fds=(wfd,), start_new_session=True)
     finally:
@@ -337,6 +387,7 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
             # Nothing recorded, but a crashed create may have left a sandbox: clean it.
             with contextlib.suppress(CocoonError):
                 _teardown_sandbox(ctx, cid)
+            _remove_netns(ctx.root / "netns" / cid)
             store.remove(cid)
             return
         raise StateError(f"container {cid} does not exist")
@@ -362,7 +413,11 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
         with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
             c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
             _detach_devices(c, st)
-        _teardown_sandbox(ctx, st.sandbox_id)
+            if st.netns:
+                c.vm.DetachNetwork(vpb.DetachNetworkRequest(), timeout=60)
+        _teardown_sandbox(ctx, st.sandbox_id)  # undoes the network too, if DetachNetwork did not
+        if st.netns_owned:
+            _remove_netns(Path(st.netns))
         st.status = Status.STOPPED.value
         try:
             bundle = specmod.load_bundle(Path(st.bundle))

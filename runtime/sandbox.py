@@ -8,7 +8,7 @@ asks for an orderly shutdown and waits until the monitor and its state directory
 
 May import: the standard library, grpc, cocoon.agent (generated stubs), cocoon.guest_image,
 cocoon.runtime.{config, errors, hostcheck, hostmount, ids, qemu_argv, state, vm_pb2*,
-monitor.launch}.
+monitor.launch, network (lazily)}.
 """
 
 from __future__ import annotations
@@ -318,7 +318,18 @@ def _kill_leftovers(d: Path, proc: subprocess.Popen[bytes] | None) -> None:
     if qpid and _is_our_qemu(qpid, d):
         with contextlib.suppress(ProcessLookupError):
             os.kill(qpid, signal.SIGKILL)
+        _wait_dead(qpid, 10)
+    if (d / L.NETWORK_RECORD).exists():  # the monitor died before undoing the network
+        from cocoon.runtime import network
+
+        network.unplumb_recorded(d / L.NETWORK_RECORD)
     _remove_dir(d)
+
+
+def _wait_dead(pid: int, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while pid_alive(pid) and time.monotonic() < end:
+        time.sleep(0.02)
 
 
 def _is_our_qemu(pid: int, d: Path) -> bool:

@@ -152,8 +152,23 @@ def guest_container_dir(cid: str) -> str:
     return f"{GUEST_SHARED}/{cid}"
 
 
-def guest_spec(b: Bundle, cid: str, block_sources: dict[int, str] | None = None) -> dict[str, Any]:
-    """``block_sources``: mount index -> the guest node of its hot-plugged block device."""
+def network_namespace(spec: dict[str, Any]) -> tuple[bool, str]:
+    """(whether the spec gives the container a network namespace, its path or "" for new)."""
+    for ns in (spec.get("linux") or {}).get("namespaces") or []:
+        if ns.get("type") == "network":
+            return True, str(ns.get("path") or "")
+    return False, ""
+
+
+def guest_spec(
+    b: Bundle,
+    cid: str,
+    block_sources: dict[int, str] | None = None,
+    guest_network: bool = False,
+) -> dict[str, Any]:
+    """``block_sources``: mount index -> the guest node of its hot-plugged block device.
+    ``guest_network``: the sandbox's NICs stand for the container's network namespace, so the
+    container joins the guest's own (no network namespace of its own in the guest)."""
     spec = copy.deepcopy(b.spec)
     block_sources = block_sources or {}
     base = guest_container_dir(cid)
@@ -182,8 +197,9 @@ def guest_spec(b: Bundle, cid: str, block_sources: dict[int, str] | None = None)
     linux["cgroupsPath"] = f"/cocoon/{cid}"
     nss = []
     for ns in linux.get("namespaces") or []:
+        if ns.get("type") == "network" and guest_network:
+            continue
         # Host namespace paths mean nothing in the guest: each becomes a new namespace.
-        # (The network model joins the sandbox's guest netns instead, see networking.)
         nss.append({k: v for k, v in ns.items() if k != "path"})
     linux["namespaces"] = nss
     # VFIO groups are hot-plugged PCI devices the guest kernel drives: no node to make.

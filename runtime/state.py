@@ -91,6 +91,8 @@ class ContainerState:
     resources: dict[str, Any] = field(default_factory=dict)  # linux.resources, as updated
     disks: list[str] = field(default_factory=list)  # hot-plugged disk ids
     vfio: list[str] = field(default_factory=list)  # hot-plugged VFIO group ids
+    netns: str = ""  # the network namespace whose interfaces the guest got ("" for none)
+    netns_owned: bool = False  # cocoon made it (the spec asked for a new one): delete removes it
 
     @property
     def effective(self) -> Status:

@@ -1,7 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -32,6 +32,33 @@ class AttachDiskResponse(_message.Message):
     seconds: _containers.ScalarMap[str, float]
     def __init__(self, guest_path: _Optional[str] = ..., scsi_target: _Optional[int] = ..., seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
+class AttachNetworkRequest(_message.Message):
+    __slots__ = ["model", "netns_path", "queues"]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NETNS_PATH_FIELD_NUMBER: _ClassVar[int]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    netns_path: str
+    queues: int
+    def __init__(self, netns_path: _Optional[str] = ..., model: _Optional[str] = ..., queues: _Optional[int] = ...) -> None: ...
+
+class AttachNetworkResponse(_message.Message):
+    __slots__ = ["interfaces", "seconds", "skipped"]
+    class SecondsEntry(_message.Message):
+        __slots__ = ["key", "value"]
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    interfaces: _containers.RepeatedCompositeFieldContainer[NetworkInterface]
+    seconds: _containers.ScalarMap[str, float]
+    skipped: _containers.RepeatedCompositeFieldContainer[SkippedInterface]
+    def __init__(self, interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedInterface, _Mapping]]] = ..., seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
 class AttachVfioRequest(_message.Message):
     __slots__ = ["host_bdfs", "id"]
     HOST_BDFS_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +80,14 @@ class DetachDiskRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class DetachDiskResponse(_message.Message):
+    __slots__ = []
+    def __init__(self) -> None: ...
+
+class DetachNetworkRequest(_message.Message):
+    __slots__ = []
+    def __init__(self) -> None: ...
+
+class DetachNetworkResponse(_message.Message):
     __slots__ = []
     def __init__(self) -> None: ...
 
@@ -81,6 +116,24 @@ class Event(_message.Message):
 class EventsRequest(_message.Message):
     __slots__ = []
     def __init__(self) -> None: ...
+
+class NetworkInterface(_message.Message):
+    __slots__ = ["addresses", "guest_pci", "host_device", "mac", "mtu", "name", "queues"]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    GUEST_PCI_FIELD_NUMBER: _ClassVar[int]
+    HOST_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    QUEUES_FIELD_NUMBER: _ClassVar[int]
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    guest_pci: str
+    host_device: str
+    mac: str
+    mtu: int
+    name: str
+    queues: int
+    def __init__(self, name: _Optional[str] = ..., mac: _Optional[str] = ..., mtu: _Optional[int] = ..., host_device: _Optional[str] = ..., guest_pci: _Optional[str] = ..., queues: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class QmpRequest(_message.Message):
     __slots__ = ["arguments_json", "command"]
@@ -134,6 +187,16 @@ class ShutdownResponse(_message.Message):
     HOW_FIELD_NUMBER: _ClassVar[int]
     how: str
     def __init__(self, how: _Optional[str] = ...) -> None: ...
+
+class SkippedInterface(_message.Message):
+    __slots__ = ["kind", "name", "reason"]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = []

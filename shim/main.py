@@ -1,7 +1,11 @@
 """The shim: one host process per container process; its pid stands for the workload.
 
 ``python -m cocoon.shim.main --sandbox-dir D --container ID [--exec-id E] [--terminal]
-[--console-socket S] [--ready-fd N]``
+[--console-socket S] [--ready-fd N] [--netns PATH]``
+
+``--netns``: the container's network namespace, which the shim joins first, so that its pid
+stands for the container there too (docker's libnetwork prestart hook finds the namespace
+through /proc/<pid>/ns/net).
 
 It inherits the caller's stdio (pipes, FIFOs, /dev/null) or, for a terminal, makes a host pty
 and sends its master over ``--console-socket`` (as runc does), then proxies to the agent's
@@ -159,6 +163,17 @@ class Shim:
             self.agent.SignalProcess(req, timeout=30)
 
 
+def _join_netns(path: str) -> None:
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns {path}")
+    finally:
+        os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cocoon-shim")
     ap.add_argument("--sandbox-dir", required=True)
@@ -167,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--terminal", action="store_true")
     ap.add_argument("--console-socket")
     ap.add_argument("--ready-fd", type=int, default=-1)
+    ap.add_argument("--netns", default="")
     args = ap.parse_args(argv)
     close_inherited({args.ready_fd})
+    if args.netns:
+        _join_netns(args.netns)
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {signal.SIGWINCH, signal.SIGCHLD})
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     shim = Shim(args)

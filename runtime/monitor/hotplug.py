@@ -8,7 +8,8 @@ taken offline in the guest when the sandbox shrinks (a vCPU device_del there cor
 unless ``cpu_hotunplug`` says the hypervisor is safe; memory grows and shrinks by resizing the
 pre-created virtio-mem device, or by one pc-dimm per increase (unplugged whole, which works
 because the guest onlines hot-added memory as movable); disks are scsi-hd on the virtio-scsi
-controller; VFIO devices go on the pre-created PCIe root ports.
+controller; VFIO devices and NICs go on the pre-created PCIe root ports (one allocation for
+both). A NIC's tap fds reach QEMU over QMP (SCM_RIGHTS, then ``getfd``).
 
 The QMP command function, the QMP event waiter and the agent calls are passed in, so unit
 tests drive this module with a fake QEMU and a fake agent.
@@ -35,6 +36,7 @@ MAX_SCSI_TARGET = 255
 ROOT_PORT_SLOT = 0x10  # qemu_argv puts root port i at 0x10 + i // 8, function i % 8
 
 QmpFn = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
+FdFn = Callable[[int, str], Awaitable[None]]  # hand QEMU an fd under a name (getfd)
 
 
 class EventWaiter(Protocol):
@@ -111,12 +113,14 @@ class Hotplug:
         wait_event: EventWaiter,
         agent: GuestAgent,
         device_timeout_s: float = 20.0,
+        pass_fd: FdFn | None = None,
     ) -> None:
         self.limits = limits
         self._qmp = qmp
         self._wait_event = wait_event
         self._agent = agent
         self._timeout = device_timeout_s
+        self._pass_fd = pass_fd
         self._lock = asyncio.Lock()
         self.cpus_plugged = limits.vcpus  # QEMU vCPU devices present (boot ones included)
         self.cpus_online = limits.vcpus
@@ -124,6 +128,7 @@ class Hotplug:
         self.dimms: list[tuple[str, str, int]] = []  # (device id, backend id, MiB), in order
         self.disks: dict[str, Disk] = {}
         self.vfio: dict[str, list[tuple[str, int]]] = {}  # id -> [(device id, root port)]
+        self.nics: dict[str, tuple[str, str, int]] = {}  # id -> (device id, netdev id, port)
         self._seq = 0
 
     # ------------------------------------------------------------------ helpers
@@ -385,14 +390,18 @@ class Hotplug:
             del self.disks[disk_id]
 
     # ------------------------------------------------------------------ VFIO
+    def _free_ports(self) -> list[int]:
+        used = {port for devs in self.vfio.values() for _, port in devs}
+        used |= {port for _, _, port in self.nics.values()}
+        return [p for p in range(self.limits.root_ports) if p not in used]
+
     async def attach_vfio(self, vfio_id: str, host_bdfs: list[str]) -> list[str]:
         """Plugs each PCI function of a VFIO group onto a free root port; returns the guest
         sysfs paths of the devices once the guest sees them."""
         async with self._lock:
             if vfio_id in self.vfio:
                 raise HotplugError("invalid", f"VFIO device {vfio_id} is already attached")
-            used = {port for devs in self.vfio.values() for _, port in devs}
-            free = [p for p in range(self.limits.root_ports) if p not in used]
+            free = self._free_ports()
             if len(free) < len(host_bdfs):
                 raise HotplugError(
                     "limit",
@@ -433,3 +442,76 @@ class Hotplug:
             for dev, _ in reversed(devs):
                 await self._device_del(dev)
             del self.vfio[vfio_id]
+
+    # ------------------------------------------------------------------ NICs
+    async def attach_nic(
+        self, nic_id: str, fds: list[int], mac: str, vhost: bool
+    ) -> tuple[int, str]:
+        """Plugs a virtio-net NIC on a free root port with the tap's queue fds (one per
+        queue pair); returns the root port and the guest sysfs path once the guest sees it.
+        The fds stay the caller's: QEMU holds its own copies."""
+        if self._pass_fd is None:
+            raise HotplugError("failed", "this monitor cannot pass fds to QEMU")
+        async with self._lock:
+            if nic_id in self.nics:
+                raise HotplugError("invalid", f"NIC {nic_id} is already attached")
+            free = self._free_ports()
+            if not free:
+                raise HotplugError(
+                    "limit",
+                    f"no free root port for NIC {nic_id} (hypervisor.hotplug_root_ports = "
+                    f"{self.limits.root_ports}, all in use)",
+                )
+            port = free[0]
+            names = [f"{nic_id}-q{i}" for i in range(len(fds))]
+            netdev, dev = f"hn-{nic_id}", f"nic-{nic_id}"
+            added: list[tuple[str, dict[str, Any]]] = []
+            try:
+                for fd, name in zip(fds, names, strict=True):
+                    await self._pass_fd(fd, name)
+                    added.append(("closefd", {"fdname": name}))
+                nd: dict[str, Any] = {"type": "tap", "id": netdev, "vhost": vhost}
+                if len(fds) > 1:
+                    nd["fds"] = ":".join(names)
+                else:
+                    nd["fd"] = names[0]
+                await self._qmp("netdev_add", nd)
+                added = [("netdev_del", {"id": netdev})]  # QEMU took the named fds
+                da: dict[str, Any] = {
+                    "driver": "virtio-net-pci",
+                    "id": dev,
+                    "netdev": netdev,
+                    "mac": mac,
+                    "bus": f"rp{port}",
+                    "romfile": "",
+                }
+                if len(fds) > 1:
+                    da |= {"mq": True, "vectors": 2 * len(fds) + 2}
+                await self._qmp("device_add", da)
+                added.append(("device", {"id": dev}))
+                path = await self._agent.wait_device(
+                    "pci", root_port_address(port), int(self._timeout * 1000)
+                )
+            except Exception as exc:
+                for what, args in reversed(added):
+                    with contextlib.suppress(Exception):
+                        if what == "device":
+                            await self._device_del(args["id"])
+                        else:
+                            await self._qmp(what, args)
+                if isinstance(exc, HotplugError):
+                    raise
+                raise HotplugError("failed", f"NIC {nic_id} ({mac}): {exc}") from exc
+            self.nics[nic_id] = (dev, netdev, port)
+            return port, path
+
+    async def detach_nic(self, nic_id: str) -> None:
+        async with self._lock:
+            entry = self.nics.get(nic_id)
+            if entry is None:
+                raise HotplugError("invalid", f"NIC {nic_id} is not attached")
+            dev, netdev, _ = entry
+            await self._device_del(dev)
+            with contextlib.suppress(Exception):
+                await self._qmp("netdev_del", {"id": netdev})
+            del self.nics[nic_id]

@@ -53,3 +53,4 @@ QEMU_PID = "qemu.pid"
 QEMU_LOG = "qemu.log"
 MONITOR_LOG = "monitor.log"
 VIRTIOFSD_LOG = "virtiofsd.log"
+NETWORK_RECORD = "network.json"  # what networking made in the netns (runtime.network)

@@ -7,7 +7,8 @@ JSON line goes to ``--ready-fd``: ``{"ok": true, ...}`` or ``{"ok": false, "erro
 removes the state directory before reporting; so does the end of a sandbox, orderly or not.
 
 May import: the standard library, grpc, qemu.qmp, cocoon.agent (proto, mux),
-cocoon.runtime.{vm_pb2, vm_pb2_grpc, fds, hostmount, logs, errors, monitor.*}.
+cocoon.runtime.{vm_pb2, vm_pb2_grpc, fds, hostmount, logs, errors, network, monitor.*}
+(network lazily: pyroute2 is imported only by a sandbox that gets a network).
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class Monitor(vpbg.VMServicer):
             tuple[str, Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]
         ] = []
         self.hotplug: hotplug.Hotplug | None = None
+        self.net_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ events
     def publish(self, kind: str, detail: str, data: object = None) -> None:
@@ -277,7 +279,13 @@ class Monitor(vpbg.VMServicer):
             self.qmp_command,
             self.wait_event,
             AgentCalls(self.agent, self.spec.request_timeout_s),
+            pass_fd=self._pass_fd,
         )
+
+    async def _pass_fd(self, fd: int, name: str) -> None:
+        async with self.qmp_lock:
+            self.qmp.send_fd_scm(fd)
+            await self.qmp.execute("getfd", {"fdname": name})
 
     # ------------------------------------------------------------------ stop
     async def stop(self, timeout: float) -> str:
@@ -327,6 +335,10 @@ class Monitor(vpbg.VMServicer):
             with contextlib.suppress(ProcessLookupError):
                 self.qemu.kill()
             await self._wait_qemu(30)
+        if (self.dir / L.NETWORK_RECORD).exists():  # QEMU is gone: so are its tap fds
+            from cocoon.runtime import network
+
+            await asyncio.to_thread(network.unplumb_recorded, self.dir / L.NETWORK_RECORD)
         for q in self.subscribers:
             q.put_nowait(None)
         if self.server is not None:
@@ -461,6 +473,101 @@ class Monitor(vpbg.VMServicer):
             await hp.detach_vfio(request.id)
         return vpb.DetachVfioResponse()
 
+    async def AttachNetwork(
+        self, request: vpb.AttachNetworkRequest, context: Any
+    ) -> vpb.AttachNetworkResponse:
+        hp = await self._hp(context)
+        from cocoon.runtime import network
+
+        async with self.net_lock:
+            if (self.dir / L.NETWORK_RECORD).exists():
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION, "the sandbox has a network already"
+                )
+            try:
+                return await self._attach_network(hp, network, request)
+            except network.NetworkError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except hotplug.HotplugError as exc:
+                await context.abort(_HOTPLUG_CODES[exc.kind], str(exc))
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(
+                    grpc.StatusCode.ABORTED, f"configuring the guest NIC: {exc.details()}"
+                )
+            raise AssertionError("unreachable")
+
+    async def _attach_network(
+        self, hp: hotplug.Hotplug, network: Any, request: vpb.AttachNetworkRequest
+    ) -> vpb.AttachNetworkResponse:
+        t0 = time.monotonic()
+        seconds: dict[str, float] = {}
+        netns, model = request.netns_path, request.model
+        eps, skipped = await asyncio.to_thread(network.scan, netns, model)
+        for sk in skipped:
+            log.warning("network: %s", sk.reason)
+        seconds["scan"] = time.monotonic() - t0
+        queues = min(request.queues or hp.cpus_online, 8)
+        plumbed = await asyncio.to_thread(network.plumb, netns, eps, model, queues, self.dir)
+        record = self.dir / L.NETWORK_RECORD
+        network.save_record(record, netns, plumbed)
+        seconds["plumb"] = time.monotonic() - t0 - seconds["scan"]
+        agent = AgentCalls(self.agent, self.spec.request_timeout_s)  # type: ignore[arg-type]
+        vhost = os.path.exists("/dev/vhost-net")
+        out = []
+        attached: list[str] = []
+        try:
+            for i, p in enumerate(plumbed):
+                nic = f"net{i}"
+                try:
+                    port, _ = await hp.attach_nic(nic, p.fds, p.endpoint.mac, vhost)
+                finally:
+                    network.close_fds(p)
+                attached.append(nic)
+                await agent.configure_interface(p.endpoint, hotplug.root_port_address(port))
+                out.append(
+                    vpb.NetworkInterface(
+                        name=p.endpoint.name,
+                        mac=p.endpoint.mac,
+                        mtu=p.endpoint.mtu,
+                        host_device=p.device,
+                        guest_pci=hotplug.root_port_address(port),
+                        queues=queues,
+                        addresses=[f"{a.address}/{a.prefix}" for a in p.endpoint.addresses],
+                    )
+                )
+            seconds["nics"] = time.monotonic() - t0 - seconds["scan"] - seconds["plumb"]
+            await agent.configure_routes(plumbed)
+        except BaseException:
+            for p in plumbed:
+                network.close_fds(p)
+            for nic in reversed(attached):
+                with contextlib.suppress(Exception):
+                    await hp.detach_nic(nic)
+            await asyncio.to_thread(network.unplumb_recorded, record)
+            raise
+        seconds["total"] = time.monotonic() - t0
+        log.info("network: %d NICs (%s) in %.3fs", len(out), model, seconds["total"])
+        return vpb.AttachNetworkResponse(
+            interfaces=out,
+            skipped=[
+                vpb.SkippedInterface(name=s.name, kind=s.kind, reason=s.reason) for s in skipped
+            ],
+            seconds=seconds,
+        )
+
+    async def DetachNetwork(
+        self, request: vpb.DetachNetworkRequest, context: Any
+    ) -> vpb.DetachNetworkResponse:
+        hp = await self._hp(context)
+        from cocoon.runtime import network
+
+        async with self.net_lock:
+            for nic in reversed(list(hp.nics)):
+                async with _hotplug_errors(context):
+                    await hp.detach_nic(nic)
+            await asyncio.to_thread(network.unplumb_recorded, self.dir / L.NETWORK_RECORD)
+        return vpb.DetachNetworkResponse()
+
     async def serve(self) -> None:
         self.server = grpc.aio.server()
         vpbg.add_VMServicer_to_server(self, self.server)
@@ -520,6 +627,61 @@ class AgentCalls:
             apb.OnlineCPUMemResponse,
         )
         return int(r.mem_total_bytes)
+
+    async def configure_interface(self, ep: Any, pci: str) -> None:
+        """The guest NIC (found by MAC, or behind root port ``pci``) takes the interface's
+        name, MTU and addresses."""
+        await self._call(
+            "UpdateInterface",
+            apb.UpdateInterfaceRequest(
+                interface=apb.Interface(
+                    name=ep.name,
+                    hw_addr=ep.mac,
+                    mtu=ep.mtu,
+                    pci_path=pci,
+                    addresses=[
+                        apb.IPAddress(
+                            family=apb.IPAddress.V6 if a.family == 6 else apb.IPAddress.V4,
+                            address=a.address,
+                            prefix_len=a.prefix,
+                        )
+                        for a in ep.addresses
+                    ],
+                )
+            ),
+            apb.Interface,
+        )
+
+    async def configure_routes(self, plumbed: list[Any]) -> None:
+        """Every interface's routes in one call (a gateway may sit behind another NIC),
+        then the permanent neighbours."""
+        routes = [
+            apb.Route(
+                dest=f"{r.dest}/{r.prefix}" if r.dest else "",
+                gateway=r.gateway,
+                device=p.endpoint.name,
+                source=r.source,
+                scope=r.scope,
+                family=apb.IPAddress.V6 if r.family == 6 else apb.IPAddress.V4,
+            )
+            for p in plumbed
+            for r in p.endpoint.routes
+        ]
+        if routes:
+            await self._call(
+                "UpdateRoutes",
+                apb.UpdateRoutesRequest(routes=apb.Routes(routes=routes)),
+                apb.Routes,
+            )
+        neigh = [
+            apb.ARPNeighbor(to_ip=n.ip, device=p.endpoint.name, ll_addr=n.lladdr)
+            for p in plumbed
+            for n in p.endpoint.neighbours
+        ]
+        if neigh:
+            await self._call(
+                "AddARPNeighbors", apb.AddARPNeighborsRequest(neighbors=neigh), apb.Empty
+            )
 
     async def wait_device(self, kind: str, address: str, timeout_ms: int) -> str:
         r = await self._ch.unary_unary(
