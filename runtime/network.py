@@ -52,6 +52,7 @@ MACVTAP_PREFIX = "ccmvt"  # macvtaps
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWNET = 0x40000000
 _MS_REC = 0x4000
+_MS_BIND = 0x1000
 _MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
 _TUNSETIFF = 0x400454CA
@@ -180,14 +181,28 @@ def in_netns(path: str, fn: Callable[[], T]) -> T:
 
 
 def create_netns(path: Path) -> None:
-    """A new, empty network namespace bound at ``path`` (as `ip netns add` does)."""
-    from pyroute2 import netns
-
+    """A new, empty network namespace bound at ``path`` (as `ip netns add` does, without
+    making the directory a mount point): a thread unshares its network namespace and binds
+    it to the file, then ends."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        netns.create(str(path))
-    except OSError as exc:
-        raise NetworkError(f"cannot create a network namespace at {path}: {exc}") from None
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o444))
+    error: list[str] = []
+
+    def run() -> None:
+        if _libc.unshare(_CLONE_NEWNET) != 0:
+            error.append(f"unshare: {os.strerror(ctypes.get_errno())}")
+            return
+        src = f"/proc/self/task/{threading.get_native_id()}/ns/net".encode()
+        if _libc.mount(src, str(path).encode(), None, _MS_BIND, None) != 0:
+            error.append(f"bind: {os.strerror(ctypes.get_errno())}")
+
+    t = threading.Thread(target=run, name="netns-create")
+    t.start()
+    t.join()
+    if error:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise NetworkError(f"cannot create a network namespace at {path}: {error[0]}")
 
 
 def remove_netns(path: Path) -> None:

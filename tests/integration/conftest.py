@@ -29,7 +29,11 @@ def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     while processes_mentioning(str(root)) and time.monotonic() < deadline:
         time.sleep(0.1)
     leaked = processes_mentioning(str(root))
-    left = [str(p) for sub in ("sandboxes", "containers") for p in sorted((root / sub).glob("*"))]
+    left = [
+        str(p)
+        for sub in ("sandboxes", "containers", "netns")
+        for p in sorted((root / sub).glob("*"))
+    ]
     assert not leaked, f"processes left behind: {leaked}"
     assert not left, f"state left behind: {left}"
     assert not mounts_under(root), f"mounts left behind: {mounts_under(root)}"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,61 +18,11 @@ from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import busybox, sandbox
 from cocoon.runtime import config as config_mod
 from cocoon.runtime import vm_pb2 as vpb
+from tests.integration.cli import Cli
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
-COCOON = str(Path(sys.executable).parent / "cocoon")
 MIB = 1024 * 1024
 HOST_CPUS = os.cpu_count() or 1
-
-
-class Cli:
-    def __init__(self, root: Path, tmp: Path) -> None:
-        self.root, self.tmp, self.log = root, tmp, tmp / "log.json"
-
-    @property
-    def argv(self) -> list[str]:
-        return [COCOON, "--root", str(self.root), "--log", str(self.log), "--log-format", "json"]
-
-    def __call__(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*self.argv, *args],
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-
-    def ok(self, *args: str, input: str | None = None) -> str:
-        r = self(*args, input=input)
-        assert r.returncode == 0, f"{args}: {r.stderr}"
-        return r.stdout
-
-    def create(self, cid: str, bundle: Path) -> subprocess.CompletedProcess[str]:
-        """create with the container's stdio on files (the shim keeps them, as callers'
-        pipes are kept by runc's container: never a pipe read to EOF here)."""
-        err = self.tmp / f"{cid}.err"
-        with open(self.tmp / f"{cid}.out", "wb") as out, open(err, "wb") as errf:
-            r = subprocess.run(
-                [*self.argv, "create", "--bundle", str(bundle), cid],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=errf,
-                timeout=240,
-            )
-        return subprocess.CompletedProcess(r.args, r.returncode, "", err.read_text())
-
-    def sees(self, cid: str) -> tuple[int, int]:
-        """(CPUs, MemTotal in MiB) as the workload sees them."""
-        out = self.ok("exec", cid, "sh", "-c", "nproc; grep MemTotal /proc/meminfo")
-        lines = out.split("\n")
-        return int(lines[0]), int(lines[1].split()[1]) // 1024
-
-    def last_error(self) -> str:
-        lines = [json.loads(x) for x in self.log.read_text().splitlines() if x.strip()]
-        errors = [x for x in lines if x.get("level") == "error"]
-        assert errors, lines
-        return str(errors[-1]["msg"])
 
 
 @pytest.fixture
