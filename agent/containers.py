@@ -142,6 +142,7 @@ class Manager:
         for vm_path, container_path in devices:
             bind_device(spec, vm_path, container_path)
         allow_mounted_devices(spec)
+        apply_guest_net_sysctls(spec)
         with self._lock:
             if cid in self._containers:
                 raise ContainerError("exists", f"container {cid} already exists in the guest")
@@ -454,6 +455,26 @@ def bind_device(spec: dict[str, Any], vm_path: str, container_path: str) -> None
 def _allow(spec: dict[str, Any], major: int, minor: int) -> None:
     rules = spec.setdefault("linux", {}).setdefault("resources", {}).setdefault("devices", [])
     rules.append({"allow": True, "type": "b", "major": major, "minor": minor, "access": "rwm"})
+
+
+def apply_guest_net_sysctls(spec: dict[str, Any], root: Path = Path("/")) -> None:
+    """A container without a network namespace of its own shares the guest's (the sandbox's
+    NICs are there): its ``net.*`` sysctls are the guest's, set here, since crun only sets
+    them in a new network namespace (docker's bridge asks for
+    net.ipv4.ip_unprivileged_port_start)."""
+    linux = spec.get("linux") or {}
+    if any(ns.get("type") == "network" for ns in linux.get("namespaces") or []):
+        return
+    sysctl = linux.get("sysctl") or {}
+    for key in [k for k in sysctl if k.startswith("net.")]:
+        value = str(sysctl.pop(key))
+        if ".." in key or "/" in key:
+            raise ContainerError("invalid", f"sysctl {key!r}: not a sysctl name")
+        path = root / "proc/sys" / key.replace(".", "/")
+        try:
+            path.write_text(value)
+        except OSError as exc:
+            raise ContainerError("invalid", f"sysctl {key}={value}: {exc.strerror}") from None
 
 
 def allow_mounted_devices(spec: dict[str, Any]) -> None:

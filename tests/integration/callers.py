@@ -36,6 +36,7 @@ CONTAINERD = "/usr/bin/containerd"
 CONTAINERD_SHIM = "/usr/bin/containerd-shim-runc-v2"
 CTR = "/usr/bin/ctr"
 DOCKERD = "/usr/sbin/dockerd"
+NSENTER = "/usr/bin/nsenter"
 DOCKER = "/usr/bin/docker"  # Debian's docker.io client (/usr/local/bin may hold another one)
 PODMAN = "/usr/bin/podman"
 CONMON = "/usr/bin/conmon"
@@ -454,6 +455,7 @@ class Dockerd:
 
     base: Path
     daemon: Daemon
+    namespace: str = "moby"  # dockerd's containerd namespace
 
     @property
     def host(self) -> str:
@@ -465,8 +467,8 @@ class Dockerd:
 
     @property
     def runtime_root(self) -> Path:
-        """The --root dockerd 20.10 gives all runtimes: <exec-root>/runtime-runc/moby."""
-        return self.exec_root / "runtime-runc" / "moby"
+        """The --root dockerd 20.10 gives all runtimes: <exec-root>/runtime-runc/<namespace>."""
+        return self.exec_root / "runtime-runc" / self.namespace
 
     def docker(
         self, *args: str | Path, timeout: float = 120, input: str | None = None
@@ -479,14 +481,25 @@ class Dockerd:
 DOCKER_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DOCKER_CONFIG": "/nonexistent"}
 
 
-def start_dockerd(base: Path, containerd_address: Path) -> Dockerd:
+def start_dockerd(base: Path, containerd_address: Path, netns: Path | None = None) -> Dockerd:
+    """``netns``: run dockerd in that network namespace with its default bridge network,
+    iptables and userland proxy (as dockerd runs on a host), on containerd namespace
+    ``mb``; without it, no bridge and no iptables."""
     base.mkdir(parents=True, exist_ok=True)
     conf = base / "daemon.json"
     conf.write_text("{}\n")  # not /etc/docker/daemon.json
     sock = base / "docker.sock"
+    if netns is not None:
+        prefix: list[str | Path] = [NSENTER, f"--net={netns}"]
+        net_flags: list[str | Path] = ["--containerd-namespace", "mb"]
+    else:
+        prefix = []
+        net_flags = ["--bridge=none", "--iptables=false", "--ip-masq=false"]
+        net_flags.append("--userland-proxy=false")
     d = start_daemon(
         "dockerd",
         [
+            *prefix,
             DOCKERD,
             "--config-file",
             conf,
@@ -500,10 +513,7 @@ def start_dockerd(base: Path, containerd_address: Path) -> Dockerd:
             f"unix://{sock}",
             "--containerd",
             containerd_address,
-            "--bridge=none",
-            "--iptables=false",
-            "--ip-masq=false",
-            "--userland-proxy=false",
+            *net_flags,
             "--storage-driver",
             "overlay2",
             "--add-runtime",
@@ -517,7 +527,7 @@ def start_dockerd(base: Path, containerd_address: Path) -> Dockerd:
         ),
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )
-    return Dockerd(base, d)
+    return Dockerd(base, d, "mb" if netns is not None else "moby")
 
 
 def stop_dockerd(dk: Dockerd) -> None:
@@ -530,8 +540,8 @@ def stop_dockerd(dk: Dockerd) -> None:
 
 
 @contextlib.contextmanager
-def dockerd(base: Path, containerd_address: Path) -> Iterator[Dockerd]:
-    dk = start_dockerd(base, containerd_address)
+def dockerd(base: Path, containerd_address: Path, netns: Path | None = None) -> Iterator[Dockerd]:
+    dk = start_dockerd(base, containerd_address, netns)
     try:
         yield dk
     finally:

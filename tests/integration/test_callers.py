@@ -18,8 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pyroute2 import IPRoute
 
+from cocoon.runtime import network as N
 from tests.integration import callers as C
+from tests.integration.test_network import PeerServer, fetch_from
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 HOST_KERNEL = os.uname().release
@@ -201,6 +204,67 @@ def dk_state(dk: C.Dockerd, cid: str, field: str) -> str:
     r = dk.docker("inspect", "-f", "{{.State." + field + "}}", cid)
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
+
+
+def loopback_up() -> None:
+    with IPRoute() as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+
+
+@pytest.fixture(scope="module")
+def dockerd_bridged(
+    tmp_path_factory: pytest.TempPathFactory, containerd_daemon: C.Containerd, image_dir: Path
+) -> Iterator[tuple[C.Dockerd, Path]]:
+    """dockerd in a network namespace of its own, with its default bridge, iptables and
+    port publishing, as on a host."""
+    base = tmp_path_factory.mktemp("b")  # short: runtime socket paths live under it
+    ns = base / "netns"
+    N.create_netns(ns)
+    N.in_netns(str(ns), loopback_up)  # -p publishes on 127.0.0.1 too, through docker-proxy
+    try:
+        with C.dockerd(base / "d", containerd_daemon.address, netns=ns) as dk:
+            r = dk.docker("import", image_dir / "layer.tar", DK_IMAGE)
+            assert r.returncode == 0, r.stderr
+            yield dk, ns
+            C.assert_no_leaks(dk.runtime_root)
+    finally:
+        N.remove_netns(ns)
+
+
+@pytest.mark.daemon("dockerd")
+def test_docker_bridge_network_and_published_port(
+    dockerd_bridged: tuple[C.Dockerd, Path],
+) -> None:
+    dk, ns = dockerd_bridged
+    srv = PeerServer(ns, "172.17.0.1", 9099, b"the bridge says hi")
+    try:
+        r = dk.docker(
+            "run", "--runtime", "cocoon", "--rm", "--hostname", "boxed", DK_IMAGE,
+            "sh", "-c", "wget -q -O - http://172.17.0.1:9099/; echo; hostname; cat /etc/hosts",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0] == "the bridge says hi" and lines[1] == "boxed"
+        assert any(x.startswith("172.17.") and "boxed" in x for x in lines[2:]), r.stdout
+        r = dk.docker(
+            "run", "--runtime", "cocoon", "-d", "-p", "18080:8080", DK_IMAGE,
+            "httpd", "-f", "-p", "8080", "-h", "/etc",
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        cid = r.stdout.strip()
+        try:
+            body = b""
+            deadline = time.monotonic() + 60
+            while b"root:" not in body and time.monotonic() < deadline:
+                try:
+                    body = fetch_from(ns, "127.0.0.1", 18080, "/passwd")
+                except OSError:
+                    time.sleep(0.5)
+            assert b"root:" in body, body
+        finally:
+            dk.docker("rm", "-f", cid)
+    finally:
+        srv.close()
 
 
 @pytest.mark.daemon("dockerd")

@@ -158,7 +158,7 @@ class PeerServer:
         self.sock.close()
 
 
-def fetch_from(ns: Path, host: str, port: int) -> bytes:
+def fetch_from(ns: Path, host: str, port: int, path: str = "/") -> bytes:
     """An HTTP GET from inside namespace ``ns``; the body."""
 
     def get() -> bytes:
@@ -166,7 +166,7 @@ def fetch_from(ns: Path, host: str, port: int) -> bytes:
         with socket.socket(fam, socket.SOCK_STREAM) as s:
             s.settimeout(20)
             s.connect((host, port))
-            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
             data = b""
             while chunk := s.recv(65536):
                 data += chunk
