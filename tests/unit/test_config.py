@@ -14,9 +14,11 @@ from cocoon.runtime.config import (
     Config,
     HypervisorConfig,
     ImageConfig,
+    NetworkConfig,
     RuntimeConfig,
     load,
     to_toml,
+    with_annotations,
 )
 from cocoon.runtime.errors import ConfigError
 
@@ -26,6 +28,7 @@ SECTIONS = {
     "agent": AgentConfig,
     "image": ImageConfig,
     "runtime": RuntimeConfig,
+    "network": NetworkConfig,
 }
 
 
@@ -184,7 +187,7 @@ def test_error_in_dropin_names_the_dropin(tmp_path: Path) -> None:
 
 def test_unknown_table(tmp_path: Path) -> None:
     msg = error_of(tmp_path, "[foo]\nx = 1\n")
-    assert msg.endswith('unknown table "foo" (known: agent, hypervisor, image, runtime)')
+    assert msg.endswith('unknown table "foo" (known: agent, hypervisor, image, network, runtime)')
 
 
 def test_top_level_key_is_an_unknown_table(tmp_path: Path) -> None:
@@ -402,9 +405,44 @@ def test_to_toml_roundtrip_non_default(tmp_path: Path) -> None:
             cache_dir="/tmp/c", auto_build=False, kernel="/k", initrd="/i", rootfs="/r"
         ),
         runtime=RuntimeConfig(shutdown_timeout_s=3.0),
+        network=NetworkConfig(model="macvtap", queues=4),
     )
     assert 'accel = "tcg"\n' in to_toml(cfg)
     assert "debug = true\n" in to_toml(cfg)
     back = roundtrip(tmp_path, cfg)
     assert back == cfg
     assert back.hypervisor.cpu_model == "Skylake\tServer\n\x01\x7f"
+
+
+# --- annotations ------------------------------------------------------------------------------
+
+
+def test_annotations_override_allowlisted_keys_only() -> None:
+    cfg = Config()
+    got = with_annotations(
+        cfg,
+        {
+            "io.cocoon.config.network.model": "macvtap",
+            "io.cocoon.config.network.queues": "2",
+            "org.opencontainers.image.title": "ignored: not ours",
+        },
+    )
+    assert got.network == NetworkConfig(model="macvtap", queues=2)
+    assert got.hypervisor == cfg.hypervisor
+    assert with_annotations(cfg, {}) is cfg
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "msg"),
+    [
+        ("io.cocoon.config.network.model", "bridge", 'expected one of "tcfilter"'),
+        ("io.cocoon.config.network.queues", "two", "expected an integer"),
+        ("io.cocoon.config.network.queues", "99", "must be between 0 and 8"),
+        ("io.cocoon.config.hypervisor.path", "/bin/sh", "cannot be set by an annotation"),
+        ("io.cocoon.config.nosuch", "1", "cannot be set by an annotation"),
+    ],
+)
+def test_bad_annotations_are_one_clear_error(name: str, value: str, msg: str) -> None:
+    with pytest.raises(ConfigError, match=msg) as info:
+        with_annotations(Config(), {name: value})
+    assert name in str(info.value)

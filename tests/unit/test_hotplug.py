@@ -32,6 +32,13 @@ class FakeQemu:
         self.vmem = 0
         self.fail = fail or (lambda c, a: "")
         self.vmem_cap: int | None = None  # the guest gives back no more than this
+        self.fds: set[str] = set()  # named fds QEMU holds (getfd)
+        self.netdevs: set[str] = set()
+        self.passed: list[int] = []
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        self.passed.append(fd)
+        await self("getfd", {"fdname": name})
 
     async def __call__(self, cmd: str, args: dict[str, Any] | None) -> Any:
         a = args or {}
@@ -78,6 +85,21 @@ class FakeQemu:
             return {}
         if cmd == "qom-get":
             return self.vmem
+        if cmd == "getfd":
+            self.fds.add(a["fdname"])
+            return {}
+        if cmd == "closefd":
+            self.fds.discard(a["fdname"])
+            return {}
+        if cmd == "netdev_add":
+            names = a["fds"].split(":") if "fds" in a else [a["fd"]]
+            assert all(n in self.fds for n in names), f"netdev {a['id']}: fds not passed"
+            self.fds -= set(names)  # QEMU takes the named fds
+            self.netdevs.add(a["id"])
+            return {}
+        if cmd == "netdev_del":
+            self.netdevs.discard(a["id"])
+            return {}
         raise AssertionError(f"unexpected QMP {cmd}")
 
     def sent(self, cmd: str) -> list[dict[str, Any]]:
@@ -120,7 +142,10 @@ def make(qemu: FakeQemu, **limits: Any) -> tuple[hp.Hotplug, FakeAgent]:
     )
     base.update(limits)
     agent = FakeAgent(qemu)
-    return hp.Hotplug(hp.Limits(**base), qemu, no_event, agent, device_timeout_s=0.3), agent
+    h = hp.Hotplug(
+        hp.Limits(**base), qemu, no_event, agent, device_timeout_s=0.3, pass_fd=qemu.pass_fd
+    )
+    return h, agent
 
 
 def run(coro: Any) -> Any:
@@ -287,6 +312,46 @@ def test_vfio_partial_failure_unplugs_what_was_plugged() -> None:
     with pytest.raises(hp.HotplugError, match="no such host device"):
         run(h.attach_vfio("v0", ["0000:03:00.0", "0000:03:00.1"]))
     assert q.devices == set() and h.vfio == {}
+
+
+def test_nic_passes_its_fds_and_shares_root_ports_with_vfio() -> None:
+    q = FakeQemu()
+    h, agent = make(q, root_ports=3)
+    run(h.attach_vfio("v0", ["0000:03:00.0"]))  # takes rp0
+    port, _ = run(h.attach_nic("net0", [7, 8], "02:00:00:00:00:01", False))
+    assert port == 1 and q.passed == [7, 8]
+    nd = q.sent("netdev_add")[0]
+    assert nd == {"type": "tap", "id": "hn-net0", "vhost": False, "fds": "net0-q0:net0-q1"}
+    dev = [a for a in q.sent("device_add") if a["driver"] == "virtio-net-pci"][0]
+    assert (dev["bus"], dev["mac"], dev["mq"], dev["vectors"]) == (
+        "rp1",
+        "02:00:00:00:00:01",
+        True,
+        6,
+    )
+    port, _ = run(h.attach_nic("net1", [9], "02:00:00:00:00:02", True))
+    assert port == 2 and q.sent("netdev_add")[1]["fd"] == "net1-q0"
+    assert q.sent("netdev_add")[1]["vhost"] is True
+    assert "mq" not in q.sent("device_add")[-1]
+    with pytest.raises(hp.HotplugError, match="no free root port") as info:
+        run(h.attach_nic("net2", [10], "02:00:00:00:00:03", False))
+    assert info.value.kind == "limit" and q.passed == [7, 8, 9]  # refused before any fd
+    run(h.detach_nic("net0"))
+    run(h.detach_vfio("v0"))
+    run(h.detach_nic("net1"))
+    assert q.devices == set() and q.netdevs == set() and q.fds == set()
+
+
+@pytest.mark.parametrize("failing", ["netdev_add", "device_add", "guest"])
+def test_nic_failure_leaves_qemu_as_it_was(failing: str) -> None:
+    q = FakeQemu(fail=lambda c, a: f"{c} refused" if c == failing else "")
+    h, agent = make(q)
+    if failing == "guest":
+        agent.missing.add(hp.root_port_address(0))
+    with pytest.raises(hp.HotplugError) as info:
+        run(h.attach_nic("net0", [5], "02:00:00:00:00:01", False))
+    assert info.value.kind == "failed" and "02:00:00:00:00:01" in str(info.value)
+    assert q.devices == set() and q.netdevs == set() and q.fds == set() and h.nics == {}
 
 
 def test_root_port_addresses_match_the_argv_layout() -> None:
