@@ -7,7 +7,7 @@ three pipes held here (or the pty master crun sends over a console socket when t
 for a terminal); the host reads and writes them with the stream RPCs. Exit statuses are kept
 until the container is removed.
 
-May import: the standard library, cocoon.agent.{proc, mounts}.
+May import: the standard library, cocoon.agent.{proc, mounts, network (lazily)}.
 """
 
 from __future__ import annotations
@@ -164,6 +164,10 @@ class Manager:
         p = Process(cid, "", terminal, args=list(spec.get("process", {}).get("args", [])))
         try:
             self._launch(p, bundle, ["create", "--bundle", str(bundle)], cid)
+            if any(
+                ns.get("type") == "network" for ns in spec.get("linux", {}).get("namespaces") or []
+            ):
+                loopback_up_in(p.pid)
         except BaseException:
             p.close_fds()
             with contextlib.suppress(ContainerError):
@@ -455,6 +459,35 @@ def bind_device(spec: dict[str, Any], vm_path: str, container_path: str) -> None
 def _allow(spec: dict[str, Any], major: int, minor: int) -> None:
     rules = spec.setdefault("linux", {}).setdefault("resources", {}).setdefault("devices", [])
     rules.append({"allow": True, "type": "b", "major": major, "minor": minor, "access": "rwm"})
+
+
+def loopback_up_in(pid: int) -> None:
+    """Sets ``lo`` up in the network namespace of ``pid`` (a new one crun made), as runc does
+    for a new network namespace; crun leaves it down."""
+    import ctypes
+
+    from cocoon.agent.network import Network
+
+    err: list[str] = []
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
+                    err.append(os.strerror(ctypes.get_errno()))
+                    return
+            finally:
+                os.close(fd)
+            Network().loopback_up()
+        except Exception as exc:
+            err.append(str(exc))
+
+    t = threading.Thread(target=run, name="netns-lo")
+    t.start()
+    t.join()
+    if err:
+        raise ContainerError("internal", f"loopback in the container's network namespace: {err[0]}")
 
 
 def apply_guest_net_sysctls(spec: dict[str, Any], root: Path = Path("/")) -> None:

@@ -12,7 +12,8 @@ measured alternately in the same run (cocoon, then runc or the floor, then cocoo
 4. host memory per idle sandbox (PSS of QEMU, virtiofsd, the monitor and the shim), for two
    guest sizes, and with KSM merging where the host has KSM;
 5. how many idle sandboxes fit in a memory budget (bounded count, all cleaned up);
-6. hot-plug latencies (bench/hotplug.py); network throughput once networking lands;
+6. hot-plug latencies (bench/hotplug.py); TCP throughput through tcfilter and macvtap next
+   to a plain tap with the same guest (bench/net.py);
 and the Python import time of the CLI, monitor and shim (the agent's is in the guest stages).
 
     scripts/bench [--runs 5] [--json bench-results.json] [--budget-mib 2048] [--max-sandboxes 6]
@@ -303,7 +304,7 @@ def main() -> int:
             "pss_used_mib": used,
         }
 
-        # 6: hot-plug; network comes with the networking work
+        # 6: hot-plug, network throughput
         hp_json = work / "hotplug.json"
         subprocess.run(
             [sys.executable, str(Path(__file__).parent / "hotplug.py"), "--runs", "3",
@@ -311,7 +312,13 @@ def main() -> int:
             check=True, stdout=subprocess.DEVNULL, timeout=600,
         )  # fmt: skip
         res["hotplug"] = json.loads(hp_json.read_text())
-        res["network"] = "skipped: the networking issue has not landed"
+        net_json = work / "net.json"
+        subprocess.run(
+            [sys.executable, str(Path(__file__).parent / "net.py"), "--runs", "3",
+             "--json", str(net_json)],
+            check=True, stdout=subprocess.DEVNULL, timeout=900,
+        )  # fmt: skip
+        res["network"] = json.loads(net_json.read_text())
 
     res["python_import_ms"] = {
         m: import_time_ms(m)
@@ -370,7 +377,12 @@ def report(r: dict[str, Any], why: str) -> None:
     print("\n6. hot-plug (ms, x floor of one QMP round trip):")
     for k, s in r["hotplug"].items():
         print(f"   {k:36s} {s['median'] * 1000:8.1f}ms  {s['x_floor']:6.1f}x")
-    print(f"   network: {r['network']}")
+    net = r["network"]
+    print(f"   TCP throughput, {net['transfer_mib']} MiB transfers (MB/s, x plain tap):")
+    for k, s in net["mb_per_s"].items():
+        ratio = net["ratio_over_plain_tap"].get(k)
+        x = f"  {ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else ""
+        print(f"   {k:36s} {_f(s, ' MB/s')}{x}")
     print("\nPython import time (ms): " + ", ".join(
         f"{m} {v:.0f}" for m, v in r["python_import_ms"].items()))  # fmt: skip
     print(f"wall time: {r['wall_seconds']:.0f}s")

@@ -10,10 +10,15 @@ from a later process (delete after a crashed monitor). Models:
   interface, and a u32 match-all filter with a mirred egress redirect each way. The tap is not
   persistent: it goes away when the last fd (QEMU's) closes.
 - ``macvtap``: a macvtap in bridge mode on the interface, carrying the interface's MAC (the
-  guest NIC's), and the interface a new local MAC. The macvtap's char device is made in the
+  guest NIC's), and the interface a new local MAC and none of its addresses (else the
+  namespace's own stack would answer ARP/NDP for the guest's addresses too); unplumbing
+  gives back the MAC, the addresses and the routes. The macvtap's char device is made in the
   sandbox directory from its device number as read in the namespace's own sysfs (/dev/tapN
   names collide between namespaces: they are by ifindex).
 - ``none``: nothing is bridged.
+- ``tap`` (not a configuration choice: the benchmark's baseline): the namespace's persistent
+  taps are given to the guest as they are, with a new local MAC and no addresses (the
+  namespace side is the peer); nothing is made, nothing undone.
 
 Every netlink and tc operation goes through pyroute2's synchronous IPRoute. Work inside a
 namespace runs in a fresh thread that joins the namespace (setns is per thread) and then ends,
@@ -45,7 +50,11 @@ from cocoon.runtime.errors import CocoonError
 
 MODELS = ("tcfilter", "macvtap", "none")
 # Link kinds each model can bridge; anything else in the namespace is skipped (and said so).
-BRIDGEABLE = {"tcfilter": {"veth", "macvlan", "ipvlan"}, "macvtap": {"veth", "macvlan"}}
+BRIDGEABLE = {
+    "tcfilter": {"veth", "macvlan", "ipvlan"},
+    "macvtap": {"veth", "macvlan"},
+    "tap": {"tun"},
+}
 TAP_PREFIX = "cctap"  # tcfilter taps
 MACVTAP_PREFIX = "ccmvt"  # macvtaps
 
@@ -65,6 +74,7 @@ _INGRESS = 0xFFFF0000
 _RTPROT_KERNEL = 2
 _NUD_PERMANENT = 0x80
 _RT_TABLE_MAIN = 254
+_IFA_F_NODAD = 0x02
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -331,6 +341,9 @@ def _plumb_here(eps: list[Endpoint], model: str, queues: int, node_dir: Path) ->
             for i, ep in enumerate(eps):
                 if model == "tcfilter":
                     done.append(_tcfilter(ipr, ep, f"{TAP_PREFIX}{i}", queues))
+                elif model == "tap":
+                    guest = Endpoint(ep.name, ep.index, ep.kind, _local_mac(), ep.mtu)
+                    done.append(Plumbed(guest, "tap", "", _open_tap(ep.name, 1)))
                 else:
                     done.append(_macvtap(ipr, ep, f"{MACVTAP_PREFIX}{i}", queues, node_dir))
     except BaseException:
@@ -432,6 +445,9 @@ def _macvtap(ipr: Any, ep: Endpoint, name: str, queues: int, node_dir: Path) -> 
         except Exception as exc:
             raise _netlink_error(f"{ep.name}: MTU {ep.mtu} on its macvtap", exc) from None
         ipr.link("set", index=ep.index, state="up")
+        for a in ep.addresses:
+            with contextlib.suppress(Exception):
+                ipr.addr("del", index=ep.index, address=a.address, prefixlen=a.prefix)
         p.fds = _open_macvtap(name, midx, queues, node_dir)
     except BaseException:
         close_fds(p)
@@ -525,6 +541,8 @@ def _unplumb_here(records: list[dict[str, Any]]) -> None:
 
 
 def _undo_one(ipr: Any, rec: dict[str, Any]) -> None:
+    if rec["model"] == "tap":
+        return  # the taps were the namespace's own
     ep = Endpoint.from_dict(rec["endpoint"])
     try:
         alive = any(str(x.get("IFLA_IFNAME")) == ep.name for x in ipr.get_links(ep.index))
@@ -541,6 +559,24 @@ def _undo_one(ipr: Any, rec: dict[str, Any]) -> None:
     elif rec.get("saved_mac"):
         with contextlib.suppress(Exception):
             ipr.link("set", index=ep.index, address=rec["saved_mac"])
+        for a in ep.addresses:
+            fam = socket.AF_INET6 if a.family == 6 else socket.AF_INET
+            with contextlib.suppress(Exception):
+                ipr.addr(
+                    "add", index=ep.index, address=a.address, prefixlen=a.prefix, family=fam,
+                    **({"flags": _IFA_F_NODAD} if a.family == 6 else {}),
+                )  # fmt: skip
+        for r in ep.routes:
+            kw: dict[str, Any] = {
+                "oif": ep.index,
+                "family": socket.AF_INET6 if r.family == 6 else socket.AF_INET,
+            }
+            if r.dest:
+                kw |= {"dst": r.dest, "dst_len": r.prefix}
+            if r.gateway:
+                kw["gateway"] = r.gateway
+            with contextlib.suppress(Exception):
+                ipr.route("replace", **kw)
 
 
 def leftovers(netns: str) -> list[str]:

@@ -110,10 +110,12 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     try:
         _make_link(netns, links[0], 1400, True)
         _make_link(netns, links[1], 1500, False)
+        before = N.scan(str(netns), "tcfilter")[0]
+        assert {ep.name: ep.mac for ep in before} == {lk.name: lk.mac for lk in links}
         yield Lab(netns, links)
         assert N.leftovers(str(netns)) == [], "cocoon's devices left in the namespace"
-        now = {ep.name: ep.mac for ep in N.scan(str(netns), "tcfilter")[0]}
-        assert now == {lk.name: lk.mac for lk in links}, "the veths were not restored"
+        # MACs, MTUs, addresses, routes, neighbours: as they were
+        assert N.scan(str(netns), "tcfilter")[0] == before, "the veths were not restored"
     finally:
         for p in [netns, *(lk.peer_ns for lk in links)]:
             N.remove_netns(p)
