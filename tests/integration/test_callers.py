@@ -253,13 +253,7 @@ def test_docker_bridge_network_and_published_port(
         assert r.returncode == 0, r.stderr
         cid = r.stdout.strip()
         try:
-            body = b""
-            deadline = time.monotonic() + 60
-            while b"root:" not in body and time.monotonic() < deadline:
-                try:
-                    body = fetch_from(ns, "127.0.0.1", 18080, "/passwd")
-                except OSError:
-                    time.sleep(0.5)
+            body = fetch_from(ns, "127.0.0.1", 18080, "/passwd", wait=60)
             assert b"root:" in body, body
         finally:
             dk.docker("rm", "-f", cid)

@@ -13,6 +13,7 @@ import stat
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,19 +161,28 @@ class PeerServer:
         self.sock.close()
 
 
-def fetch_from(ns: Path, host: str, port: int, path: str = "/") -> bytes:
-    """An HTTP GET from inside namespace ``ns``; the body."""
+def fetch_from(ns: Path, host: str, port: int, path: str = "/", wait: float = 30) -> bytes:
+    """An HTTP GET from inside namespace ``ns``; the body. A refused connection is retried
+    for ``wait`` seconds: `start` returns before the workload has bound its port."""
 
     def get() -> bytes:
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(fam, socket.SOCK_STREAM) as s:
-            s.settimeout(20)
-            s.connect((host, port))
-            s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-            data = b""
-            while chunk := s.recv(65536):
-                data += chunk
-        return data.split(b"\r\n\r\n", 1)[-1]
+        deadline = time.monotonic() + wait
+        while True:
+            with socket.socket(fam, socket.SOCK_STREAM) as s:
+                s.settimeout(20)
+                try:
+                    s.connect((host, port))
+                except ConnectionRefusedError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+                    continue
+                s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+            return data.split(b"\r\n\r\n", 1)[-1]
 
     return N.in_netns(str(ns), get)
 

@@ -316,13 +316,13 @@ def test_vfio_partial_failure_unplugs_what_was_plugged() -> None:
 
 def test_nic_passes_its_fds_and_shares_root_ports_with_vfio() -> None:
     q = FakeQemu()
-    h, agent = make(q, root_ports=3)
+    h, _agent = make(q, root_ports=3)
     run(h.attach_vfio("v0", ["0000:03:00.0"]))  # takes rp0
     port, _ = run(h.attach_nic("net0", [7, 8], "02:00:00:00:00:01", False))
     assert port == 1 and q.passed == [7, 8]
     nd = q.sent("netdev_add")[0]
     assert nd == {"type": "tap", "id": "hn-net0", "vhost": False, "fds": "net0-q0:net0-q1"}
-    dev = [a for a in q.sent("device_add") if a["driver"] == "virtio-net-pci"][0]
+    dev = next(a for a in q.sent("device_add") if a["driver"] == "virtio-net-pci")
     assert (dev["bus"], dev["mac"], dev["mq"], dev["vectors"]) == (
         "rp1",
         "02:00:00:00:00:01",
