@@ -61,6 +61,7 @@ class HypervisorConfig:
     virtiofsd_path: str = "/usr/lib/qemu/virtiofsd"
     msize_9p: int = 512000
     vfio_driver_override: bool = False
+    free_page_reporting: bool = True
 
     def ceilings(self, host_cpus: int, host_memory_mib: int) -> tuple[int, int]:
         """(vCPUs, MiB of RAM) a sandbox can grow to on this host: the configured maxima
