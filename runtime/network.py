@@ -375,16 +375,23 @@ def _open_tap(name: str, queues: int) -> list[int]:
     return fds
 
 
+def _bring_up(ipr: Any, ep: Endpoint, device: str, what: str) -> int:
+    """``device`` (cocoon's tap or macvtap for ``ep``) up with the interface's MTU, and the
+    interface up; the device's ifindex."""
+    idx = int(ipr.link_lookup(ifname=device)[0])
+    try:
+        ipr.link("set", index=idx, mtu=ep.mtu, state="up")
+    except Exception as exc:
+        raise _netlink_error(f"{ep.name}: MTU {ep.mtu} on its {what}", exc) from None
+    ipr.link("set", index=ep.index, state="up")
+    return idx
+
+
 def _tcfilter(ipr: Any, ep: Endpoint, tap: str, queues: int) -> Plumbed:
     fds = _open_tap(tap, queues)
     p = Plumbed(ep, "tcfilter", tap, fds)
     try:
-        tidx = ipr.link_lookup(ifname=tap)[0]
-        try:
-            ipr.link("set", index=tidx, mtu=ep.mtu, state="up")
-        except Exception as exc:
-            raise _netlink_error(f"{ep.name}: MTU {ep.mtu} on its tap", exc) from None
-        ipr.link("set", index=ep.index, state="up")
+        tidx = _bring_up(ipr, ep, tap, "tap")
         for src, dst in ((ep.index, tidx), (tidx, ep.index)):
             try:
                 ipr.tc("add", "ingress", index=src)
@@ -439,12 +446,7 @@ def _macvtap(ipr: Any, ep: Endpoint, name: str, queues: int, node_dir: Path) -> 
             )
         except Exception as exc:
             raise _netlink_error(f"{ep.name}: macvtap", exc) from None
-        midx = ipr.link_lookup(ifname=name)[0]
-        try:
-            ipr.link("set", index=midx, mtu=ep.mtu, state="up")
-        except Exception as exc:
-            raise _netlink_error(f"{ep.name}: MTU {ep.mtu} on its macvtap", exc) from None
-        ipr.link("set", index=ep.index, state="up")
+        midx = _bring_up(ipr, ep, name, "macvtap")
         for a in ep.addresses:
             with contextlib.suppress(Exception):
                 ipr.addr("del", index=ep.index, address=a.address, prefixlen=a.prefix)

@@ -13,6 +13,7 @@ import pytest
 
 from cocoon.runtime import config as config_mod
 from cocoon.runtime import sandbox
+from tests.integration.cli import Cli
 from tests.integration.procs import live_processes
 
 
@@ -59,3 +60,14 @@ def with_(cfg: config_mod.Config, section: str, **kw: object) -> config_mod.Conf
 @pytest.fixture
 def image(cfg: config_mod.Config) -> sandbox.GuestFiles:
     return sandbox.guest_files(cfg)
+
+
+@pytest.fixture
+def cli(state_root: Path, tmp_path: Path) -> Iterator[Cli]:
+    """The CLI on the test's state root; containers left at the end fail the test."""
+    c = Cli(state_root, tmp_path)
+    yield c
+    left = c.ok("list", "-q").split()
+    for cid in left:
+        c("delete", "--force", cid)
+    assert not left, f"containers left: {left}"

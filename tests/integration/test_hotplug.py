@@ -25,16 +25,6 @@ MIB = 1024 * 1024
 HOST_CPUS = os.cpu_count() or 1
 
 
-@pytest.fixture
-def cli(state_root: Path, tmp_path: Path) -> Iterator[Cli]:
-    c = Cli(state_root, tmp_path)
-    yield c
-    left = c.ok("list", "-q").split()
-    for cid in left:
-        c("delete", "--force", cid)
-    assert not left, f"containers left: {left}"
-
-
 def bundle(tmp: Path, args: list[str], resources: dict[str, Any] | None = None) -> Path:
     b = busybox.make_bundle(tmp / "bundle", args)
     spec = json.loads((b / "config.json").read_text())

@@ -202,17 +202,6 @@ def server_bundle(tmp: Path, netns: str | None, annotations: dict[str, str] | No
     return b
 
 
-@pytest.fixture
-def cli(state_root: Path, tmp_path: Path) -> Iterator[Cli]:
-    c = Cli(state_root, tmp_path)
-    yield c
-    left = c.ok("list", "-q").split()
-    for cid in left:
-        c("delete", "--force", cid)
-    assert not left, f"containers left: {left}"
-    assert not list((state_root / "netns").glob("*")), "network namespaces left"
-
-
 @pytest.mark.parametrize("model", ["tcfilter", "macvtap"])
 def test_two_interfaces_both_ways_ipv4_and_ipv6(
     cli: Cli, lab: Lab, tmp_path: Path, model: str
