@@ -129,7 +129,9 @@ def sandbox_pids(root: Path, cid: str, shim_pid: int) -> dict[str, int]:
         if p.isdigit():
             with contextlib.suppress(OSError):
                 cmd = Path(f"/proc/{p}/cmdline").read_bytes()
-                if b"virtiofsd" in cmd and str(d).encode() in cmd:
+                argv0 = cmd.split(b"\0", 1)[0]
+                # argv[0], not anywhere: QEMU's own command line names virtiofsd.sock
+                if argv0.endswith(b"virtiofsd") and str(d).encode() in cmd:
                     pids.setdefault("virtiofsd", int(p))
                     pids[f"virtiofsd-{p}"] = int(p)
     pids.pop("virtiofsd", None)
