@@ -179,6 +179,16 @@ def import_time_ms(module: str) -> float:
     return statistics.median(runs)
 
 
+def sub_bench(script: str, work: Path, timeout: float) -> Any:
+    """Runs bench/<script> --runs 3 and returns the JSON it wrote."""
+    out = work / f"{Path(script).stem}.json"
+    subprocess.run(
+        [sys.executable, str(Path(__file__).parent / script), "--runs", "3", "--json", str(out)],
+        check=True, stdout=subprocess.DEVNULL, timeout=timeout,
+    )  # fmt: skip
+    return json.loads(out.read_text())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=5)
@@ -307,20 +317,8 @@ def main() -> int:
         }
 
         # 6: hot-plug, network throughput
-        hp_json = work / "hotplug.json"
-        subprocess.run(
-            [sys.executable, str(Path(__file__).parent / "hotplug.py"), "--runs", "3",
-             "--json", str(hp_json)],
-            check=True, stdout=subprocess.DEVNULL, timeout=600,
-        )  # fmt: skip
-        res["hotplug"] = json.loads(hp_json.read_text())
-        net_json = work / "net.json"
-        subprocess.run(
-            [sys.executable, str(Path(__file__).parent / "net.py"), "--runs", "3",
-             "--json", str(net_json)],
-            check=True, stdout=subprocess.DEVNULL, timeout=900,
-        )  # fmt: skip
-        res["network"] = json.loads(net_json.read_text())
+        res["hotplug"] = sub_bench("hotplug.py", work, 600)
+        res["network"] = sub_bench("net.py", work, 900)
 
     res["python_import_ms"] = {
         m: import_time_ms(m)
