@@ -24,7 +24,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from cocoon.runtime.config import Config, NetworkConfig, with_annotations
 from cocoon.runtime.errors import CocoonError, SandboxError, StateError
 from cocoon.runtime.hooks import run_hooks
 from cocoon.runtime.ids import validate_id
-from cocoon.runtime.state import ContainerState, Status, Store, pid_alive
+from cocoon.runtime.state import ContainerState, Status, Store, pid_alive, wait_gone
 
 
 class LifecycleError(CocoonError):
@@ -405,7 +404,7 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
                 c.agent.SignalProcess(
                     apb.SignalProcessRequest(container_id=cid, signal=9, all=True), timeout=30
                 )
-            _wait_gone(st.pid, 15)
+            wait_gone(st.pid, 15)
         for pid in [st.pid, *st.exec_pids.values()]:
             if pid_alive(pid) and _is_shim(pid, cid):
                 with contextlib.suppress(ProcessLookupError):
@@ -425,15 +424,6 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
         except CocoonError:
             pass  # a bundle removed before delete does not block the delete
     store.remove(cid)
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > end:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _is_shim(pid: int, cid: str) -> bool:

@@ -37,7 +37,7 @@ from cocoon.runtime.config import Config
 from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
 from cocoon.runtime.ids import validate_id
 from cocoon.runtime.monitor import launch as L
-from cocoon.runtime.state import pid_alive
+from cocoon.runtime.state import pid_alive, wait_gone
 
 # Unix socket paths (sun_path) hold at most 107 bytes, and the sandbox dir holds sockets
 # (monitor.sock, qmp.sock, virtiofsd.sock, agent-port.sock): long ids (containerd and dockerd
@@ -318,18 +318,12 @@ def _kill_leftovers(d: Path, proc: subprocess.Popen[bytes] | None) -> None:
     if qpid and _is_our_qemu(qpid, d):
         with contextlib.suppress(ProcessLookupError):
             os.kill(qpid, signal.SIGKILL)
-        _wait_dead(qpid, 10)
+        wait_gone(qpid, 10, 0.02)
     if (d / L.NETWORK_RECORD).exists():  # the monitor died before undoing the network
         from cocoon.runtime import network
 
         network.unplumb_recorded(d / L.NETWORK_RECORD)
     _remove_dir(d)
-
-
-def _wait_dead(pid: int, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while pid_alive(pid) and time.monotonic() < end:
-        time.sleep(0.02)
 
 
 def _is_our_qemu(pid: int, d: Path) -> bool:
@@ -382,9 +376,8 @@ def stop(root: Path, sandbox_id: str, timeout: float = 10.0) -> str:
             ).how
     except (grpc.RpcError, CocoonError):
         how = "forced"
-    end = time.monotonic() + timeout + 10
-    while mpid and pid_alive(mpid) and time.monotonic() < end:
-        time.sleep(0.05)
+    if mpid:
+        wait_gone(mpid, timeout + 10)
     if (mpid and pid_alive(mpid)) or d.exists():
         _force(d, mpid)
     return how

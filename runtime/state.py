@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +70,16 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def wait_gone(pid: int, timeout: float, interval: float = 0.05) -> bool:
+    """Waits until ``pid`` is gone (or a zombie); False if it still lives after ``timeout``."""
+    end = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > end:
+            return False
+        time.sleep(interval)
+    return True
 
 
 def now_iso() -> str:
