@@ -48,7 +48,6 @@ from typing import Any, TypeVar
 
 from cocoon.runtime.errors import CocoonError
 
-MODELS = ("tcfilter", "macvtap", "none")
 # Link kinds each model can bridge; anything else in the namespace is skipped (and said so).
 BRIDGEABLE = {
     "tcfilter": {"veth", "macvlan", "ipvlan"},
@@ -149,14 +148,12 @@ class Plumbed:
     model: str
     device: str  # the tap or macvtap cocoon made
     fds: list[int] = field(default_factory=list)  # open queue fds, the caller's to close
-    saved_mac: str = ""  # macvtap: the MAC the interface had (now the guest NIC's)
 
     def record(self) -> dict[str, Any]:
         return {
             "endpoint": asdict(self.endpoint),
             "model": self.model,
             "device": self.device,
-            "saved_mac": self.saved_mac,
         }
 
 
@@ -432,7 +429,7 @@ def _local_mac() -> str:
 
 
 def _macvtap(ipr: Any, ep: Endpoint, name: str, queues: int, node_dir: Path) -> Plumbed:
-    p = Plumbed(ep, "macvtap", name, saved_mac=ep.mac)
+    p = Plumbed(ep, "macvtap", name)
     try:
         try:
             ipr.link("set", index=ep.index, address=_local_mac())
@@ -558,9 +555,9 @@ def _undo_one(ipr: Any, rec: dict[str, Any]) -> None:
     if rec["model"] == "tcfilter":
         with contextlib.suppress(Exception):
             ipr.tc("del", "ingress", index=ep.index)
-    elif rec.get("saved_mac"):
+    elif rec["model"] == "macvtap":  # the interface's own MAC (the guest NIC's meanwhile)
         with contextlib.suppress(Exception):
-            ipr.link("set", index=ep.index, address=rec["saved_mac"])
+            ipr.link("set", index=ep.index, address=ep.mac)
         for a in ep.addresses:
             fam = socket.AF_INET6 if a.family == 6 else socket.AF_INET
             with contextlib.suppress(Exception):

@@ -89,6 +89,7 @@ class Monitor(vpbg.VMServicer):
             tuple[str, Callable[[dict[str, Any]], bool], asyncio.Future[dict[str, Any]]]
         ] = []
         self.hotplug: hotplug.Hotplug | None = None
+        self.agent_calls: AgentCalls | None = None  # hot-plug's and networking's agent RPCs
         self.net_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ events
@@ -274,11 +275,12 @@ class Monitor(vpbg.VMServicer):
 
     def _start_hotplug(self) -> None:
         assert self.agent is not None
+        self.agent_calls = AgentCalls(self.agent, self.spec.request_timeout_s)
         self.hotplug = hotplug.Hotplug(
             hotplug.Limits.from_dict(self.spec.hotplug),
             self.qmp_command,
             self.wait_event,
-            AgentCalls(self.agent, self.spec.request_timeout_s),
+            self.agent_calls,
             pass_fd=self._pass_fd,
         )
 
@@ -511,7 +513,8 @@ class Monitor(vpbg.VMServicer):
         record = self.dir / L.NETWORK_RECORD
         network.save_record(record, netns, plumbed)
         seconds["plumb"] = time.monotonic() - t0 - seconds["scan"]
-        agent = AgentCalls(self.agent, self.spec.request_timeout_s)  # type: ignore[arg-type]
+        agent = self.agent_calls
+        assert agent is not None  # made with self.hotplug
         vhost = os.path.exists("/dev/vhost-net")
         out = []
         attached: list[str] = []
@@ -523,14 +526,15 @@ class Monitor(vpbg.VMServicer):
                 finally:
                     network.close_fds(p)
                 attached.append(nic)
-                await agent.configure_interface(p.endpoint, hotplug.root_port_address(port))
+                pci = hotplug.root_port_address(port)
+                await agent.configure_interface(p.endpoint, pci)
                 out.append(
                     vpb.NetworkInterface(
                         name=p.endpoint.name,
                         mac=p.endpoint.mac,
                         mtu=p.endpoint.mtu,
                         host_device=p.device,
-                        guest_pci=hotplug.root_port_address(port),
+                        guest_pci=pci,
                         queues=queues,
                         addresses=[f"{a.address}/{a.prefix}" for a in p.endpoint.addresses],
                     )
