@@ -164,9 +164,7 @@ class Manager:
         p = Process(cid, "", terminal, args=list(spec.get("process", {}).get("args", [])))
         try:
             self._launch(p, bundle, ["create", "--bundle", str(bundle)], cid)
-            if any(
-                ns.get("type") == "network" for ns in spec.get("linux", {}).get("namespaces") or []
-            ):
+            if _own_netns(spec):
                 loopback_up_in(p.pid)
         except BaseException:
             p.close_fds()
@@ -461,6 +459,12 @@ def _allow(spec: dict[str, Any], major: int, minor: int) -> None:
     rules.append({"allow": True, "type": "b", "major": major, "minor": minor, "access": "rwm"})
 
 
+def _own_netns(spec: dict[str, Any]) -> bool:
+    """Whether crun makes the container a network namespace of its own in the guest."""
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    return any(ns.get("type") == "network" for ns in namespaces)
+
+
 def loopback_up_in(pid: int) -> None:
     """Sets ``lo`` up in the network namespace of ``pid`` (a new one crun made), as runc does
     for a new network namespace; crun leaves it down."""
@@ -495,10 +499,9 @@ def apply_guest_net_sysctls(spec: dict[str, Any], root: Path = Path("/")) -> Non
     NICs are there): its ``net.*`` sysctls are the guest's, set here, since crun only sets
     them in a new network namespace (docker's bridge asks for
     net.ipv4.ip_unprivileged_port_start)."""
-    linux = spec.get("linux") or {}
-    if any(ns.get("type") == "network" for ns in linux.get("namespaces") or []):
+    if _own_netns(spec):
         return
-    sysctl = linux.get("sysctl") or {}
+    sysctl = (spec.get("linux") or {}).get("sysctl") or {}
     for key in [k for k in sysctl if k.startswith("net.")]:
         value = str(sysctl.pop(key))
         if ".." in key or "/" in key:
