@@ -24,7 +24,8 @@ from pathlib import Path
 
 from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import config as config_mod
-from cocoon.runtime import qemu_argv, sandbox
+from cocoon.runtime.sandbox import launcher as sandbox
+from cocoon.runtime.sandbox import qemu_argv
 
 
 def floor_once(cfg: config_mod.Config, files: sandbox.GuestFiles, accel: str) -> float:

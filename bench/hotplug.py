@@ -25,8 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cocoon.runtime import config as config_mod
-from cocoon.runtime import sandbox
 from cocoon.runtime import vm_pb2 as vpb
+from cocoon.runtime.sandbox import launcher as sandbox
 
 
 def timed(fn: Callable[[], object]) -> float:

@@ -34,9 +34,10 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from cocoon.agent import agent_pb2 as apb
-from cocoon.runtime import busybox, sandbox
-from cocoon.runtime import network as N
 from cocoon.runtime import vm_pb2 as vpb
+from cocoon.runtime.container import busybox
+from cocoon.runtime.network import models as N
+from cocoon.runtime.sandbox import launcher as sandbox
 
 COCOON = str(Path(sys.executable).parent / "cocoon")
 MIB = 1024 * 1024

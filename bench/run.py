@@ -40,8 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import boot  # the floor (run from the repository root, as scripts/bench does)
-from cocoon.runtime import busybox, sandbox
 from cocoon.runtime import config as config_mod
+from cocoon.runtime.container import busybox
+from cocoon.runtime.sandbox import launcher as sandbox
 
 COCOON = str(Path(sys.executable).parent / "cocoon")
 MIB = 1024 * 1024
@@ -322,7 +323,7 @@ def main() -> int:
 
     res["python_import_ms"] = {
         m: import_time_ms(m)
-        for m in ("cocoon.runtime.cli", "cocoon.runtime.monitor.main", "cocoon.shim.main")
+        for m in ("cocoon.runtime.cli.main", "cocoon.runtime.monitor.main", "cocoon.shim.main")
     }
     res["wall_seconds"] = time.monotonic() - t_all
     report(res, why)

@@ -34,13 +34,14 @@ from qemu.qmp.error import QMPError
 
 from cocoon.agent import agent_pb2 as apb
 from cocoon.agent import api_hash
-from cocoon.runtime import fds, hostmount, logs
+from cocoon.runtime import fds, logs
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime import vm_pb2_grpc as vpbg
 from cocoon.runtime.errors import HostError
 from cocoon.runtime.monitor import forward, hotplug
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.channel import ChannelError, SerialMuxHost, VsockRelay
+from cocoon.runtime.sandbox import hostmount
 
 log = logging.getLogger("cocoon.monitor")
 
@@ -338,7 +339,7 @@ class Monitor(vpbg.VMServicer):
                 self.qemu.kill()
             await self._wait_qemu(30)
         if (self.dir / L.NETWORK_RECORD).exists():  # QEMU is gone: so are its tap fds
-            from cocoon.runtime import network
+            from cocoon.runtime.network import models as network
 
             await asyncio.to_thread(network.unplumb_recorded, self.dir / L.NETWORK_RECORD)
         for q in self.subscribers:
@@ -479,7 +480,7 @@ class Monitor(vpbg.VMServicer):
         self, request: vpb.AttachNetworkRequest, context: Any
     ) -> vpb.AttachNetworkResponse:
         hp = await self._hp(context)
-        from cocoon.runtime import network
+        from cocoon.runtime.network import models as network
 
         async with self.net_lock:
             if (self.dir / L.NETWORK_RECORD).exists():
@@ -563,7 +564,7 @@ class Monitor(vpbg.VMServicer):
         self, request: vpb.DetachNetworkRequest, context: Any
     ) -> vpb.DetachNetworkResponse:
         hp = await self._hp(context)
-        from cocoon.runtime import network
+        from cocoon.runtime.network import models as network
 
         async with self.net_lock:
             for nic in reversed(list(hp.nics)):

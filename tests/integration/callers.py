@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from cocoon.runtime import busybox
+from cocoon.runtime.container import busybox
 from tests.integration.procs import live_processes
 
 COCOON = "/usr/local/bin/cocoon"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cocoon.runtime import config as config_mod
-from cocoon.runtime import sandbox
+from cocoon.runtime.sandbox import launcher as sandbox
 from tests.integration.cli import Cli
 from tests.integration.procs import live_processes
 

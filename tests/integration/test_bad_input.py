@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cocoon.runtime import sandbox
 from cocoon.runtime.config import Config
 from cocoon.runtime.errors import HostError, SandboxError, StateError
+from cocoon.runtime.sandbox import launcher as sandbox
 
 from .conftest import with_
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cocoon.runtime import sandbox
+from cocoon.runtime.sandbox import launcher as sandbox
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
-CLI = [sys.executable, "-m", "cocoon.runtime.cli"]
+CLI = [sys.executable, "-m", "cocoon.runtime.cli.main"]
 
 
 def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -15,9 +15,10 @@ import grpc
 import pytest
 
 from cocoon.agent import agent_pb2 as apb
-from cocoon.runtime import busybox, sandbox
 from cocoon.runtime import config as config_mod
 from cocoon.runtime import vm_pb2 as vpb
+from cocoon.runtime.container import busybox
+from cocoon.runtime.sandbox import launcher as sandbox
 from tests.integration.cli import Cli
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]

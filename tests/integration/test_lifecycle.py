@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from cocoon.runtime import busybox
+from cocoon.runtime.container import busybox
 
 pytestmark = [pytest.mark.root]
 

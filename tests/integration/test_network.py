@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute
 
-from cocoon.runtime import busybox
-from cocoon.runtime import network as N
+from cocoon.runtime.container import busybox
+from cocoon.runtime.network import models as N
 from tests.integration.cli import Cli
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
@@ -256,7 +256,7 @@ def test_new_namespace_filled_by_a_prestart_hook(cli: Cli, tmp_path: Path) -> No
             #!{sys.executable}
             import json, os, socket, sys
             from pyroute2 import IPRoute
-            from cocoon.runtime import network as N
+            from cocoon.runtime.network import models as N
             state = json.load(sys.stdin)
             target = f"/proc/{{state['pid']}}/ns/net"
             fd = os.open(target, os.O_RDONLY)

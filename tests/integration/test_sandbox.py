@@ -13,9 +13,9 @@ import pytest
 
 from cocoon.agent import agent_pb2 as apb
 from cocoon.agent import api_hash
-from cocoon.runtime import sandbox
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import Config
+from cocoon.runtime.sandbox import launcher as sandbox
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 MIB = 1024 * 1024

@@ -8,7 +8,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-CLI = [sys.executable, "-m", "cocoon.runtime.cli"]
+CLI = [sys.executable, "-m", "cocoon.runtime.cli.main"]
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,4 @@
-"""Unit tests for cocoon.runtime.hostcheck (a FakeHost; one real KVM probe marked qemu)."""
+"""Unit tests for cocoon.runtime.sandbox.hostcheck (a FakeHost; one real KVM probe marked qemu)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cocoon.runtime import hostcheck as hc
 from cocoon.runtime.config import Config
 from cocoon.runtime.errors import ConfigError, HostError
+from cocoon.runtime.sandbox import hostcheck as hc
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 KERNEL = Path("/img/vmlinuz")

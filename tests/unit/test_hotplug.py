@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from cocoon.runtime import devices, sizing
 from cocoon.runtime.config import Config
 from cocoon.runtime.monitor import hotplug as hp
+from cocoon.runtime.resources import devices, sizing
 
 MIB = 1024 * 1024
 

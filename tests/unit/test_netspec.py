@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from cocoon.agent.containers import ContainerError, apply_guest_net_sysctls
-from cocoon.runtime import busybox
-from cocoon.runtime import spec as specmod
+from cocoon.runtime.container import busybox
+from cocoon.runtime.container import spec as specmod
 
 
 def spec_with(namespaces: list[dict[str, str]], **linux: Any) -> dict[str, Any]:

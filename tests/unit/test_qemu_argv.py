@@ -1,4 +1,4 @@
-"""Tests for cocoon.runtime.qemu_argv: golden argv per case, plus semantic checks.
+"""Tests for cocoon.runtime.sandbox.qemu_argv: golden argv per case, plus semantic checks.
 
 Golden files live in tests/unit/golden/qemu_argv_<case>.txt, one argv element per line.
 Run with UPDATE_GOLDEN=1 to rewrite them after an intended change (then review the diff).
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from cocoon.agent import channel as agent_channel
-from cocoon.runtime import qemu_argv as qa
 from cocoon.runtime.config import AgentConfig, Config, HypervisorConfig
+from cocoon.runtime.sandbox import qemu_argv as qa
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from cocoon.runtime import config as config_mod
-from cocoon.runtime import logs, oci_cli
+from cocoon.runtime import logs
+from cocoon.runtime.cli import oci as oci_cli
 from cocoon.runtime.errors import CocoonError
 
 VERSION = "0.1.0"
@@ -28,7 +29,7 @@ log = logging.getLogger("cocoon")
 
 
 def _commit() -> str:
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]
     head = here / ".git" / "HEAD"
     try:
         ref = head.read_text().strip()
@@ -92,7 +93,7 @@ def _load_config(args: argparse.Namespace) -> config_mod.Config:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from cocoon.guest_image import build as image_build
-    from cocoon.runtime import hostcheck
+    from cocoon.runtime.sandbox import hostcheck
 
     cfg = _load_config(args)
 
@@ -147,8 +148,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     from cocoon.agent import agent_pb2 as apb
-    from cocoon.runtime import sandbox
     from cocoon.runtime import vm_pb2 as vpb
+    from cocoon.runtime.sandbox import launcher as sandbox
 
     root = Path(args.root)
     verb = args.sandbox_verb
@@ -204,8 +205,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import tempfile
     import uuid
 
-    from cocoon.runtime import busybox
-    from cocoon.runtime import lifecycle as lc
+    from cocoon.runtime.container import busybox
+    from cocoon.runtime.container import lifecycle as lc
 
     cfg = _load_config(args)
     command = [c for c in args.command if c != "--"] or ["sh", "-c", DEMO_SCRIPT]

@@ -33,15 +33,17 @@ from typing import Any
 import grpc
 
 from cocoon.agent import agent_pb2 as apb
-from cocoon.runtime import devices as devmod
-from cocoon.runtime import hostmount, sandbox, sizing
-from cocoon.runtime import spec as specmod
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import Config, NetworkConfig, with_annotations
+from cocoon.runtime.container import spec as specmod
+from cocoon.runtime.container.hooks import run_hooks
+from cocoon.runtime.container.ids import validate_id
+from cocoon.runtime.container.state import ContainerState, Status, Store, pid_alive, wait_gone
 from cocoon.runtime.errors import CocoonError, SandboxError, StateError
-from cocoon.runtime.hooks import run_hooks
-from cocoon.runtime.ids import validate_id
-from cocoon.runtime.state import ContainerState, Status, Store, pid_alive, wait_gone
+from cocoon.runtime.resources import devices as devmod
+from cocoon.runtime.resources import sizing
+from cocoon.runtime.sandbox import hostmount
+from cocoon.runtime.sandbox import launcher as sandbox
 
 
 class LifecycleError(CocoonError):
@@ -126,7 +128,7 @@ def _create(
     owned_netns: Path | None = None
     try:
         if has_netns and not netns:
-            from cocoon.runtime import network
+            from cocoon.runtime.network import models as network
 
             owned_netns = ctx.root / "netns" / cid
             network.create_netns(owned_netns)
@@ -207,7 +209,7 @@ def _attach_network(c: sandbox.Client, cid: str, netns: str, net: NetworkConfig)
 
 
 def _remove_netns(path: Path) -> None:
-    from cocoon.runtime import network
+    from cocoon.runtime.network import models as network
 
     network.remove_netns(path)
 

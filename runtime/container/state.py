@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.errors import StateError
-from cocoon.runtime.ids import validate_id
 
 OCI_VERSION = "1.0.2"
 

@@ -73,7 +73,7 @@ def make_rootfs(root: Path) -> Path:
 
 def make_bundle(bundle: Path, args: list[str], *, terminal: bool = False, **process: Any) -> Path:
     """A bundle at ``bundle`` (rootfs/ + config.json) running ``args``."""
-    from cocoon.runtime.oci_cli import default_spec
+    from cocoon.runtime.cli.oci import default_spec
 
     make_rootfs(bundle / "rootfs")
     spec = default_spec()

@@ -30,14 +30,14 @@ import grpc
 
 from cocoon.agent import agent_pb2_grpc
 from cocoon.guest_image import build as image_build
-from cocoon.runtime import hostcheck, hostmount, qemu_argv
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime import vm_pb2_grpc as vpbg
 from cocoon.runtime.config import Config
+from cocoon.runtime.container.ids import validate_id
+from cocoon.runtime.container.state import pid_alive, wait_gone
 from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
-from cocoon.runtime.ids import validate_id
 from cocoon.runtime.monitor import launch as L
-from cocoon.runtime.state import pid_alive, wait_gone
+from cocoon.runtime.sandbox import hostcheck, hostmount, qemu_argv
 
 # Unix socket paths (sun_path) hold at most 107 bytes, and the sandbox dir holds sockets
 # (monitor.sock, qmp.sock, virtiofsd.sock, agent-port.sock): long ids (containerd and dockerd
@@ -320,7 +320,7 @@ def _kill_leftovers(d: Path, proc: subprocess.Popen[bytes] | None) -> None:
             os.kill(qpid, signal.SIGKILL)
         wait_gone(qpid, 10, 0.02)
     if (d / L.NETWORK_RECORD).exists():  # the monitor died before undoing the network
-        from cocoon.runtime import network
+        from cocoon.runtime.network import models as network
 
         network.unplumb_recorded(d / L.NETWORK_RECORD)
     _remove_dir(d)

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cocoon.runtime import lifecycle as lc
-from cocoon.runtime import spec as specmod
 from cocoon.runtime.config import Config
+from cocoon.runtime.container import lifecycle as lc
+from cocoon.runtime.container import spec as specmod
+from cocoon.runtime.container.state import OCI_VERSION
 from cocoon.runtime.errors import CocoonError
-from cocoon.runtime.state import OCI_VERSION
 
 
 class UsageError(CocoonError):

@@ -1,0 +1,11 @@
+"""cocoon.runtime.container: the container lifecycle behind runc's verbs.
+
+``lifecycle`` does each verb's work (``create`` the longest, in named steps), over ``state``
+(one flock'ed directory per container, the Status rules), ``ids``, ``spec`` (the OCI bundle,
+checked once at the edge, and its rewrite for the guest), ``hooks`` (the host-side OCI hooks),
+``shim`` (spawning a container's or an exec's shim and waiting for it) and ``busybox`` (the
+embedded default bundle).
+
+May import: the standard library, grpc, cocoon.agent (stubs), cocoon.runtime.{errors, config,
+logs, libc, vm_pb2, pod, sandbox, resources, network}. Never cocoon.runtime.cli or the monitor.
+"""
