@@ -36,7 +36,7 @@ from pyroute2 import IPRoute
 from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.container import busybox
-from cocoon.runtime.network import models as N
+from cocoon.runtime.network import netns as N
 from cocoon.runtime.sandbox import launcher as sandbox
 
 COCOON = str(Path(sys.executable).parent / "cocoon")

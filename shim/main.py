@@ -17,7 +17,8 @@ number after a signal death) once the output has drained.
 Signals are taken with sigtimedwait in the main thread (blocked everywhere else), since a
 thread blocked in a gRPC call would not run Python signal handlers.
 
-May import: the standard library, grpc, cocoon.agent (generated stubs), cocoon.runtime.fds.
+May import: the standard library, grpc, cocoon.agent (generated stubs), cocoon.runtime.{fds,
+libc}.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import grpc
 
 from cocoon.agent import agent_pb2 as pb
 from cocoon.agent import agent_pb2_grpc as pbg
+from cocoon.runtime import libc
 from cocoon.runtime.fds import close_inherited
 
 NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE}
@@ -163,17 +165,6 @@ class Shim:
             self.agent.SignalProcess(req, timeout=30)
 
 
-def _join_netns(path: str) -> None:
-    import ctypes
-
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-            raise OSError(ctypes.get_errno(), f"setns {path}")
-    finally:
-        os.close(fd)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cocoon-shim")
     ap.add_argument("--sandbox-dir", required=True)
@@ -186,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     close_inherited({args.ready_fd})
     if args.netns:
-        _join_netns(args.netns)
+        libc.join_netns(args.netns)
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {signal.SIGWINCH, signal.SIGCHLD})
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     shim = Shim(args)

@@ -22,7 +22,7 @@ from pathlib import Path
 from cocoon.runtime import config as config_mod
 from cocoon.runtime import logs
 from cocoon.runtime.cli import oci as oci_cli
-from cocoon.runtime.errors import CocoonError
+from cocoon.runtime.errors import CocoonError, UsageError
 
 VERSION = "0.1.0"
 log = logging.getLogger("cocoon")
@@ -40,13 +40,9 @@ def _commit() -> str:
         return "unknown"
 
 
-class ArgError(CocoonError):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise ArgError(f"{self.prog}: {message}")
+        raise UsageError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -273,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cocoon version {VERSION}\ncommit: {_commit()}\nspec: 1.1.0")
             return 0
         if not args.verb:
-            raise ArgError("no command given (try `cocoon --help`)")
+            raise UsageError("no command given (try `cocoon --help`)")
         if args.log:
             logs.setup(Path(args.log), args.log_format, args.debug, stderr=args.debug)
         if args.verb in oci_cli.VERBS:

@@ -20,11 +20,7 @@ from cocoon.runtime.config import Config
 from cocoon.runtime.container import lifecycle as lc
 from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container.state import OCI_VERSION
-from cocoon.runtime.errors import CocoonError
-
-
-class UsageError(CocoonError):
-    pass
+from cocoon.runtime.errors import UsageError
 
 
 def parse_signal(text: str) -> int:

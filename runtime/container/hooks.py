@@ -15,13 +15,9 @@ import os
 import subprocess
 from typing import Any
 
-from cocoon.runtime.errors import CocoonError
+from cocoon.runtime.errors import HookError
 
 log = logging.getLogger("cocoon.hooks")
-
-
-class HookError(CocoonError):
-    pass
 
 
 def run_hooks(kind: str, hooks: list[dict[str, Any]], state: dict[str, Any]) -> None:

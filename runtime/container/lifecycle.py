@@ -39,15 +39,11 @@ from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container.hooks import run_hooks
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.state import ContainerState, Status, Store, pid_alive, wait_gone
-from cocoon.runtime.errors import CocoonError, SandboxError, StateError
+from cocoon.runtime.errors import CocoonError, LifecycleError, SandboxError, StateError
 from cocoon.runtime.resources import devices as devmod
 from cocoon.runtime.resources import sizing
 from cocoon.runtime.sandbox import hostmount
 from cocoon.runtime.sandbox import launcher as sandbox
-
-
-class LifecycleError(CocoonError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -128,10 +124,10 @@ def _create(
     owned_netns: Path | None = None
     try:
         if has_netns and not netns:
-            from cocoon.runtime.network import models as network
+            from cocoon.runtime.network import netns as nsmod
 
             owned_netns = ctx.root / "netns" / cid
-            network.create_netns(owned_netns)
+            nsmod.create_netns(owned_netns)
             netns = str(owned_netns)
         sb = sandbox.start(
             ctx.cfg,
@@ -209,9 +205,9 @@ def _attach_network(c: sandbox.Client, cid: str, netns: str, net: NetworkConfig)
 
 
 def _remove_netns(path: Path) -> None:
-    from cocoon.runtime.network import models as network
+    from cocoon.runtime.network import netns as nsmod
 
-    network.remove_netns(path)
+    nsmod.remove_netns(path)
 
 
 def _check_fits(ctx: Ctx, size: sizing.Size) -> None:

@@ -19,15 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cocoon.runtime.errors import CocoonError
+from cocoon.runtime.errors import SpecError
 
 GUEST_SHARED = "/run/cocoon/shared"
 HOST_HOOKS = ("prestart", "createRuntime", "poststart", "poststop")
 GUEST_HOOKS = ("createContainer", "startContainer")
-
-
-class SpecError(CocoonError):
-    """config.json is missing, malformed, or asks for something impossible."""
 
 
 @dataclass(frozen=True)

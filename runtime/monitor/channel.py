@@ -22,12 +22,9 @@ import time
 from pathlib import Path
 
 from cocoon.agent import mux
+from cocoon.runtime.errors import ChannelError
 
 log = logging.getLogger("cocoon.monitor.channel")
-
-
-class ChannelError(Exception):
-    """The agent channel could not be established or was lost."""
 
 
 class SerialMuxHost:

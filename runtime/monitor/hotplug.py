@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from cocoon.runtime.errors import ErrorKind, HotplugError
+
 log = logging.getLogger("cocoon.monitor.hotplug")
 
 MIB = 1024 * 1024
@@ -50,14 +52,6 @@ class GuestAgent(Protocol):
     async def offline_cpus(self, keep: int) -> int: ...
     async def memory_total(self) -> int: ...
     async def wait_device(self, kind: str, address: str, timeout_ms: int) -> str: ...
-
-
-class HotplugError(Exception):
-    """kind: "invalid" (bad request), "limit" (beyond what the VM can hold), "failed"."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -143,25 +137,25 @@ class Hotplug:
     def _check(self, vcpus: int, memory_mib: int) -> None:
         lim = self.limits
         if vcpus < 1:
-            raise HotplugError("invalid", f"vCPUs must be at least 1, got {vcpus}")
+            raise HotplugError(ErrorKind.INVALID, f"vCPUs must be at least 1, got {vcpus}")
         if vcpus > lim.max_vcpus:
             raise HotplugError(
-                "limit",
+                ErrorKind.LIMIT,
                 f"{vcpus} vCPUs asked, the sandbox holds at most {lim.max_vcpus} "
                 "(hypervisor.default_maxvcpus)",
             )
         if memory_mib < 1:
-            raise HotplugError("invalid", f"memory must be positive, got {memory_mib} MiB")
+            raise HotplugError(ErrorKind.INVALID, f"memory must be positive, got {memory_mib} MiB")
         if memory_mib > lim.max_memory_mib:
             raise HotplugError(
-                "limit",
+                ErrorKind.LIMIT,
                 f"{memory_mib} MiB of memory asked, the sandbox holds at most "
                 f"{lim.max_memory_mib} MiB (hypervisor.max_memory_mib)",
             )
         grows = memory_mib > self.memory_mib
         if lim.memory_hotplug == "pc-dimm" and grows and len(self.dimms) >= lim.memory_slots:
             raise HotplugError(
-                "limit",
+                ErrorKind.LIMIT,
                 f"no free memory slot: all {lim.memory_slots} are in use (hypervisor.memory_slots)",
             )
 
@@ -190,7 +184,7 @@ class Hotplug:
                     await self._set_cpus(before[0])
                 if isinstance(exc, HotplugError):
                     raise
-                raise HotplugError("failed", f"resize: {exc}") from exc
+                raise HotplugError(ErrorKind.FAILED, f"resize: {exc}") from exc
 
     async def _set_cpus(self, target: int) -> None:
         if target > self.cpus_plugged:
@@ -200,7 +194,7 @@ class Hotplug:
             self.cpus_online = online
             if online < target:
                 raise HotplugError(
-                    "failed", f"the guest brought only {online} of {target} vCPUs online"
+                    ErrorKind.FAILED, f"the guest brought only {online} of {target} vCPUs online"
                 )
         elif target < self.cpus_online:
             self.cpus_online = await self._agent.offline_cpus(target)
@@ -214,7 +208,9 @@ class Hotplug:
             key=lambda s: s["props"].get("socket-id", 0),
         )
         if len(free) < count:
-            raise HotplugError("limit", f"{count} vCPUs to add, QEMU has {len(free)} free slots")
+            raise HotplugError(
+                ErrorKind.LIMIT, f"{count} vCPUs to add, QEMU has {len(free)} free slots"
+            )
         for slot in free[:count]:
             props = slot["props"]
             args = {"driver": slot["type"], "id": f"vcpu{props.get('socket-id', 0)}", **props}
@@ -222,7 +218,7 @@ class Hotplug:
             try:
                 await self._qmp("device_add", args)
             except Exception as exc:
-                raise HotplugError("failed", f"vCPU hot-add: {exc}") from exc
+                raise HotplugError(ErrorKind.FAILED, f"vCPU hot-add: {exc}") from exc
             self.cpus_plugged += 1
 
     async def _remove_cpus(self, count: int) -> None:
@@ -264,7 +260,7 @@ class Hotplug:
                 )
             self.vmem_mib = max(size, 0) // MIB
             raise HotplugError(
-                "failed",
+                ErrorKind.FAILED,
                 f"the guest reached {max(size, 0) // MIB} MiB of hot-plugged memory, not "
                 f"{want} MiB, within {self._timeout:g}s",
             )
@@ -279,7 +275,7 @@ class Hotplug:
             )
             if size < mib:
                 raise HotplugError(
-                    "limit",
+                    ErrorKind.LIMIT,
                     f"{mib} MiB more memory does not fit in {DIMM_ALIGN_MIB} MiB DIMMs under "
                     f"the {self.limits.max_memory_mib} MiB ceiling",
                 )
@@ -291,13 +287,13 @@ class Hotplug:
         try:
             await self._qmp("object-add", {"qom-type": backend, "id": mem, **props})
         except Exception as exc:
-            raise HotplugError("failed", f"memory backend: {exc}") from exc
+            raise HotplugError(ErrorKind.FAILED, f"memory backend: {exc}") from exc
         try:
             await self._qmp("device_add", {"driver": "pc-dimm", "id": dimm, "memdev": mem})
         except Exception as exc:
             with contextlib.suppress(Exception):
                 await self._qmp("object-del", {"id": mem})
-            raise HotplugError("failed", f"pc-dimm hot-add: {exc}") from exc
+            raise HotplugError(ErrorKind.FAILED, f"pc-dimm hot-add: {exc}") from exc
         self.dimms.append((dimm, mem, size))
         await self._agent.memory_total()
 
@@ -318,10 +314,10 @@ class Hotplug:
             await self._qmp("device_del", {"id": dev})
         except Exception as exc:
             waiter.cancel()
-            raise HotplugError("failed", f"device_del {dev}: {exc}") from exc
+            raise HotplugError(ErrorKind.FAILED, f"device_del {dev}: {exc}") from exc
         if await waiter is None:
             raise HotplugError(
-                "failed", f"the guest did not release {dev} within {self._timeout:g}s"
+                ErrorKind.FAILED, f"the guest did not release {dev} within {self._timeout:g}s"
             )
 
     # ------------------------------------------------------------------ disks
@@ -331,11 +327,11 @@ class Hotplug:
         timing = timing or Timing()
         async with self._lock:
             if disk_id in self.disks:
-                raise HotplugError("invalid", f"disk {disk_id} is already attached")
+                raise HotplugError(ErrorKind.INVALID, f"disk {disk_id} is already attached")
             used = {d.target for d in self.disks.values()}
             free = [t for t in range(1, MAX_SCSI_TARGET + 1) if t not in used]
             if not free:
-                raise HotplugError("limit", "all SCSI targets of the controller are in use")
+                raise HotplugError(ErrorKind.LIMIT, "all SCSI targets of the controller are in use")
             d = Disk(node=f"drive-{disk_id}", device=f"scsi-{disk_id}", target=free[0])
             file = {"driver": "host_device" if is_block else "file", "filename": path}
             try:
@@ -345,7 +341,7 @@ class Hotplug:
                         {"driver": "raw", "node-name": d.node, "read-only": readonly, "file": file},
                     )
             except Exception as exc:
-                raise HotplugError("failed", f"disk {path}: {exc}") from exc
+                raise HotplugError(ErrorKind.FAILED, f"disk {path}: {exc}") from exc
             try:
                 async with timing.step("qmp"):
                     await self._qmp(
@@ -375,7 +371,7 @@ class Hotplug:
                     await self._qmp("blockdev-del", {"node-name": d.node})
                 if isinstance(exc, HotplugError):
                     raise
-                raise HotplugError("failed", f"disk {path}: {exc}") from exc
+                raise HotplugError(ErrorKind.FAILED, f"disk {path}: {exc}") from exc
             self.disks[disk_id] = d
             return d
 
@@ -383,7 +379,7 @@ class Hotplug:
         async with self._lock:
             d = self.disks.get(disk_id)
             if d is None:
-                raise HotplugError("invalid", f"disk {disk_id} is not attached")
+                raise HotplugError(ErrorKind.INVALID, f"disk {disk_id} is not attached")
             await self._device_del(d.device)
             with contextlib.suppress(Exception):
                 await self._qmp("blockdev-del", {"node-name": d.node})
@@ -400,11 +396,11 @@ class Hotplug:
         sysfs paths of the devices once the guest sees them."""
         async with self._lock:
             if vfio_id in self.vfio:
-                raise HotplugError("invalid", f"VFIO device {vfio_id} is already attached")
+                raise HotplugError(ErrorKind.INVALID, f"VFIO device {vfio_id} is already attached")
             free = self._free_ports()
             if len(free) < len(host_bdfs):
                 raise HotplugError(
-                    "limit",
+                    ErrorKind.LIMIT,
                     f"{len(host_bdfs)} PCI devices to plug, {len(free)} free root ports "
                     "(hypervisor.hotplug_root_ports)",
                 )
@@ -419,7 +415,7 @@ class Hotplug:
                             {"driver": "vfio-pci", "id": dev, "host": bdf, "bus": f"rp{port}"},
                         )
                     except Exception as exc:
-                        raise HotplugError("failed", f"VFIO device {bdf}: {exc}") from exc
+                        raise HotplugError(ErrorKind.FAILED, f"VFIO device {bdf}: {exc}") from exc
                     plugged.append((dev, port))
                     paths.append(
                         await self._agent.wait_device(
@@ -438,7 +434,7 @@ class Hotplug:
         async with self._lock:
             devs = self.vfio.get(vfio_id)
             if devs is None:
-                raise HotplugError("invalid", f"VFIO device {vfio_id} is not attached")
+                raise HotplugError(ErrorKind.INVALID, f"VFIO device {vfio_id} is not attached")
             for dev, _ in reversed(devs):
                 await self._device_del(dev)
             del self.vfio[vfio_id]
@@ -451,14 +447,14 @@ class Hotplug:
         queue pair); returns the root port and the guest sysfs path once the guest sees it.
         The fds stay the caller's: QEMU holds its own copies."""
         if self._pass_fd is None:
-            raise HotplugError("failed", "this monitor cannot pass fds to QEMU")
+            raise HotplugError(ErrorKind.FAILED, "this monitor cannot pass fds to QEMU")
         async with self._lock:
             if nic_id in self.nics:
-                raise HotplugError("invalid", f"NIC {nic_id} is already attached")
+                raise HotplugError(ErrorKind.INVALID, f"NIC {nic_id} is already attached")
             free = self._free_ports()
             if not free:
                 raise HotplugError(
-                    "limit",
+                    ErrorKind.LIMIT,
                     f"no free root port for NIC {nic_id} (hypervisor.hotplug_root_ports = "
                     f"{self.limits.root_ports}, all in use)",
                 )
@@ -501,7 +497,7 @@ class Hotplug:
                             await self._qmp(what, args)
                 if isinstance(exc, HotplugError):
                     raise
-                raise HotplugError("failed", f"NIC {nic_id} ({mac}): {exc}") from exc
+                raise HotplugError(ErrorKind.FAILED, f"NIC {nic_id} ({mac}): {exc}") from exc
             self.nics[nic_id] = (dev, netdev, port)
             return port, path
 
@@ -509,7 +505,7 @@ class Hotplug:
         async with self._lock:
             entry = self.nics.get(nic_id)
             if entry is None:
-                raise HotplugError("invalid", f"NIC {nic_id} is not attached")
+                raise HotplugError(ErrorKind.INVALID, f"NIC {nic_id} is not attached")
             dev, netdev, _ = entry
             await self._device_del(dev)
             with contextlib.suppress(Exception):

@@ -37,19 +37,22 @@ from cocoon.agent import api_hash
 from cocoon.runtime import fds, logs
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime import vm_pb2_grpc as vpbg
-from cocoon.runtime.errors import HostError
+from cocoon.runtime.errors import (
+    ChannelError,
+    ErrorKind,
+    HostError,
+    HotplugError,
+    NetworkError,
+    StartError,
+)
 from cocoon.runtime.monitor import forward, hotplug
 from cocoon.runtime.monitor import launch as L
-from cocoon.runtime.monitor.channel import ChannelError, SerialMuxHost, VsockRelay
+from cocoon.runtime.monitor.channel import SerialMuxHost, VsockRelay
 from cocoon.runtime.sandbox import hostmount
 
 log = logging.getLogger("cocoon.monitor")
 
 AGENT_SERVICE = "/cocoon.agent.v1.AgentService/"
-
-
-class StartError(Exception):
-    pass
 
 
 def tail(path: Path, lines: int) -> str:
@@ -339,9 +342,9 @@ class Monitor(vpbg.VMServicer):
                 self.qemu.kill()
             await self._wait_qemu(30)
         if (self.dir / L.NETWORK_RECORD).exists():  # QEMU is gone: so are its tap fds
-            from cocoon.runtime.network import models as network
+            from cocoon.runtime.network import record
 
-            await asyncio.to_thread(network.unplumb_recorded, self.dir / L.NETWORK_RECORD)
+            await asyncio.to_thread(record.unplumb_recorded, self.dir / L.NETWORK_RECORD)
         for q in self.subscribers:
             q.put_nowait(None)
         if self.server is not None:
@@ -480,7 +483,6 @@ class Monitor(vpbg.VMServicer):
         self, request: vpb.AttachNetworkRequest, context: Any
     ) -> vpb.AttachNetworkResponse:
         hp = await self._hp(context)
-        from cocoon.runtime.network import models as network
 
         async with self.net_lock:
             if (self.dir / L.NETWORK_RECORD).exists():
@@ -488,10 +490,10 @@ class Monitor(vpbg.VMServicer):
                     grpc.StatusCode.FAILED_PRECONDITION, "the sandbox has a network already"
                 )
             try:
-                return await self._attach_network(hp, network, request)
-            except network.NetworkError as exc:
+                return await self._attach_network(hp, request)
+            except NetworkError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except hotplug.HotplugError as exc:
+            except HotplugError as exc:
                 await context.abort(_HOTPLUG_CODES[exc.kind], str(exc))
             except grpc.aio.AioRpcError as exc:
                 await context.abort(
@@ -500,19 +502,21 @@ class Monitor(vpbg.VMServicer):
             raise AssertionError("unreachable")
 
     async def _attach_network(
-        self, hp: hotplug.Hotplug, network: Any, request: vpb.AttachNetworkRequest
+        self, hp: hotplug.Hotplug, request: vpb.AttachNetworkRequest
     ) -> vpb.AttachNetworkResponse:
+        from cocoon.runtime.network import models, record, scan  # pyroute2 only when needed
+
         t0 = time.monotonic()
         seconds: dict[str, float] = {}
         netns, model = request.netns_path, request.model
-        eps, skipped = await asyncio.to_thread(network.scan, netns, model)
+        eps, skipped = await asyncio.to_thread(scan.scan, netns, model)
         for sk in skipped:
             log.warning("network: %s", sk.reason)
         seconds["scan"] = time.monotonic() - t0
         queues = min(request.queues or hp.cpus_online, 8)
-        plumbed = await asyncio.to_thread(network.plumb, netns, eps, model, queues, self.dir)
-        record = self.dir / L.NETWORK_RECORD
-        network.save_record(record, netns, plumbed)
+        plumbed = await asyncio.to_thread(models.plumb, netns, eps, model, queues, self.dir)
+        record_path = self.dir / L.NETWORK_RECORD
+        record.save_record(record_path, netns, plumbed)
         seconds["plumb"] = time.monotonic() - t0 - seconds["scan"]
         agent = self.agent_calls
         assert agent is not None  # made with self.hotplug
@@ -525,7 +529,7 @@ class Monitor(vpbg.VMServicer):
                 try:
                     port, _ = await hp.attach_nic(nic, p.fds, p.endpoint.mac, vhost)
                 finally:
-                    network.close_fds(p)
+                    record.close_fds(p)
                 attached.append(nic)
                 pci = hotplug.root_port_address(port)
                 await agent.configure_interface(p.endpoint, pci)
@@ -544,11 +548,11 @@ class Monitor(vpbg.VMServicer):
             await agent.configure_routes(plumbed)
         except BaseException:
             for p in plumbed:
-                network.close_fds(p)
+                record.close_fds(p)
             for nic in reversed(attached):
                 with contextlib.suppress(Exception):
                     await hp.detach_nic(nic)
-            await asyncio.to_thread(network.unplumb_recorded, record)
+            await asyncio.to_thread(record.unplumb_recorded, record_path)
             raise
         seconds["total"] = time.monotonic() - t0
         log.info("network: %d NICs (%s) in %.3fs", len(out), model, seconds["total"])
@@ -564,13 +568,13 @@ class Monitor(vpbg.VMServicer):
         self, request: vpb.DetachNetworkRequest, context: Any
     ) -> vpb.DetachNetworkResponse:
         hp = await self._hp(context)
-        from cocoon.runtime.network import models as network
+        from cocoon.runtime.network import record
 
         async with self.net_lock:
             for nic in reversed(list(hp.nics)):
                 async with _hotplug_errors(context):
                     await hp.detach_nic(nic)
-            await asyncio.to_thread(network.unplumb_recorded, self.dir / L.NETWORK_RECORD)
+            await asyncio.to_thread(record.unplumb_recorded, self.dir / L.NETWORK_RECORD)
         return vpb.DetachNetworkResponse()
 
     async def serve(self) -> None:
@@ -583,9 +587,9 @@ class Monitor(vpbg.VMServicer):
 
 
 _HOTPLUG_CODES = {
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "limit": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "failed": grpc.StatusCode.ABORTED,
+    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.FAILED: grpc.StatusCode.ABORTED,
 }
 
 
@@ -593,7 +597,7 @@ _HOTPLUG_CODES = {
 async def _hotplug_errors(context: Any) -> AsyncIterator[None]:
     try:
         yield
-    except hotplug.HotplugError as exc:
+    except HotplugError as exc:
         await context.abort(_HOTPLUG_CODES[exc.kind], str(exc))
     except (grpc.aio.AioRpcError, QMPError) as exc:
         await context.abort(grpc.StatusCode.ABORTED, f"hot-plug failed: {exc}")

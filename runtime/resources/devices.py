@@ -22,13 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.runtime.container.spec import is_bind_mount, is_vfio_group
-from cocoon.runtime.errors import CocoonError
+from cocoon.runtime.errors import DeviceError
 
 _BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
-
-
-class DeviceError(CocoonError):
-    pass
 
 
 @dataclass(frozen=True)

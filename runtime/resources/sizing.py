@@ -17,14 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from cocoon.runtime.config import Config
-from cocoon.runtime.errors import CocoonError
+from cocoon.runtime.errors import SizingError
 
 MIB = 1024 * 1024
 MAX_BYTES = 1 << 50  # 1 PiB: anything above is a typo, not a limit
-
-
-class SizingError(CocoonError):
-    pass
 
 
 @dataclass(frozen=True)

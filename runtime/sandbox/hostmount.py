@@ -6,32 +6,25 @@ The share directory is bind-mounted onto itself and made shared before virtiofsd
 virtiofsd sandboxes itself in a mount namespace whose mounts are slaves of the host's, so
 binds added later (containers joining a pod) still propagate to it.
 
-May import: the standard library, cocoon.runtime.errors.
+May import: the standard library, cocoon.runtime.{errors, libc}.
 """
 
 from __future__ import annotations
 
-import ctypes
+import contextlib
 import os
 import stat
 from pathlib import Path
 
+from cocoon.runtime import libc
 from cocoon.runtime.errors import HostError
-
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_SHARED = 1 << 20
-MS_PRIVATE = 1 << 18
-MNT_DETACH = 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _mount(src: str | None, target: str, flags: int) -> None:
-    rc = _libc.mount(src.encode() if src else None, target.encode(), None, flags, None)
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise HostError(f"mount {src or ''} on {target}: {os.strerror(err)}")
+    try:
+        libc.mount(src, target, None, flags)
+    except OSError as exc:
+        raise HostError(f"mount {src or ''} on {target}: {exc.strerror}") from None
 
 
 def bind(src: Path, target: Path) -> None:
@@ -41,13 +34,13 @@ def bind(src: Path, target: Path) -> None:
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.touch(exist_ok=True)
-    _mount(str(src), str(target), MS_BIND | MS_REC)
+    _mount(str(src), str(target), libc.MS_BIND | libc.MS_REC)
 
 
 def make_shared(d: Path) -> None:
     d.mkdir(parents=True, exist_ok=True)
-    _mount(str(d), str(d), MS_BIND)
-    _mount(None, str(d), MS_SHARED)
+    _mount(str(d), str(d), libc.MS_BIND)
+    _mount(None, str(d), libc.MS_SHARED)
 
 
 def mounts_under(d: Path) -> list[str]:
@@ -69,7 +62,8 @@ def unmount_all(d: Path) -> None:
         if not mps:
             return
         for mp in mps:
-            _libc.umount2(mp.encode(), MNT_DETACH)
+            with contextlib.suppress(OSError):  # checked below, all at once
+                libc.umount2(mp, libc.MNT_DETACH)
     left = mounts_under(d)
     if left:
         raise HostError(f"cannot unmount {', '.join(left)}")

@@ -320,9 +320,9 @@ def _kill_leftovers(d: Path, proc: subprocess.Popen[bytes] | None) -> None:
             os.kill(qpid, signal.SIGKILL)
         wait_gone(qpid, 10, 0.02)
     if (d / L.NETWORK_RECORD).exists():  # the monitor died before undoing the network
-        from cocoon.runtime.network import models as network
+        from cocoon.runtime.network import record
 
-        network.unplumb_recorded(d / L.NETWORK_RECORD)
+        record.unplumb_recorded(d / L.NETWORK_RECORD)
     _remove_dir(d)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
-from cocoon.runtime.network import models as N
+from cocoon.runtime.network import netns as N
 from tests.integration import callers as C
 from tests.integration.test_network import PeerServer, fetch_from
 

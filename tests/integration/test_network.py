@@ -23,7 +23,8 @@ import pytest
 from pyroute2 import IPRoute
 
 from cocoon.runtime.container import busybox
-from cocoon.runtime.network import models as N
+from cocoon.runtime.network import netns as N
+from cocoon.runtime.network import record, scan
 from tests.integration.cli import Cli
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
@@ -111,12 +112,12 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     try:
         _make_link(netns, links[0], 1400, True)
         _make_link(netns, links[1], 1500, False)
-        before = N.scan(str(netns), "tcfilter")[0]
+        before = scan.scan(str(netns), "tcfilter")[0]
         assert {ep.name: ep.mac for ep in before} == {lk.name: lk.mac for lk in links}
         yield Lab(netns, links)
-        assert N.leftovers(str(netns)) == [], "cocoon's devices left in the namespace"
+        assert record.leftovers(str(netns)) == [], "cocoon's devices left in the namespace"
         # MACs, MTUs, addresses, routes, neighbours: as they were
-        assert N.scan(str(netns), "tcfilter")[0] == before, "the veths were not restored"
+        assert scan.scan(str(netns), "tcfilter")[0] == before, "the veths were not restored"
     finally:
         for p in [netns, *(lk.peer_ns for lk in links)]:
             N.remove_netns(p)
@@ -235,7 +236,7 @@ def test_two_interfaces_both_ways_ipv4_and_ipv6(
         assert f"default via {lab.links[0].peer_v6} dev eth0" in routes6
         # Beyond the peer's subnet the default route is used: the peer answers for it.
         if model == "tcfilter":
-            host_side = N.leftovers(str(lab.netns))
+            host_side = record.leftovers(str(lab.netns))
             assert len([x for x in host_side if "ingress" in x]) == 4, host_side
     finally:
         for s in servers:
@@ -256,7 +257,7 @@ def test_new_namespace_filled_by_a_prestart_hook(cli: Cli, tmp_path: Path) -> No
             #!{sys.executable}
             import json, os, socket, sys
             from pyroute2 import IPRoute
-            from cocoon.runtime.network import models as N
+            from cocoon.runtime.network import netns as N
             state = json.load(sys.stdin)
             target = f"/proc/{{state['pid']}}/ns/net"
             fd = os.open(target, os.O_RDONLY)
@@ -319,7 +320,7 @@ def test_bad_network_input_fails_cleanly(cli: Cli, lab: Lab, tmp_path: Path) -> 
     r = cli.create("n3", server_bundle(tmp_path, str(lab.netns)))
     assert r.returncode == 1
     assert "eth1: MTU 65535 on its tap" in cli.last_error()
-    assert N.leftovers(str(lab.netns)) == []
+    assert record.leftovers(str(lab.netns)) == []
     N.in_netns(str(lab.netns), lambda: set_mtu(1500))
 
     # A kind no model bridges: skipped, and the log says so; the others still work.

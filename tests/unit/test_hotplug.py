@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
+from cocoon.runtime import errors
 from cocoon.runtime.config import Config
+from cocoon.runtime.errors import ErrorKind, HotplugError
 from cocoon.runtime.monitor import hotplug as hp
 from cocoon.runtime.resources import devices, sizing
 
@@ -196,12 +198,12 @@ def test_virtio_mem_resize_both_ways() -> None:
 
 @pytest.mark.parametrize(
     ("vcpus", "mem", "kind"),
-    [(5, 256, "limit"), (0, 256, "invalid"), (1, 4096, "limit")],
+    [(5, 256, ErrorKind.LIMIT), (0, 256, ErrorKind.INVALID), (1, 4096, ErrorKind.LIMIT)],
 )
-def test_limits_refused_before_any_qmp(vcpus: int, mem: int, kind: str) -> None:
+def test_limits_refused_before_any_qmp(vcpus: int, mem: int, kind: ErrorKind) -> None:
     q = FakeQemu()
     h, _ = make(q)
-    with pytest.raises(hp.HotplugError) as info:
+    with pytest.raises(HotplugError) as info:
         run(h.resize(vcpus, mem))
     assert info.value.kind == kind
     assert q.calls == []
@@ -217,7 +219,7 @@ def test_failed_memory_rolls_back_the_cpus() -> None:
         return "no memory" if cmd == "qom-set" and a["value"] > 0 else ""
 
     q.fail = fail
-    with pytest.raises(hp.HotplugError):
+    with pytest.raises(HotplugError):
         run(h.resize(3, 1024))
     assert agent.online == 1 and h.cpus_online == 1  # back where it was
 
@@ -227,7 +229,7 @@ def test_shrink_the_guest_cannot_finish_reports_what_it_reached() -> None:
     h, _ = make(q)
     run(h.resize(1, 1024))
     q.vmem_cap = 512 * MIB  # the guest cannot give back more
-    with pytest.raises(hp.HotplugError, match="reached 512 MiB"):
+    with pytest.raises(HotplugError, match="reached 512 MiB"):
         run(h.resize(1, 256))
     assert h.memory_mib == 1024  # rolled back to where it was
 
@@ -241,7 +243,7 @@ def test_pc_dimm_add_and_remove_whole_dimms() -> None:
     assert h.memory_mib == 512
     run(h.resize(1, 640))
     assert len(h.dimms) == 2
-    with pytest.raises(hp.HotplugError, match="no free memory slot"):
+    with pytest.raises(HotplugError, match="no free memory slot"):
         run(h.resize(1, 1024))
     run(h.resize(1, 256))
     assert h.dimms == [] and q.objects == set() and len(q.sent("device_del")) == 2
@@ -272,7 +274,7 @@ def test_disk_the_guest_never_sees_is_rolled_back() -> None:
     q = FakeQemu()
     h, agent = make(q)
     agent.missing.add("0:1:0")
-    with pytest.raises(hp.HotplugError, match="did not appear"):
+    with pytest.raises(HotplugError, match="did not appear"):
         run(h.attach_disk("d0", "/img", False, False))
     assert q.nodes == set() and q.devices == set() and h.disks == {}
 
@@ -280,7 +282,7 @@ def test_disk_the_guest_never_sees_is_rolled_back() -> None:
 def test_disk_qemu_refuses_is_rolled_back() -> None:
     q = FakeQemu(fail=lambda c, a: "Could not open" if c == "device_add" else "")
     h, _ = make(q)
-    with pytest.raises(hp.HotplugError, match="Could not open"):
+    with pytest.raises(HotplugError, match="Could not open"):
         run(h.attach_disk("d0", "/img", False, False))
     assert q.nodes == set()
 
@@ -295,9 +297,9 @@ def test_vfio_functions_go_on_free_root_ports() -> None:
         ("vfio-pci", "0000:03:00.1", "rp1"),
     ]
     assert list(agent.devices_seen) == ["0000:00:10.0", "0000:00:10.1"] and len(paths) == 2
-    with pytest.raises(hp.HotplugError, match="free root ports") as info:
+    with pytest.raises(HotplugError, match="free root ports") as info:
         run(h.attach_vfio("v1", ["0000:04:00.0", "0000:05:00.0"]))
-    assert info.value.kind == "limit" and len(q.sent("device_add")) == 2  # refused up front
+    assert info.value.kind == ErrorKind.LIMIT and len(q.sent("device_add")) == 2  # refused up front
     run(h.detach_vfio("v0"))
     assert q.devices == set()
 
@@ -309,7 +311,7 @@ def test_vfio_partial_failure_unplugs_what_was_plugged() -> None:
         )
     )
     h, _ = make(q)
-    with pytest.raises(hp.HotplugError, match="no such host device"):
+    with pytest.raises(HotplugError, match="no such host device"):
         run(h.attach_vfio("v0", ["0000:03:00.0", "0000:03:00.1"]))
     assert q.devices == set() and h.vfio == {}
 
@@ -333,9 +335,9 @@ def test_nic_passes_its_fds_and_shares_root_ports_with_vfio() -> None:
     assert port == 2 and q.sent("netdev_add")[1]["fd"] == "net1-q0"
     assert q.sent("netdev_add")[1]["vhost"] is True
     assert "mq" not in q.sent("device_add")[-1]
-    with pytest.raises(hp.HotplugError, match="no free root port") as info:
+    with pytest.raises(HotplugError, match="no free root port") as info:
         run(h.attach_nic("net2", [10], "02:00:00:00:00:03", False))
-    assert info.value.kind == "limit" and q.passed == [7, 8, 9]  # refused before any fd
+    assert info.value.kind == ErrorKind.LIMIT and q.passed == [7, 8, 9]  # refused before any fd
     run(h.detach_nic("net0"))
     run(h.detach_vfio("v0"))
     run(h.detach_nic("net1"))
@@ -348,9 +350,9 @@ def test_nic_failure_leaves_qemu_as_it_was(failing: str) -> None:
     h, agent = make(q)
     if failing == "guest":
         agent.missing.add(hp.root_port_address(0))
-    with pytest.raises(hp.HotplugError) as info:
+    with pytest.raises(HotplugError) as info:
         run(h.attach_nic("net0", [5], "02:00:00:00:00:01", False))
-    assert info.value.kind == "failed" and "02:00:00:00:00:01" in str(info.value)
+    assert info.value.kind == ErrorKind.FAILED and "02:00:00:00:00:01" in str(info.value)
     assert q.devices == set() and q.netdevs == set() and q.fds == set() and h.nics == {}
 
 
@@ -382,16 +384,16 @@ def test_sizing_from_quota_cpuset_and_limit() -> None:
     ],
 )
 def test_sizing_rejects_bad_values(res: dict[str, Any], msg: str) -> None:
-    with pytest.raises(sizing.SizingError, match=msg):
+    with pytest.raises(errors.SizingError, match=msg):
         sizing.size_for(Config(), res)
 
 
 def test_sizing_fits_or_refuses() -> None:
     cfg = Config()
     sizing.check_fits(cfg, sizing.Size(2, 1024), host_cpus=2, host_memory_mib=4096)
-    with pytest.raises(sizing.SizingError, match="at most 2"):
+    with pytest.raises(errors.SizingError, match="at most 2"):
         sizing.check_fits(cfg, sizing.Size(3, 256), host_cpus=2, host_memory_mib=4096)
-    with pytest.raises(sizing.SizingError, match="4096 MiB"):
+    with pytest.raises(errors.SizingError, match="4096 MiB"):
         sizing.check_fits(cfg, sizing.Size(1, 8192), host_cpus=2, host_memory_mib=4096)
 
 
@@ -436,7 +438,7 @@ def test_vfio_group_bound_to_vfio_pci(tmp_path: Path) -> None:
 
 def test_vfio_group_not_bound_is_refused_naming_the_devices(tmp_path: Path) -> None:
     sysfs = _fake_sysfs(tmp_path, {"0000:03:00.0": "vfio-pci", "0000:03:00.1": "snd_hda_intel"})
-    with pytest.raises(devices.DeviceError, match=r"0000:03:00.1 \(snd_hda_intel\)"):
+    with pytest.raises(errors.DeviceError, match=r"0000:03:00.1 \(snd_hda_intel\)"):
         devices.vfio_groups("c1", vfio_spec("7"), sysfs)
 
 
@@ -445,7 +447,7 @@ def test_vfio_driver_override_rebinds(tmp_path: Path) -> None:
     dev = sysfs / "bus/pci/devices/0000:03:00.0"
     # The fake kernel: drivers_probe does not bind, so the override is written and the
     # result is still checked (and reported).
-    with pytest.raises(devices.DeviceError, match="did not bind to vfio-pci"):
+    with pytest.raises(errors.DeviceError, match="did not bind to vfio-pci"):
         devices.vfio_groups("c1", vfio_spec("7"), sysfs, override=True)
     assert (dev / "driver_override").read_text() == "vfio-pci"
     assert (sysfs / "bus/pci/drivers/nouveau/unbind").read_text() == "0000:03:00.0"
@@ -455,7 +457,7 @@ def test_vfio_driver_override_rebinds(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("group", "msg"), [("9", "does not exist"), ("x", "not a group")])
 def test_vfio_missing_or_bad_group(tmp_path: Path, group: str, msg: str) -> None:
     sysfs = _fake_sysfs(tmp_path, {"0000:03:00.0": "vfio-pci"})
-    with pytest.raises(devices.DeviceError, match=msg):
+    with pytest.raises(errors.DeviceError, match=msg):
         devices.vfio_groups("c1", vfio_spec(group), sysfs)
 
 
@@ -467,8 +469,8 @@ def test_block_device_by_major_minor(tmp_path: Path) -> None:
     dev.mkdir()
     os.symlink("/dev/null", dev / "nullblk")  # a char device: refused as not a block device
     spec = {"linux": {"devices": [{"path": "/dev/xvdb", "type": "b", "major": 7, "minor": 0}]}}
-    with pytest.raises(devices.DeviceError, match="not a block device"):
+    with pytest.raises(errors.DeviceError, match="not a block device"):
         devices.block_devices("c1", spec, sysfs, dev)
     spec["linux"]["devices"][0]["major"] = 250
-    with pytest.raises(devices.DeviceError, match="no block device 250:0"):
+    with pytest.raises(errors.DeviceError, match="no block device 250:0"):
         devices.block_devices("c1", spec, sysfs, dev)

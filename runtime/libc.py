@@ -1,0 +1,128 @@
+"""The host side's one seam to libc: setns, unshare, mount, umount2 and their constants.
+
+Every kernel call the host side makes that Python's ``os`` lacks goes through ``current``, a
+``Libc`` (ctypes over the process's own libc), so unit tests swap in a recording fake with
+``monkeypatch.setattr(libc, "current", fake)`` and run without root. Failures raise
+``OSError`` with the errno; callers turn it into their own error with the context they have.
+
+``join_netns`` moves the calling thread into a network namespace (setns is per thread);
+``in_thread_netns`` runs a function in a fresh thread that joins one and then ends, so no
+long-lived thread ever changes namespace. The shim, the network package and the sandbox's
+share mounts all use these; the guest agent has its own twin (cocoon.agent.sys), since it may
+not import the runtime.
+
+May import: the standard library only (the shim imports it: keep it light).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_SHARED = 1 << 20
+MNT_DETACH = 2
+
+T = TypeVar("T")
+
+
+class Libc(Protocol):
+    def setns(self, fd: int, nstype: int) -> None: ...
+    def unshare(self, flags: int) -> None: ...
+    def mount(
+        self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+    ) -> None: ...
+    def umount2(self, target: str, flags: int) -> None: ...
+
+
+def _b(s: str | None) -> bytes | None:
+    return s.encode() if s is not None else None
+
+
+class CLibc:
+    """The real calls, through ctypes (loaded on first use)."""
+
+    def __init__(self) -> None:
+        self._lib: ctypes.CDLL | None = None
+
+    def _call(self, name: str, what: str, *args: object) -> None:
+        if self._lib is None:
+            self._lib = ctypes.CDLL(None, use_errno=True)
+        if getattr(self._lib, name)(*args) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), what)
+
+    def setns(self, fd: int, nstype: int) -> None:
+        self._call("setns", f"setns({fd})", fd, nstype)
+
+    def unshare(self, flags: int) -> None:
+        self._call("unshare", "unshare", flags)
+
+    def mount(
+        self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+    ) -> None:
+        self._call("mount", target, _b(source), _b(target), _b(fstype), flags, _b(data))
+
+    def umount2(self, target: str, flags: int) -> None:
+        self._call("umount2", target, _b(target), flags)
+
+
+current: Libc = CLibc()
+
+
+def setns(fd: int, nstype: int) -> None:
+    current.setns(fd, nstype)
+
+
+def unshare(flags: int) -> None:
+    current.unshare(flags)
+
+
+def mount(
+    source: str | None,
+    target: str,
+    fstype: str | None = None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
+    current.mount(source, target, fstype, flags, data)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    current.umount2(target, flags)
+
+
+def join_netns(path: str) -> None:
+    """Moves the calling thread into the network namespace at ``path`` (OSError if not)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(fd, CLONE_NEWNET)
+    finally:
+        os.close(fd)
+
+
+def in_thread(fn: Callable[[], T], name: str) -> T:
+    """Runs ``fn`` in a fresh thread (which may change namespace and then ends); its result
+    or exception comes back to the caller."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    t = threading.Thread(target=run, name=name)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
