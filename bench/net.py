@@ -37,6 +37,7 @@ from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.container import busybox
 from cocoon.runtime.network import netns as N
+from cocoon.runtime.sandbox import client
 from cocoon.runtime.sandbox import launcher as sandbox
 
 COCOON = str(Path(sys.executable).parent / "cocoon")
@@ -149,7 +150,7 @@ def _bundle(work: Path, model: str, netns: Path) -> Path:
 
 def _attach_plain_tap(root: Path, cid: str, ns: Path, guest_addr: str) -> None:
     d = sandbox.sandbox_dir(root, cid)
-    with sandbox.Client(d, 60) as c:
+    with client.Client(d, 60) as c:
         r = c.vm.AttachNetwork(
             vpb.AttachNetworkRequest(netns_path=str(ns), model="tap"), timeout=120
         )

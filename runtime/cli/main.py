@@ -1,27 +1,24 @@
-"""The ``cocoon`` command: runc's global flags, then one short function per verb.
+"""The ``cocoon`` command: runc's global flags, the dispatch, and the one error report.
 
-Verbs here: ``check`` (what this host can do), ``env`` (resolved configuration as TOML),
-``image build|show``, ``sandbox start|stop|status|details|list`` (one VM under a monitor,
-without containers), and ``demo``. Every error is one line on stderr, a runc-style JSON line
-in ``--log`` and exit status 1.
+runc's verbs are in ``oci``, cocoon's own in ``tools``; both add their sub-parsers here.
+Every error is one line on stderr, a runc-style JSON line in ``--log`` and exit status 1.
+Nothing heavy is imported at the top of the CLI: ``cocoon --version``, ``state`` and ``list``
+load no gRPC and no image builder (tests/unit/test_imports.py holds that).
 
-May import: the standard library and cocoon.runtime.* (heavy modules are imported inside the
-verb that needs them, to keep start-up short for the others).
+May import: the standard library, cocoon.runtime.{config, errors, logs, cli.oci, cli.tools}.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from cocoon.runtime import config as config_mod
 from cocoon.runtime import logs
 from cocoon.runtime.cli import oci as oci_cli
+from cocoon.runtime.cli import tools
 from cocoon.runtime.errors import CocoonError, UsageError
 
 VERSION = "0.1.0"
@@ -56,184 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", "-v", action="store_true")
     sub = p.add_subparsers(dest="verb", parser_class=_Parser)
 
-    sub.add_parser("check", help="what this host can and cannot do")
-    sub.add_parser("env", help="the resolved configuration and paths, as TOML")
-
-    img = sub.add_parser("image", help="the guest image").add_subparsers(
-        dest="image_verb", parser_class=_Parser, required=True
-    )
-    b = img.add_parser("build", help="build the guest image (cached by input hash)")
-    b.add_argument("--force", action="store_true", help="rebuild even if cached")
-    img.add_parser("show", help="print the current image's files")
-
-    sb = sub.add_parser("sandbox", help="one VM under a monitor, no containers").add_subparsers(
-        dest="sandbox_verb", parser_class=_Parser, required=True
-    )
-    s = sb.add_parser("start")
-    s.add_argument("id")
-    for name in ("stop", "status", "details"):
-        x = sb.add_parser(name)
-        x.add_argument("id")
-    sb.add_parser("list")
-
-    demo = sub.add_parser("demo", help="run a busybox container in a VM (the default bundle)")
-    demo.add_argument("command", nargs=argparse.REMAINDER, help="what to run (default: a greeting)")
+    tools.add_parsers(sub)
     oci_cli.add_parsers(sub)
     return p
-
-
-def _load_config(args: argparse.Namespace) -> config_mod.Config:
-    path = Path(args.config) if args.config else None
-    return config_mod.load(path).config
-
-
-def cmd_check(args: argparse.Namespace) -> int:
-    from cocoon.guest_image import build as image_build
-    from cocoon.runtime.sandbox import hostcheck
-
-    cfg = _load_config(args)
-
-    host = hostcheck.RealHost()
-    image_probe = hostcheck.default_image_probe(cfg)
-    kvm_probe = None
-    ok, _ = image_probe()
-    if ok and not cfg.image.kernel:
-        img = image_build.GuestImage.load(image_build.image_dir(Path(cfg.image.cache_dir)))
-        kvm_probe = hostcheck.kvm_prober(cfg, host, img.kernel, img.floor_initrd)
-    checks = hostcheck.run_checks(cfg, host, image_probe, kvm_probe)
-    print(hostcheck.format_checks(checks))
-    return hostcheck.exit_code(checks)
-
-
-def cmd_env(args: argparse.Namespace) -> int:
-    from cocoon.guest_image import build as image_build
-
-    path = Path(args.config) if args.config else None
-    loaded = config_mod.load(path)
-    print("# sources: " + (", ".join(str(s) for s in loaded.sources) or "built-in defaults"))
-    print("[paths]")
-    print(f"root = {json.dumps(args.root)}")
-    print(
-        f"image_dir = {json.dumps(str(image_build.image_dir(Path(loaded.config.image.cache_dir))))}"
-    )
-    print(f"python = {json.dumps(sys.executable)}")
-    print()
-    print(config_mod.to_toml(loaded.config), end="")
-    return 0
-
-
-def cmd_image(args: argparse.Namespace) -> int:
-    from cocoon.guest_image import build as image_build
-
-    cfg = _load_config(args)
-    cache = Path(cfg.image.cache_dir)
-    try:
-        if args.image_verb == "build":
-            img = image_build.ensure(cache, force=args.force)
-        else:
-            img = image_build.GuestImage.load(image_build.image_dir(cache))
-    except image_build.ImageError as exc:
-        raise CocoonError(str(exc)) from exc
-    for name in ("kernel", "initrd", "rootfs", "floor_initrd"):
-        print(f"{name:13} {getattr(img, name)}")
-    print(f"{'kernel_release':13} {img.kernel_release}")
-    return 0
-
-
-def cmd_sandbox(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
-
-    from cocoon.agent import agent_pb2 as apb
-    from cocoon.runtime import vm_pb2 as vpb
-    from cocoon.runtime.sandbox import launcher as sandbox
-
-    root = Path(args.root)
-    verb = args.sandbox_verb
-    if verb == "list":
-        for sid in sandbox.list_sandboxes(root):
-            print(sid)
-        return 0
-    if verb == "start":
-        cfg = _load_config(args)
-        sb = sandbox.start(
-            cfg,
-            root,
-            args.id,
-            log_file=Path(args.log) if args.log else None,
-            log_format=args.log_format,
-            debug=args.debug,
-        )
-        print(
-            json.dumps(
-                {
-                    "id": sb.sandbox_id,
-                    "monitor_pid": sb.monitor_pid,
-                    "boot_seconds": round(sb.boot_seconds, 3),
-                    "accel": sb.accel,
-                }
-            )
-        )
-        return 0
-    if verb == "stop":
-        cfg = _load_config(args)
-        print(sandbox.stop(root, args.id, cfg.runtime.shutdown_timeout_s))
-        return 0
-    with sandbox.Client(sandbox.sandbox_dir(root, args.id)) as c:
-        if verb == "status":
-            msg: object = c.vm.Status(vpb.StatusRequest(), timeout=c.timeout)
-        else:
-            msg = c.agent.GetGuestDetails(apb.GuestDetailsRequest(), timeout=c.timeout)
-        print(json_format.MessageToJson(msg, preserving_proto_field_name=True))  # type: ignore[arg-type]
-    return 0
-
-
-DEMO_SCRIPT = (
-    'echo "hello from a container inside a cocoon VM"; '
-    'echo "  guest kernel: $(uname -r)"; echo "  CPUs: $(nproc)"; '
-    'echo "  memory: $(grep MemTotal /proc/meminfo | tr -s " " | cut -d" " -f2-3)"; '
-    'echo "  hostname: $(hostname), pid $$, uid $(id -u)"'
-)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """``run`` of the embedded default bundle (busybox from the host) in a fresh sandbox."""
-    import shutil
-    import tempfile
-    import uuid
-
-    from cocoon.runtime.container import busybox
-    from cocoon.runtime.container import lifecycle as lc
-
-    cfg = _load_config(args)
-    command = [c for c in args.command if c != "--"] or ["sh", "-c", DEMO_SCRIPT]
-    cid = f"demo-{uuid.uuid4().hex[:8]}"
-    work = Path(tempfile.mkdtemp(prefix="cocoon-demo-"))
-    try:
-        # A command of the user's own on a terminal (`cocoon demo sh`) gets a terminal.
-        tty = bool(args.command) and os.isatty(0) and os.isatty(1)
-        bundle = busybox.make_bundle(work, command, terminal=tty)
-        print(
-            f"host kernel: {os.uname().release}; running {cid} (first use builds the guest "
-            "image) ...",
-            flush=True,
-        )
-        ctx = lc.Ctx(
-            cfg, Path(args.root), Path(args.log) if args.log else None, args.log_format, args.debug
-        )
-        status = lc.run_foreground(ctx, cid, bundle, None, None, detach=False)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    print(f"container {cid} exited with status {status}; its VM is gone")
-    return status
-
-
-VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "check": cmd_check,
-    "env": cmd_env,
-    "image": cmd_image,
-    "sandbox": cmd_sandbox,
-    "demo": cmd_demo,
-}
 
 
 def _report(args: argparse.Namespace | None, exc: BaseException) -> None:
@@ -273,8 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.log:
             logs.setup(Path(args.log), args.log_format, args.debug, stderr=args.debug)
         if args.verb in oci_cli.VERBS:
-            return oci_cli.VERBS[args.verb](args, _load_config(args))
-        return VERBS[args.verb](args)
+            return oci_cli.VERBS[args.verb](args, tools.load_config(args))
+        return tools.VERBS[args.verb](args)
     except CocoonError as exc:
         _report(args or _global_flags(argv), exc)
         return 1

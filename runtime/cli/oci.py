@@ -1,6 +1,7 @@
-"""The runc verbs: argument grammar and one short function each, over runtime.lifecycle.
+"""The runc verbs: argument grammar and one short function each, over container.lifecycle.
 
-May import: the standard library, cocoon.runtime.{lifecycle, errors, state, spec, config}.
+May import: the standard library, cocoon.runtime.{config, errors, container.{spec, state},
+container.{create, lifecycle} (lazily: they load grpc and the sandbox)}.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.runtime.config import Config
-from cocoon.runtime.container import lifecycle as lc
 from cocoon.runtime.container import spec as specmod
-from cocoon.runtime.container.state import OCI_VERSION
+from cocoon.runtime.container import state as statemod
+from cocoon.runtime.container.spec import default_spec
+from cocoon.runtime.container.state import Ctx
 from cocoon.runtime.errors import UsageError
 
 
@@ -148,8 +150,8 @@ def add_parsers(sub: Any) -> None:
     sub.add_parser("features")
 
 
-def _ctx(args: argparse.Namespace, cfg: Config) -> lc.Ctx:
-    return lc.Ctx(
+def _ctx(args: argparse.Namespace, cfg: Config) -> Ctx:
+    return Ctx(
         cfg, Path(args.root), Path(args.log) if args.log else None, args.log_format, args.debug
     )
 
@@ -159,11 +161,15 @@ def _pid_file(args: argparse.Namespace) -> Path | None:
 
 
 def cmd_create(args: argparse.Namespace, cfg: Config) -> int:
-    lc.create(_ctx(args, cfg), args.id, Path(args.bundle), _pid_file(args), args.console_socket)
+    from cocoon.runtime.container import create
+
+    create.create(_ctx(args, cfg), args.id, Path(args.bundle), _pid_file(args), args.console_socket)
     return 0
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    from cocoon.runtime.container import lifecycle as lc
+
     return lc.run_foreground(
         _ctx(args, cfg),
         args.id,
@@ -175,31 +181,41 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_start(args: argparse.Namespace, cfg: Config) -> int:
+    from cocoon.runtime.container import lifecycle as lc
+
     lc.start(_ctx(args, cfg), args.id)
     return 0
 
 
 def cmd_state(args: argparse.Namespace, cfg: Config) -> int:
-    print(json.dumps(lc.state(_ctx(args, cfg), args.id), indent=2))
+    print(json.dumps(statemod.state(_ctx(args, cfg), args.id), indent=2))
     return 0
 
 
 def cmd_kill(args: argparse.Namespace, cfg: Config) -> int:
+    from cocoon.runtime.container import lifecycle as lc
+
     lc.kill(_ctx(args, cfg), args.id, parse_signal(args.signal), args.all)
     return 0
 
 
 def cmd_delete(args: argparse.Namespace, cfg: Config) -> int:
+    from cocoon.runtime.container import lifecycle as lc
+
     lc.delete(_ctx(args, cfg), args.id, args.force)
     return 0
 
 
 def cmd_pause(args: argparse.Namespace, cfg: Config) -> int:
+    from cocoon.runtime.container import lifecycle as lc
+
     lc.simple(_ctx(args, cfg), args.id, "pause")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace, cfg: Config) -> int:
+    from cocoon.runtime.container import lifecycle as lc
+
     lc.simple(_ctx(args, cfg), args.id, "resume")
     return 0
 
@@ -216,6 +232,8 @@ def _read_json_arg(src: str, what: str) -> Any:
 
 
 def cmd_exec(args: argparse.Namespace, cfg: Config) -> int:
+    from cocoon.runtime.container import lifecycle as lc
+
     ctx = _ctx(args, cfg)
     if args.process:
         process = _read_json_arg(args.process, "process file")
@@ -232,6 +250,8 @@ def cmd_exec(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_ps(args: argparse.Namespace, cfg: Config) -> int:
+    from cocoon.runtime.container import lifecycle as lc
+
     pids = lc.host_pids(_ctx(args, cfg), args.id)
     if args.format == "json":
         print(json.dumps(pids))
@@ -252,7 +272,7 @@ def cmd_ps(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
-    states = [s.oci() for s in lc.list_states(_ctx(args, cfg))]
+    states = [s.oci() for s in statemod.list_states(_ctx(args, cfg))]
     if args.quiet:
         for s in states:
             print(s["id"])
@@ -318,6 +338,8 @@ def _update_resources(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_update(args: argparse.Namespace, cfg: Config) -> int:
+    from cocoon.runtime.container import lifecycle as lc
+
     lc.update(_ctx(args, cfg), args.id, _update_resources(args))
     return 0
 
@@ -330,6 +352,8 @@ def _interval(text: str) -> float:
 
 
 def cmd_events(args: argparse.Namespace, cfg: Config) -> int:
+    from cocoon.runtime.container import lifecycle as lc
+
     ctx = _ctx(args, cfg)
     interval = _interval(args.interval)
     while True:
@@ -338,94 +362,6 @@ def cmd_events(args: argparse.Namespace, cfg: Config) -> int:
         if args.stats:
             return 0
         time.sleep(interval)
-
-
-def default_spec(rootless: bool = False) -> dict[str, Any]:
-    caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
-    return {
-        "ociVersion": OCI_VERSION,
-        "process": {
-            "terminal": True,
-            "user": {"uid": 0, "gid": 0},
-            "args": ["sh"],
-            "env": [
-                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                "TERM=xterm",
-            ],
-            "cwd": "/",
-            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": True,
-        },
-        "root": {"path": "rootfs", "readonly": True},
-        "hostname": "cocoon",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {
-                "destination": "/dev",
-                "type": "tmpfs",
-                "source": "tmpfs",
-                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
-            },
-            {
-                "destination": "/dev/pts",
-                "type": "devpts",
-                "source": "devpts",
-                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
-            },
-            {
-                "destination": "/dev/shm",
-                "type": "tmpfs",
-                "source": "shm",
-                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
-            },
-            {
-                "destination": "/dev/mqueue",
-                "type": "mqueue",
-                "source": "mqueue",
-                "options": ["nosuid", "noexec", "nodev"],
-            },
-            {
-                "destination": "/sys",
-                "type": "sysfs",
-                "source": "sysfs",
-                "options": ["nosuid", "noexec", "nodev", "ro"],
-            },
-            {
-                "destination": "/sys/fs/cgroup",
-                "type": "cgroup",
-                "source": "cgroup",
-                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
-            },
-        ],
-        "linux": {
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "namespaces": [
-                {"type": t}
-                for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")
-                + (("user",) if rootless else ())
-            ],
-            "maskedPaths": [
-                "/proc/acpi",
-                "/proc/asound",
-                "/proc/kcore",
-                "/proc/keys",
-                "/proc/latency_stats",
-                "/proc/timer_list",
-                "/proc/timer_stats",
-                "/proc/sched_debug",
-                "/sys/firmware",
-                "/proc/scsi",
-            ],
-            "readonlyPaths": [
-                "/proc/bus",
-                "/proc/fs",
-                "/proc/irq",
-                "/proc/sys",
-                "/proc/sysrq-trigger",
-            ],
-        },
-    }
 
 
 def cmd_spec(args: argparse.Namespace, cfg: Config) -> int:

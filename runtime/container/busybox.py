@@ -4,9 +4,9 @@
 ``make_rootfs(dir)`` lays out a root filesystem: ``/bin/busybox`` (the statically linked
 binary, so it runs in any kernel and libc-free rootfs) with a symlink per applet, the usual
 empty mount points, and minimal /etc files. ``make_bundle(dir, args)`` adds a config.json
-from ``oci_cli.default_spec`` with the given process.
+from ``spec.default_spec`` with the given process.
 
-May import: the standard library, cocoon.runtime.{errors, oci_cli}.
+May import: the standard library, cocoon.runtime.{errors, container.spec}.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def make_rootfs(root: Path) -> Path:
 
 def make_bundle(bundle: Path, args: list[str], *, terminal: bool = False, **process: Any) -> Path:
     """A bundle at ``bundle`` (rootfs/ + config.json) running ``args``."""
-    from cocoon.runtime.cli.oci import default_spec
+    from cocoon.runtime.container.spec import default_spec
 
     make_rootfs(bundle / "rootfs")
     spec = default_spec()

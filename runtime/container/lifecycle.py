@@ -1,32 +1,23 @@
-"""The container lifecycle: what each runc verb does, over the sandbox, the agent and the shim.
+"""runc's verbs after create: start, kill, delete, exec, pause/resume, update, stats, ps, run.
 
-create: reserve the id, load the bundle, boot the sandbox (one VM per container unless a pod
-annotation says otherwise), bind the rootfs and volumes into the sandbox share, have the
-agent create the container (crun create in the guest), start the shim (a child of the caller,
-holding its stdio, and inside the container's network namespace), run the
-prestart/createRuntime hooks, then bring the network namespace's interfaces into the guest
-(the hooks may have just made them: docker's libnetwork), save the state, write the pid file
-last. Any failure undoes all of it. A spec that asks for a new network namespace without a
-path gets one made by cocoon (bound under <root>/netns/), removed again on delete. The other
-verbs load the state, check the status rule, and ask the agent through the monitor.
+Each verb loads the container's state, asks its Status the verb's rule (``can_start``,
+``can_kill``...), and asks the agent (through the sandbox's monitor) to do it; ``create``
+lives in ``create`` (it is the long one), ``state``/``list`` in ``state`` (they need no
+gRPC). ``run`` is create + start and, in the foreground, wait + delete.
 
-May import: the standard library, grpc, cocoon.agent (stubs), cocoon.runtime.{config, devices,
-errors, hooks, hostmount, ids, network (lazily), sandbox, sizing, spec, state, vm_pb2}.
+May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{errors,
+vm_pb2, container.{create, ids, shim, spec, state, hooks}, resources.{attach, sizing},
+sandbox.{client, launcher}}.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import select
 import signal
-import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,298 +25,27 @@ import grpc
 
 from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import vm_pb2 as vpb
-from cocoon.runtime.config import Config, NetworkConfig, with_annotations
+from cocoon.runtime.container import create as create_mod
+from cocoon.runtime.container import shim as shimmod
 from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container.hooks import run_hooks
 from cocoon.runtime.container.ids import validate_id
-from cocoon.runtime.container.state import ContainerState, Status, Store, pid_alive, wait_gone
+from cocoon.runtime.container.state import ContainerState, Ctx, Status, pid_alive, wait_gone
 from cocoon.runtime.errors import CocoonError, LifecycleError, SandboxError, StateError
-from cocoon.runtime.resources import devices as devmod
-from cocoon.runtime.resources import sizing
-from cocoon.runtime.sandbox import hostmount
+from cocoon.runtime.resources import attach, sizing
 from cocoon.runtime.sandbox import launcher as sandbox
-
-
-@dataclass(frozen=True)
-class Ctx:
-    cfg: Config
-    root: Path
-    log_file: Path | None = None
-    log_format: str = "text"
-    debug: bool = False
-
-    @property
-    def store(self) -> Store:
-        return Store(self.root)
-
-
-def _agent_error(what: str, exc: grpc.RpcError) -> LifecycleError:
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    return LifecycleError(f"{what}: {details}")
+from cocoon.runtime.sandbox.client import Client, rpc_error
 
 
 @contextlib.contextmanager
-def _client(ctx: Ctx, st: ContainerState) -> Iterator[sandbox.Client]:
+def _client(ctx: Ctx, st: ContainerState) -> Iterator[Client]:
     d = sandbox.sandbox_dir(ctx.root, st.sandbox_id)
     try:
-        c = sandbox.Client(d, ctx.cfg.agent.request_timeout_s)
+        c = Client(d, ctx.cfg.agent.request_timeout_s)
     except StateError as exc:
         raise LifecycleError(f"container {st.id}: its sandbox is not running") from exc
     with c:
         yield c
-
-
-def _write_pid_file(path: Path, pid: int) -> None:
-    tmp = path.with_name(path.name + ".cocoon-tmp")
-    tmp.write_text(str(pid))
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------- create
-def create(
-    ctx: Ctx,
-    cid: str,
-    bundle_path: Path,
-    pid_file: Path | None,
-    console_socket: str | None,
-) -> ContainerState:
-    return _create(ctx, cid, bundle_path, pid_file, console_socket)[0]
-
-
-def _create(
-    ctx: Ctx,
-    cid: str,
-    bundle_path: Path,
-    pid_file: Path | None,
-    console_socket: str | None,
-    foreground_tty: bool = False,
-) -> tuple[ContainerState, subprocess.Popen[bytes]]:
-    validate_id(cid)
-    store = ctx.store
-    if store.path(cid).exists():
-        raise StateError(f"container {cid} already exists")
-    bundle = specmod.load_bundle(bundle_path)
-    if bundle.terminal and not console_socket and not (foreground_tty and os.isatty(0)):
-        raise LifecycleError("cannot allocate a terminal without --console-socket")
-    resources = (bundle.spec.get("linux") or {}).get("resources") or {}
-    size = sizing.size_for(ctx.cfg, resources)
-    _check_fits(ctx, size)
-    disks = devmod.block_devices(cid, bundle.spec)
-    volumes = devmod.block_mounts(cid, bundle.spec)
-    groups = devmod.vfio_groups(cid, bundle.spec, override=ctx.cfg.hypervisor.vfio_driver_override)
-    net = with_annotations(ctx.cfg, bundle.annotations).network
-    has_netns, netns = specmod.network_namespace(bundle.spec)
-    if netns and not os.path.exists(netns):
-        raise LifecycleError(f"network namespace {netns} does not exist")
-    guest_network = has_netns and net.model != "none"
-    store.reserve(cid)
-    sb: sandbox.Sandbox | None = None
-    shim: subprocess.Popen[bytes] | None = None
-    owned_netns: Path | None = None
-    try:
-        if has_netns and not netns:
-            from cocoon.runtime.network import netns as nsmod
-
-            owned_netns = ctx.root / "netns" / cid
-            nsmod.create_netns(owned_netns)
-            netns = str(owned_netns)
-        sb = sandbox.start(
-            ctx.cfg,
-            ctx.root,
-            cid,
-            log_file=ctx.log_file,
-            log_format=ctx.log_format,
-            debug=ctx.debug,
-        )
-        _share_in(sb.dir, cid, bundle)
-        with sb.client(ctx.cfg.agent.request_timeout_s) as c:
-            if size != sizing.boot_size(ctx.cfg):  # the VM boots at this size: nothing to plug
-                _resize(c, cid, size)
-            devices = _attach_devices(c, cid, disks, groups)
-            sources = {v.index: _attach_disk(c, cid, v) for v in volumes}
-            req = apb.CreateContainerRequest(
-                container_id=cid,
-                oci_spec_json=json.dumps(
-                    specmod.guest_spec(bundle, cid, sources, guest_network)
-                ).encode(),
-                stdio=apb.StdioConfig(terminal=bundle.terminal, stdin=True),
-                devices=devices,
-            )
-            try:
-                c.agent.CreateContainer(req, timeout=120)
-            except grpc.RpcError as exc:
-                raise _agent_error(f"container {cid}", exc) from exc
-        shim = spawn_shim(sb.dir, cid, "", bundle.terminal, console_socket, netns)
-        st = ContainerState(
-            id=cid,
-            bundle=str(bundle.path),
-            rootfs=str(bundle.rootfs),
-            sandbox_id=cid,
-            status=Status.CREATED.value,
-            pid=shim.pid,
-            annotations=bundle.annotations,
-            terminal=bundle.terminal,
-            resources=resources,
-            disks=[d.disk_id for d in (*disks, *volumes)],
-            vfio=[g.vfio_id for g in groups],
-            netns=netns,
-            netns_owned=owned_netns is not None,
-        )
-        state = st.oci()
-        run_hooks("prestart", bundle.hooks("prestart"), state)
-        run_hooks("createRuntime", bundle.hooks("createRuntime"), state)
-        if guest_network:
-            with sb.client(ctx.cfg.agent.request_timeout_s) as c:
-                _attach_network(c, cid, netns, net)
-        store.save(st)
-        if pid_file is not None:
-            _write_pid_file(pid_file, shim.pid)
-        return st, shim
-    except BaseException:
-        if shim is not None and shim.poll() is None:
-            shim.kill()
-            shim.wait()
-        _teardown_sandbox(ctx, cid)
-        if owned_netns is not None:
-            _remove_netns(owned_netns)
-        store.remove(cid)
-        raise
-
-
-def _attach_network(c: sandbox.Client, cid: str, netns: str, net: NetworkConfig) -> None:
-    try:
-        r = c.vm.AttachNetwork(
-            vpb.AttachNetworkRequest(netns_path=netns, model=net.model, queues=net.queues),
-            timeout=120,
-        )
-    except grpc.RpcError as exc:
-        raise _agent_error(f"container {cid}: network", exc) from exc
-    for sk in r.skipped:
-        logging.getLogger("cocoon").warning("container %s: %s", cid, sk.reason)
-
-
-def _remove_netns(path: Path) -> None:
-    from cocoon.runtime.network import netns as nsmod
-
-    nsmod.remove_netns(path)
-
-
-def _check_fits(ctx: Ctx, size: sizing.Size) -> None:
-    sizing.check_fits(ctx.cfg, size, os.cpu_count() or 1, sandbox.host_memory_mib())
-
-
-def _resize(c: sandbox.Client, cid: str, size: sizing.Size) -> None:
-    try:
-        c.vm.Resize(vpb.ResizeRequest(vcpus=size.vcpus, memory_mib=size.memory_mib), timeout=120)
-    except grpc.RpcError as exc:
-        raise _agent_error(
-            f"container {cid}: sizing the sandbox to {size.vcpus} vCPUs and {size.memory_mib} MiB",
-            exc,
-        ) from exc
-
-
-def _attach_devices(
-    c: sandbox.Client,
-    cid: str,
-    disks: list[devmod.BlockDevice],
-    groups: list[devmod.VfioGroup],
-) -> list[apb.Device]:
-    """Hot-plugs the container's block devices and VFIO groups; the agent's Device list."""
-    out = [
-        apb.Device(
-            id=d.disk_id,
-            type="blk",
-            vm_path=_attach_disk(c, cid, d),
-            container_path=d.container_path,
-        )
-        for d in disks
-    ]
-    for g in groups:
-        try:
-            v = c.vm.AttachVfio(
-                vpb.AttachVfioRequest(id=g.vfio_id, host_bdfs=list(g.bdfs)), timeout=60
-            )
-        except grpc.RpcError as exc:
-            raise _agent_error(f"container {cid}: VFIO group {g.group}", exc) from exc
-        out += [apb.Device(id=g.vfio_id, type="vfio", vm_path=p) for p in v.guest_paths]
-    return out
-
-
-def _attach_disk(c: sandbox.Client, cid: str, d: devmod.BlockDevice) -> str:
-    """Hot-plugs one host block device; its node in the guest."""
-    try:
-        r = c.vm.AttachDisk(vpb.AttachDiskRequest(id=d.disk_id, path=d.host_path), timeout=60)
-    except grpc.RpcError as exc:
-        raise _agent_error(f"container {cid}: {d.host_path} for {d.container_path}", exc) from exc
-    return str(r.guest_path)
-
-
-def _detach_devices(c: sandbox.Client, st: ContainerState) -> None:
-    for disk_id in st.disks:
-        with contextlib.suppress(grpc.RpcError):
-            c.vm.DetachDisk(vpb.DetachDiskRequest(id=disk_id), timeout=60)
-    for vfio_id in st.vfio:
-        with contextlib.suppress(grpc.RpcError):
-            c.vm.DetachVfio(vpb.DetachVfioRequest(id=vfio_id), timeout=60)
-
-
-def _share_in(sandbox_dir: Path, cid: str, bundle: specmod.Bundle) -> None:
-    base = sandbox_dir / "shared" / cid
-    hostmount.bind(bundle.rootfs, base / "rootfs")
-    for bm in bundle.binds:
-        hostmount.bind(bm.source, base / "mounts" / bm.share_name)
-
-
-def _teardown_sandbox(ctx: Ctx, sid: str) -> None:
-    d = sandbox.sandbox_dir(ctx.root, sid)
-    if d.exists():
-        sandbox.stop(ctx.root, sid, ctx.cfg.runtime.shutdown_timeout_s)
-
-
-def spawn_shim(
-    sandbox_dir: Path,
-    cid: str,
-    exec_id: str,
-    terminal: bool,
-    console_socket: str | None,
-    netns: str = "",
-) -> subprocess.Popen[bytes]:
-    """Starts a shim as our child (so it stays in the caller's tree) and waits until ready."""
-    rfd, wfd = os.pipe()
-    argv = [
-        sys.executable,
-        "-m",
-        "cocoon.shim.main",
-        "--sandbox-dir",
-        str(sandbox_dir),
-        "--container",
-        cid,
-        "--ready-fd",
-        str(wfd),
-    ]
-    if exec_id:
-        argv += ["--exec-id", exec_id]
-    if terminal:
-        argv.append("--terminal")
-    if console_socket:
-        argv += ["--console-socket", console_socket]
-    if netns:
-        argv += ["--netns", netns]
-    try:
-        proc = subprocess.Popen(argv, pass_fds=(wfd,), start_new_session=True)
-    finally:
-        os.close(wfd)
-    try:
-        ready, _, _ = select.select([rfd], [], [], 60)
-        ok = bool(ready) and os.read(rfd, 16).startswith(b"ok")
-    finally:
-        os.close(rfd)
-    if not ok:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        raise LifecycleError(f"container {cid}: the shim did not start (status {proc.returncode})")
-    return proc
 
 
 # ---------------------------------------------------------------------------------- start
@@ -340,24 +60,11 @@ def start(ctx: Ctx, cid: str) -> None:
             try:
                 c.agent.StartContainer(apb.StartContainerRequest(container_id=cid), timeout=120)
             except grpc.RpcError as exc:
-                raise _agent_error(f"start {cid}", exc) from exc
+                raise rpc_error(f"start {cid}", exc) from exc
         st.status = Status.RUNNING.value
         store.save(st)
     bundle = specmod.load_bundle(Path(st.bundle))
     run_hooks("poststart", bundle.hooks("poststart"), st.oci())
-
-
-# ---------------------------------------------------------------------------------- state
-def state(ctx: Ctx, cid: str) -> dict[str, Any]:
-    return ctx.store.load(validate_id(cid)).oci()
-
-
-def list_states(ctx: Ctx) -> list[ContainerState]:
-    out = []
-    for cid in ctx.store.ids():
-        with contextlib.suppress(StateError):
-            out.append(ctx.store.load(cid))
-    return out
 
 
 # ---------------------------------------------------------------------------------- kill
@@ -372,7 +79,7 @@ def kill(ctx: Ctx, cid: str, sig: int, all_processes: bool) -> None:
                 timeout=30,
             )
         except grpc.RpcError as exc:
-            raise _agent_error(f"kill {cid}", exc) from exc
+            raise rpc_error(f"kill {cid}", exc) from exc
 
 
 # ---------------------------------------------------------------------------------- delete
@@ -383,8 +90,8 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
         if force:
             # Nothing recorded, but a crashed create may have left a sandbox: clean it.
             with contextlib.suppress(CocoonError):
-                _teardown_sandbox(ctx, cid)
-            _remove_netns(ctx.root / "netns" / cid)
+                create_mod.teardown_sandbox(ctx, cid)
+            create_mod.remove_netns(ctx.root / "netns" / cid)
             store.remove(cid)
             return
         raise StateError(f"container {cid} does not exist")
@@ -404,17 +111,19 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
                 )
             wait_gone(st.pid, 15)
         for pid in [st.pid, *st.exec_pids.values()]:
-            if pid_alive(pid) and _is_shim(pid, cid):
+            if pid_alive(pid) and shimmod.is_shim(pid, cid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
             c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
-            _detach_devices(c, st)
+            attach.detach_devices(c, st.disks, st.vfio)
             if st.netns:
                 c.vm.DetachNetwork(vpb.DetachNetworkRequest(), timeout=60)
-        _teardown_sandbox(ctx, st.sandbox_id)  # undoes the network too, if DetachNetwork did not
+        create_mod.teardown_sandbox(
+            ctx, st.sandbox_id
+        )  # undoes the network too, if DetachNetwork did not
         if st.netns_owned:
-            _remove_netns(Path(st.netns))
+            create_mod.remove_netns(Path(st.netns))
         st.status = Status.STOPPED.value
         try:
             bundle = specmod.load_bundle(Path(st.bundle))
@@ -422,14 +131,6 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
         except CocoonError:
             pass  # a bundle removed before delete does not block the delete
     store.remove(cid)
-
-
-def _is_shim(pid: int, cid: str) -> bool:
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"cocoon.shim.main" in cmd and cid.encode() in cmd
 
 
 # ---------------------------------------------------------------------------------- exec
@@ -462,40 +163,19 @@ def exec_process(
                 timeout=120,
             )
         except grpc.RpcError as exc:
-            raise _agent_error(f"exec in {cid}", exc) from exc
+            raise rpc_error(f"exec in {cid}", exc) from exc
     d = sandbox.sandbox_dir(ctx.root, st.sandbox_id)
-    shim = spawn_shim(d, cid, exec_id, terminal, console_socket)
+    shim = shimmod.spawn(d, cid, exec_id, terminal, console_socket)
     with store.locked(cid):
         st = store.load(cid)
         st.exec_pids = {k: v for k, v in st.exec_pids.items() if pid_alive(v)}
         st.exec_pids[exec_id] = shim.pid
         store.save(st)
     if pid_file is not None:
-        _write_pid_file(pid_file, shim.pid)
+        shimmod.write_pid_file(pid_file, shim.pid)
     if detach:
         return 0
-    return wait_forwarding(shim)
-
-
-def wait_forwarding(proc: subprocess.Popen[bytes]) -> int:
-    """Waits for a foreground shim, passing on the signals we get (as runc run/exec do)."""
-
-    def fwd(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signum)
-
-    for s in (
-        signal.SIGINT,
-        signal.SIGTERM,
-        signal.SIGHUP,
-        signal.SIGQUIT,
-        signal.SIGUSR1,
-        signal.SIGUSR2,
-        signal.SIGWINCH,
-    ):
-        signal.signal(s, fwd)
-    rc = proc.wait()
-    return 128 - rc if rc < 0 else rc
+    return shimmod.wait_forwarding(shim)
 
 
 def build_process(
@@ -541,7 +221,7 @@ def simple(ctx: Ctx, cid: str, verb: str) -> None:
                         apb.ResumeContainerRequest(container_id=cid), timeout=60
                     )
             except grpc.RpcError as exc:
-                raise _agent_error(f"{verb} {cid}", exc) from exc
+                raise rpc_error(f"{verb} {cid}", exc) from exc
         st.status = (Status.PAUSED if verb == "pause" else Status.RUNNING).value
         store.save(st)
 
@@ -556,11 +236,11 @@ def update(ctx: Ctx, cid: str, resources: dict[str, Any]) -> None:
             raise LifecycleError(f"cannot update container {cid}: it is stopped")
         merged = sizing.merge(st.resources, resources)
         new, old = sizing.size_for(ctx.cfg, merged), sizing.size_for(ctx.cfg, st.resources)
-        _check_fits(ctx, new)
+        attach.check_fits(ctx.cfg, new)
         grows = new.vcpus > old.vcpus or new.memory_mib > old.memory_mib
         with _client(ctx, st) as c:
             if grows:
-                _resize(c, cid, new)
+                attach.resize(c, cid, new)
             try:
                 c.agent.UpdateContainer(
                     apb.UpdateContainerRequest(
@@ -571,10 +251,10 @@ def update(ctx: Ctx, cid: str, resources: dict[str, Any]) -> None:
             except grpc.RpcError as exc:
                 if grows:
                     with contextlib.suppress(CocoonError):
-                        _resize(c, cid, old)
-                raise _agent_error(f"update {cid}", exc) from exc
+                        attach.resize(c, cid, old)
+                raise rpc_error(f"update {cid}", exc) from exc
             if not grows and new != old:
-                _resize(c, cid, new)
+                attach.resize(c, cid, new)
         st.resources = merged
         store.save(st)
 
@@ -587,7 +267,7 @@ def stats(ctx: Ctx, cid: str) -> dict[str, Any]:
         try:
             s = c.agent.StatsContainer(apb.StatsContainerRequest(container_id=cid), timeout=30)
         except grpc.RpcError as exc:
-            raise _agent_error(f"stats {cid}", exc) from exc
+            raise rpc_error(f"stats {cid}", exc) from exc
     return {
         "cpu": {
             "usage": {
@@ -631,7 +311,9 @@ def run_foreground(
 ) -> int:
     """runc run: create + start; without -d, wait and delete, returning the status."""
     # In the foreground without --console-socket, a terminal is the caller's own (stdin).
-    _, shim = _create(ctx, cid, bundle, pid_file, console_socket, foreground_tty=not detach)
+    _, shim = create_mod.create(
+        ctx, cid, bundle, pid_file, console_socket, foreground_tty=not detach
+    )
     try:
         start(ctx, cid)
     except BaseException:
@@ -640,7 +322,7 @@ def run_foreground(
         raise
     if detach:
         return 0
-    status = wait_forwarding(shim)
+    status = shimmod.wait_forwarding(shim)
     with contextlib.suppress(CocoonError, SandboxError):
         delete(ctx, cid, force=True)
     return status

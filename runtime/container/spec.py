@@ -6,7 +6,8 @@ root, mounts, hooks, namespaces), with one clear error per problem. ``guest_spec
 spec crun sees inside the VM: the rootfs and bind-mount sources point into the sandbox share
 (``/run/cocoon/shared/<id>/...``), host-only settings are dropped (AppArmor/SELinux labels,
 host hooks; host namespace paths become new namespaces), cgroups go under ``/cocoon/<id>``
-in the guest's cgroupfs, and /dev/shm becomes a guest tmpfs.
+in the guest's cgroupfs, and /dev/shm becomes a guest tmpfs. ``default_spec`` is what ``cocoon
+spec`` writes and what the embedded busybox bundle starts from.
 
 May import: the standard library, cocoon.runtime.errors.
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.runtime.errors import SpecError
+
+OCI_VERSION = "1.0.2"  # what `state` reports and `spec` writes
 
 GUEST_SHARED = "/run/cocoon/shared"
 HOST_HOOKS = ("prestart", "createRuntime", "poststart", "poststop")
@@ -208,3 +211,91 @@ def guest_spec(
     else:
         spec.pop("hooks", None)
     return spec
+
+
+def default_spec(rootless: bool = False) -> dict[str, Any]:
+    caps = ["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]
+    return {
+        "ociVersion": OCI_VERSION,
+        "process": {
+            "terminal": True,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["sh"],
+            "env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "TERM=xterm",
+            ],
+            "cwd": "/",
+            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hostname": "cocoon",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {
+                "destination": "/dev",
+                "type": "tmpfs",
+                "source": "tmpfs",
+                "options": ["nosuid", "strictatime", "mode=755", "size=65536k"],
+            },
+            {
+                "destination": "/dev/pts",
+                "type": "devpts",
+                "source": "devpts",
+                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+            },
+            {
+                "destination": "/dev/shm",
+                "type": "tmpfs",
+                "source": "shm",
+                "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"],
+            },
+            {
+                "destination": "/dev/mqueue",
+                "type": "mqueue",
+                "source": "mqueue",
+                "options": ["nosuid", "noexec", "nodev"],
+            },
+            {
+                "destination": "/sys",
+                "type": "sysfs",
+                "source": "sysfs",
+                "options": ["nosuid", "noexec", "nodev", "ro"],
+            },
+            {
+                "destination": "/sys/fs/cgroup",
+                "type": "cgroup",
+                "source": "cgroup",
+                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+            },
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": [
+                {"type": t}
+                for t in ("pid", "network", "ipc", "uts", "mount", "cgroup")
+                + (("user",) if rootless else ())
+            ],
+            "maskedPaths": [
+                "/proc/acpi",
+                "/proc/asound",
+                "/proc/kcore",
+                "/proc/keys",
+                "/proc/latency_stats",
+                "/proc/timer_list",
+                "/proc/timer_stats",
+                "/proc/sched_debug",
+                "/sys/firmware",
+                "/proc/scsi",
+            ],
+            "readonlyPaths": [
+                "/proc/bus",
+                "/proc/fs",
+                "/proc/irq",
+                "/proc/sys",
+                "/proc/sysrq-trigger",
+            ],
+        },
+    }

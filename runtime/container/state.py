@@ -3,9 +3,11 @@
 ``state.json`` is written atomically (temp file + rename) under an flock on the directory's
 ``lock`` file; liveness is re-checked on every load (a container whose shim is gone is
 stopped, whatever the file says). The status rules live on the Status enum so every verb asks
-the same question the same way.
+the same question the same way. ``Ctx`` is what every verb is given (configuration, state
+root, logging); ``state`` and ``list_states`` answer runc's ``state`` and ``list`` from disk
+alone, so those verbs import no gRPC.
 
-May import: the standard library, cocoon.runtime.{errors, ids}.
+May import: the standard library, cocoon.runtime.{config, errors, container.{ids, spec}}.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cocoon.runtime.config import Config
 from cocoon.runtime.container.ids import validate_id
+from cocoon.runtime.container.spec import OCI_VERSION
 from cocoon.runtime.errors import StateError
-
-OCI_VERSION = "1.0.2"
 
 
 class Status(enum.Enum):
@@ -183,3 +185,32 @@ class Store:
         if not self.dir.is_dir():
             return []
         return sorted(p.name for p in self.dir.iterdir() if (p / "state.json").exists())
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What every verb is given: the configuration, the state root, and how to log."""
+
+    cfg: Config
+    root: Path
+    log_file: Path | None = None
+    log_format: str = "text"
+    debug: bool = False
+
+    @property
+    def store(self) -> Store:
+        return Store(self.root)
+
+
+def state(ctx: Ctx, cid: str) -> dict[str, Any]:
+    """runc state: the container's OCI state (liveness re-checked)."""
+    return ctx.store.load(validate_id(cid)).oci()
+
+
+def list_states(ctx: Ctx) -> list[ContainerState]:
+    """runc list: every container whose state loads (a half-removed one is skipped)."""
+    out = []
+    for cid in ctx.store.ids():
+        with contextlib.suppress(StateError):
+            out.append(ctx.store.load(cid))
+    return out

@@ -18,6 +18,7 @@ from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import config as config_mod
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.container import busybox
+from cocoon.runtime.sandbox import client
 from cocoon.runtime.sandbox import launcher as sandbox
 from tests.integration.cli import Cli
 
@@ -190,7 +191,7 @@ def test_bad_devices_are_refused(cli: Cli, tmp_path: Path) -> None:
 @pytest.fixture
 def running(
     state_root: Path, image: sandbox.GuestFiles, cfg: config_mod.Config
-) -> Iterator[sandbox.Client]:
+) -> Iterator[client.Client]:
     sb = sandbox.start(cfg, state_root, "hp1")
     try:
         with sb.client() as c:
@@ -199,7 +200,7 @@ def running(
         sandbox.stop(state_root, "hp1")
 
 
-def _qmp(c: sandbox.Client, cmd: str, **args: Any) -> Any:
+def _qmp(c: client.Client, cmd: str, **args: Any) -> Any:
     return json.loads(
         c.vm.Qmp(
             vpb.QmpRequest(command=cmd, arguments_json=json.dumps(args)), timeout=30
@@ -208,7 +209,7 @@ def _qmp(c: sandbox.Client, cmd: str, **args: Any) -> Any:
 
 
 def test_disk_attach_then_detach_leaves_neither_guest_nor_qemu_holding_it(
-    running: sandbox.Client, tmp_path: Path
+    running: client.Client, tmp_path: Path
 ) -> None:
     img = tmp_path / "d.img"
     with open(img, "wb") as f:
@@ -232,7 +233,7 @@ def test_disk_attach_then_detach_leaves_neither_guest_nor_qemu_holding_it(
     assert "did not appear" in (info.value.details() or "")  # type: ignore[attr-defined]
 
 
-def test_vfio_device_that_does_not_exist_gives_a_clear_error(running: sandbox.Client) -> None:
+def test_vfio_device_that_does_not_exist_gives_a_clear_error(running: client.Client) -> None:
     with pytest.raises(grpc.RpcError) as info:
         running.vm.AttachVfio(
             vpb.AttachVfioRequest(id="v1", host_bdfs=["0000:7f:1f.7"]), timeout=60
@@ -244,7 +245,7 @@ def test_vfio_device_that_does_not_exist_gives_a_clear_error(running: sandbox.Cl
     assert not [p for p in peripherals if p.startswith("vfio-")], peripherals
 
 
-def test_resize_beyond_the_vm_is_refused(running: sandbox.Client) -> None:
+def test_resize_beyond_the_vm_is_refused(running: client.Client) -> None:
     with pytest.raises(grpc.RpcError) as info:
         running.vm.Resize(vpb.ResizeRequest(vcpus=HOST_CPUS + 1, memory_mib=256), timeout=60)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]

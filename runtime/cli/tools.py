@@ -1,0 +1,204 @@
+"""cocoon's own verbs (not runc's): check, env, image, sandbox, demo.
+
+``check`` says what this host can do, ``env`` prints the resolved configuration as TOML,
+``image build|show`` the guest image, ``sandbox start|stop|status|details|list`` one VM under
+a monitor without containers, and ``demo`` runs the embedded busybox bundle in a new VM.
+Each verb imports what it needs when it runs (the image builder, grpc, the lifecycle), so the
+CLI's other verbs do not pay for them.
+
+May import: the standard library, google.protobuf (lazily), cocoon.agent (lazily),
+cocoon.guest_image (lazily), cocoon.runtime.{config, errors, vm_pb2 (lazily),
+container (lazily), sandbox (lazily)}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cocoon.runtime import config as config_mod
+from cocoon.runtime.errors import CocoonError
+
+
+def add_parsers(sub: Any) -> None:
+    sub.add_parser("check", help="what this host can and cannot do")
+    sub.add_parser("env", help="the resolved configuration and paths, as TOML")
+
+    img_p = sub.add_parser("image", help="the guest image")
+    img = img_p.add_subparsers(dest="image_verb", parser_class=type(img_p), required=True)
+    b = img.add_parser("build", help="build the guest image (cached by input hash)")
+    b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    img.add_parser("show", help="print the current image's files")
+
+    sb_p = sub.add_parser("sandbox", help="one VM under a monitor, no containers")
+    sb = sb_p.add_subparsers(dest="sandbox_verb", parser_class=type(sb_p), required=True)
+    s = sb.add_parser("start")
+    s.add_argument("id")
+    for name in ("stop", "status", "details"):
+        x = sb.add_parser(name)
+        x.add_argument("id")
+    sb.add_parser("list")
+
+    demo = sub.add_parser("demo", help="run a busybox container in a VM (the default bundle)")
+    demo.add_argument("command", nargs=argparse.REMAINDER, help="what to run (default: a greeting)")
+
+
+def load_config(args: argparse.Namespace) -> config_mod.Config:
+    path = Path(args.config) if args.config else None
+    return config_mod.load(path).config
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from cocoon.guest_image import build as image_build
+    from cocoon.runtime.sandbox import hostcheck
+
+    cfg = load_config(args)
+
+    host = hostcheck.RealHost()
+    image_probe = hostcheck.default_image_probe(cfg)
+    kvm_probe = None
+    ok, _ = image_probe()
+    if ok and not cfg.image.kernel:
+        img = image_build.GuestImage.load(image_build.image_dir(Path(cfg.image.cache_dir)))
+        kvm_probe = hostcheck.kvm_prober(cfg, host, img.kernel, img.floor_initrd)
+    checks = hostcheck.run_checks(cfg, host, image_probe, kvm_probe)
+    print(hostcheck.format_checks(checks))
+    return hostcheck.exit_code(checks)
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from cocoon.guest_image import build as image_build
+
+    path = Path(args.config) if args.config else None
+    loaded = config_mod.load(path)
+    print("# sources: " + (", ".join(str(s) for s in loaded.sources) or "built-in defaults"))
+    print("[paths]")
+    print(f"root = {json.dumps(args.root)}")
+    print(
+        f"image_dir = {json.dumps(str(image_build.image_dir(Path(loaded.config.image.cache_dir))))}"
+    )
+    print(f"python = {json.dumps(sys.executable)}")
+    print()
+    print(config_mod.to_toml(loaded.config), end="")
+    return 0
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from cocoon.guest_image import build as image_build
+
+    cfg = load_config(args)
+    cache = Path(cfg.image.cache_dir)
+    try:
+        if args.image_verb == "build":
+            img = image_build.ensure(cache, force=args.force)
+        else:
+            img = image_build.GuestImage.load(image_build.image_dir(cache))
+    except image_build.ImageError as exc:
+        raise CocoonError(str(exc)) from exc
+    for name in ("kernel", "initrd", "rootfs", "floor_initrd"):
+        print(f"{name:13} {getattr(img, name)}")
+    print(f"{'kernel_release':13} {img.kernel_release}")
+    return 0
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from cocoon.agent import agent_pb2 as apb
+    from cocoon.runtime import vm_pb2 as vpb
+    from cocoon.runtime.sandbox import client
+    from cocoon.runtime.sandbox import launcher as sandbox
+
+    root = Path(args.root)
+    verb = args.sandbox_verb
+    if verb == "list":
+        for sid in sandbox.list_sandboxes(root):
+            print(sid)
+        return 0
+    if verb == "start":
+        cfg = load_config(args)
+        sb = sandbox.start(
+            cfg,
+            root,
+            args.id,
+            log_file=Path(args.log) if args.log else None,
+            log_format=args.log_format,
+            debug=args.debug,
+        )
+        print(
+            json.dumps(
+                {
+                    "id": sb.sandbox_id,
+                    "monitor_pid": sb.monitor_pid,
+                    "boot_seconds": round(sb.boot_seconds, 3),
+                    "accel": sb.accel,
+                }
+            )
+        )
+        return 0
+    if verb == "stop":
+        cfg = load_config(args)
+        print(sandbox.stop(root, args.id, cfg.runtime.shutdown_timeout_s))
+        return 0
+    with client.Client(sandbox.sandbox_dir(root, args.id)) as c:
+        if verb == "status":
+            msg: object = c.vm.Status(vpb.StatusRequest(), timeout=c.timeout)
+        else:
+            msg = c.agent.GetGuestDetails(apb.GuestDetailsRequest(), timeout=c.timeout)
+        print(json_format.MessageToJson(msg, preserving_proto_field_name=True))  # type: ignore[arg-type]
+    return 0
+
+
+DEMO_SCRIPT = (
+    'echo "hello from a container inside a cocoon VM"; '
+    'echo "  guest kernel: $(uname -r)"; echo "  CPUs: $(nproc)"; '
+    'echo "  memory: $(grep MemTotal /proc/meminfo | tr -s " " | cut -d" " -f2-3)"; '
+    'echo "  hostname: $(hostname), pid $$, uid $(id -u)"'
+)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``run`` of the embedded default bundle (busybox from the host) in a fresh sandbox."""
+    import shutil
+    import tempfile
+    import uuid
+
+    from cocoon.runtime.container import busybox
+    from cocoon.runtime.container import lifecycle as lc
+    from cocoon.runtime.container.state import Ctx
+
+    cfg = load_config(args)
+    command = [c for c in args.command if c != "--"] or ["sh", "-c", DEMO_SCRIPT]
+    cid = f"demo-{uuid.uuid4().hex[:8]}"
+    work = Path(tempfile.mkdtemp(prefix="cocoon-demo-"))
+    try:
+        # A command of the user's own on a terminal (`cocoon demo sh`) gets a terminal.
+        tty = bool(args.command) and os.isatty(0) and os.isatty(1)
+        bundle = busybox.make_bundle(work, command, terminal=tty)
+        print(
+            f"host kernel: {os.uname().release}; running {cid} (first use builds the guest "
+            "image) ...",
+            flush=True,
+        )
+        ctx = Ctx(
+            cfg, Path(args.root), Path(args.log) if args.log else None, args.log_format, args.debug
+        )
+        status = lc.run_foreground(ctx, cid, bundle, None, None, detach=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"container {cid} exited with status {status}; its VM is gone")
+    return status
+
+
+VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "check": cmd_check,
+    "env": cmd_env,
+    "image": cmd_image,
+    "sandbox": cmd_sandbox,
+    "demo": cmd_demo,
+}

@@ -1,0 +1,257 @@
+"""runc create: a container made inside its sandbox, in named steps, all undone on failure.
+
+The steps, in order:
+1. ``_check``: everything that can be checked before anything is made (the id, the bundle,
+   the terminal, the VM size, the host devices, the network namespace).
+2. reserve the id in the state store.
+3. ``_own_netns``: a spec that asks for a new network namespace without a path gets one made
+   by cocoon (bound under <root>/netns/), removed again on delete.
+4. ``_boot``: the sandbox (one VM per container today; the pod package decides this later).
+5. ``_prepare_guest``: the rootfs and volumes bound into the sandbox share, the VM resized,
+   the container's disks and VFIO groups hot-plugged.
+6. ``_create_in_guest``: the agent creates the container (crun create in the guest).
+7. the shim (a child of the caller, holding its stdio, inside the container's netns).
+8. the prestart/createRuntime hooks, then the network namespace's interfaces brought into the
+   guest (the hooks may have just made them: docker's libnetwork).
+9. the state saved, the pid file written last.
+Any failure undoes all of it (``_undo``), and the id is free again.
+
+May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{config,
+errors, vm_pb2, container.{hooks, ids, shim, spec, state}, resources, sandbox.{client,
+hostmount, launcher}, network.netns (lazily)}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from cocoon.agent import agent_pb2 as apb
+from cocoon.runtime import vm_pb2 as vpb
+from cocoon.runtime.config import NetworkConfig, with_annotations
+from cocoon.runtime.container import shim as shimmod
+from cocoon.runtime.container import spec as specmod
+from cocoon.runtime.container.hooks import run_hooks
+from cocoon.runtime.container.ids import validate_id
+from cocoon.runtime.container.state import ContainerState, Ctx, Status
+from cocoon.runtime.errors import LifecycleError, StateError
+from cocoon.runtime.resources import attach, sizing
+from cocoon.runtime.resources import devices as devmod
+from cocoon.runtime.sandbox import hostmount
+from cocoon.runtime.sandbox import launcher as sandbox
+from cocoon.runtime.sandbox.client import Client, rpc_error
+
+log = logging.getLogger("cocoon")
+
+
+@dataclass
+class _Plan:
+    """What create checked before it made anything."""
+
+    cid: str
+    bundle: specmod.Bundle
+    resources: dict[str, object]
+    size: sizing.Size
+    disks: list[devmod.BlockDevice]
+    volumes: list[devmod.BlockDevice]
+    groups: list[devmod.VfioGroup]
+    net: NetworkConfig
+    has_netns: bool
+    netns: str  # the spec's path; "" when cocoon makes the namespace
+
+    @property
+    def guest_network(self) -> bool:
+        return self.has_netns and self.net.model != "none"
+
+
+@dataclass
+class _Made:
+    """What create has made so far: ``_undo`` takes it apart in reverse."""
+
+    sandbox: sandbox.Sandbox | None = None
+    shim: subprocess.Popen[bytes] | None = None
+    owned_netns: Path | None = None
+
+
+def create(
+    ctx: Ctx,
+    cid: str,
+    bundle_path: Path,
+    pid_file: Path | None,
+    console_socket: str | None,
+    foreground_tty: bool = False,
+) -> tuple[ContainerState, subprocess.Popen[bytes]]:
+    """The container's state and its shim (``run`` waits for the shim)."""
+    plan = _check(ctx, cid, bundle_path, console_socket, foreground_tty)
+    store = ctx.store
+    store.reserve(cid)
+    made = _Made()
+    try:
+        netns = _own_netns(ctx, plan, made)
+        made.sandbox = sb = _boot(ctx, cid)
+        with sb.client(ctx.cfg.agent.request_timeout_s) as c:
+            devices, sources = _prepare_guest(ctx, c, plan, sb.dir)
+            _create_in_guest(c, plan, devices, sources)
+        made.shim = shimmod.spawn(sb.dir, cid, "", plan.bundle.terminal, console_socket, netns)
+        st = _state(plan, made.shim.pid, netns, made.owned_netns is not None)
+        run_hooks("prestart", plan.bundle.hooks("prestart"), st.oci())
+        run_hooks("createRuntime", plan.bundle.hooks("createRuntime"), st.oci())
+        if plan.guest_network:
+            with sb.client(ctx.cfg.agent.request_timeout_s) as c:
+                _attach_network(c, cid, netns, plan.net)
+        store.save(st)
+        if pid_file is not None:
+            shimmod.write_pid_file(pid_file, made.shim.pid)
+        return st, made.shim
+    except BaseException:
+        _undo(ctx, cid, made)
+        store.remove(cid)
+        raise
+
+
+def _check(
+    ctx: Ctx, cid: str, bundle_path: Path, console_socket: str | None, foreground_tty: bool
+) -> _Plan:
+    validate_id(cid)
+    if ctx.store.path(cid).exists():
+        raise StateError(f"container {cid} already exists")
+    bundle = specmod.load_bundle(bundle_path)
+    if bundle.terminal and not console_socket and not (foreground_tty and os.isatty(0)):
+        raise LifecycleError("cannot allocate a terminal without --console-socket")
+    resources = (bundle.spec.get("linux") or {}).get("resources") or {}
+    size = sizing.size_for(ctx.cfg, resources)
+    attach.check_fits(ctx.cfg, size)
+    has_netns, netns = specmod.network_namespace(bundle.spec)
+    plan = _Plan(
+        cid=cid,
+        bundle=bundle,
+        resources=resources,
+        size=size,
+        disks=devmod.block_devices(cid, bundle.spec),
+        volumes=devmod.block_mounts(cid, bundle.spec),
+        groups=devmod.vfio_groups(
+            cid, bundle.spec, override=ctx.cfg.hypervisor.vfio_driver_override
+        ),
+        net=with_annotations(ctx.cfg, bundle.annotations).network,
+        has_netns=has_netns,
+        netns=netns,
+    )
+    if netns and not os.path.exists(netns):
+        raise LifecycleError(f"network namespace {netns} does not exist")
+    return plan
+
+
+def _own_netns(ctx: Ctx, plan: _Plan, made: _Made) -> str:
+    """The container's network namespace path: the spec's, or one cocoon makes."""
+    if not plan.has_netns or plan.netns:
+        return plan.netns
+    from cocoon.runtime.network import netns as nsmod
+
+    made.owned_netns = ctx.root / "netns" / plan.cid
+    nsmod.create_netns(made.owned_netns)
+    return str(made.owned_netns)
+
+
+def _boot(ctx: Ctx, sandbox_id: str) -> sandbox.Sandbox:
+    return sandbox.start(
+        ctx.cfg,
+        ctx.root,
+        sandbox_id,
+        log_file=ctx.log_file,
+        log_format=ctx.log_format,
+        debug=ctx.debug,
+    )
+
+
+def _prepare_guest(
+    ctx: Ctx, c: Client, plan: _Plan, sandbox_dir: Path
+) -> tuple[list[apb.Device], dict[int, str]]:
+    """Share in the rootfs and volumes, size the VM, plug the devices; the agent's Device list
+    and each block volume's node in the guest."""
+    share_in(sandbox_dir, plan.cid, plan.bundle)
+    if plan.size != sizing.boot_size(ctx.cfg):  # the VM boots at this size: nothing to plug
+        attach.resize(c, plan.cid, plan.size)
+    devices = attach.attach_devices(c, plan.cid, plan.disks, plan.groups)
+    sources = {v.index: attach.attach_disk(c, plan.cid, v) for v in plan.volumes}
+    return devices, sources
+
+
+def _create_in_guest(
+    c: Client, plan: _Plan, devices: list[apb.Device], sources: dict[int, str]
+) -> None:
+    spec = specmod.guest_spec(plan.bundle, plan.cid, sources, plan.guest_network)
+    req = apb.CreateContainerRequest(
+        container_id=plan.cid,
+        oci_spec_json=json.dumps(spec).encode(),
+        stdio=apb.StdioConfig(terminal=plan.bundle.terminal, stdin=True),
+        devices=devices,
+    )
+    try:
+        c.agent.CreateContainer(req, timeout=120)
+    except grpc.RpcError as exc:
+        raise rpc_error(f"container {plan.cid}", exc) from exc
+
+
+def _state(plan: _Plan, pid: int, netns: str, netns_owned: bool) -> ContainerState:
+    return ContainerState(
+        id=plan.cid,
+        bundle=str(plan.bundle.path),
+        rootfs=str(plan.bundle.rootfs),
+        sandbox_id=plan.cid,
+        status=Status.CREATED.value,
+        pid=pid,
+        annotations=plan.bundle.annotations,
+        terminal=plan.bundle.terminal,
+        resources=plan.resources,
+        disks=[d.disk_id for d in (*plan.disks, *plan.volumes)],
+        vfio=[g.vfio_id for g in plan.groups],
+        netns=netns,
+        netns_owned=netns_owned,
+    )
+
+
+def _attach_network(c: Client, cid: str, netns: str, net: NetworkConfig) -> None:
+    try:
+        r = c.vm.AttachNetwork(
+            vpb.AttachNetworkRequest(netns_path=netns, model=net.model, queues=net.queues),
+            timeout=120,
+        )
+    except grpc.RpcError as exc:
+        raise rpc_error(f"container {cid}: network", exc) from exc
+    for sk in r.skipped:
+        log.warning("container %s: %s", cid, sk.reason)
+
+
+def _undo(ctx: Ctx, cid: str, made: _Made) -> None:
+    if made.shim is not None and made.shim.poll() is None:
+        made.shim.kill()
+        made.shim.wait()
+    teardown_sandbox(ctx, cid)
+    if made.owned_netns is not None:
+        remove_netns(made.owned_netns)
+
+
+def share_in(sandbox_dir: Path, cid: str, bundle: specmod.Bundle) -> None:
+    """The container's rootfs and bind-mount sources, bound under the sandbox's share."""
+    base = sandbox_dir / "shared" / cid
+    hostmount.bind(bundle.rootfs, base / "rootfs")
+    for bm in bundle.binds:
+        hostmount.bind(bm.source, base / "mounts" / bm.share_name)
+
+
+def teardown_sandbox(ctx: Ctx, sid: str) -> None:
+    d = sandbox.sandbox_dir(ctx.root, sid)
+    if d.exists():
+        sandbox.stop(ctx.root, sid, ctx.cfg.runtime.shutdown_timeout_s)
+
+
+def remove_netns(path: Path) -> None:
+    from cocoon.runtime.network import netns as nsmod
+
+    nsmod.remove_netns(path)
