@@ -1,10 +1,10 @@
-"""cocoon.shim: the per-container (and per ``exec --detach``) host process.
+"""cocoon.shim: the per-container (and per ``exec``) host process; its pid stands for the workload.
 
-Not built yet: it arrives with the runc lifecycle (issue "The runc-compatible lifecycle").
-Its job is fixed by docs/architecture.md: hold the caller's stdio or pty, proxy it to the
-agent's process streams through the sandbox monitor, forward signals and window size, and exit
-with the workload's status.
+``main`` holds the caller's stdio or pty, proxies it to the agent's process streams through
+the sandbox monitor, forwards every signal it receives and the window size, and exits with the
+workload's status. The runtime starts it (cocoon.runtime.container.shim) as a child of the
+caller, so subreaping callers (containerd-shim, conmon) reap it.
 
-May import: the standard library, grpc, cocoon.agent (generated stubs). Must stay light: there
-is one shim per container.
+May import: the standard library, grpc, cocoon.agent (generated stubs), cocoon.runtime.{fds,
+libc}. Must stay light: there is one shim per container.
 """

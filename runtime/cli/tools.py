@@ -55,17 +55,17 @@ def load_config(args: argparse.Namespace) -> config_mod.Config:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from cocoon.guest_image import build as image_build
-    from cocoon.runtime.sandbox import hostcheck
+    from cocoon.runtime.sandbox import hostcheck, probe
 
     cfg = load_config(args)
 
-    host = hostcheck.RealHost()
+    host = probe.RealHost()
     image_probe = hostcheck.default_image_probe(cfg)
     kvm_probe = None
     ok, _ = image_probe()
     if ok and not cfg.image.kernel:
         img = image_build.GuestImage.load(image_build.image_dir(Path(cfg.image.cache_dir)))
-        kvm_probe = hostcheck.kvm_prober(cfg, host, img.kernel, img.floor_initrd)
+        kvm_probe = probe.kvm_prober(cfg, host, img.kernel, img.floor_initrd)
     checks = hostcheck.run_checks(cfg, host, image_probe, kvm_probe)
     print(hostcheck.format_checks(checks))
     return hostcheck.exit_code(checks)

@@ -5,6 +5,11 @@ the single agent connection, forwards the agent's gRPC service to local clients 
 ``<state>/monitor.sock`` next to its own VM service, notices QEMU's death, and shuts down in
 order (agent power-off, QMP quit, SIGKILL).
 
-May import: the standard library, grpc, qemu.qmp, cocoon.agent (proto, mux),
-cocoon.runtime.{vm_pb2, vm_pb2_grpc, logs}. Must not import the CLI.
+main (the entry point) -> vm (processes, QMP, agent link, teardown), service (the VM
+service's RPCs, one table) -> netattach (networking), hotplug (devices over QMP) ->
+agentcalls (the monitor's agent RPCs), channel (the agent link), forward (the agent service,
+passed through); launch is the launch contract the launcher writes (standard library only).
+The monitor must not import the CLI, cocoon.runtime.container or cocoon.runtime.pod.
+
+May import: the standard library only.
 """

@@ -7,7 +7,7 @@ gRPC (grpcio) dials ``unix:<state>/agent.sock``; behind it:
 - vsock: ``VsockRelay`` connects a fresh AF_VSOCK socket to the guest's port per local
   connection (grpcio as shipped cannot dial vsock).
 
-May import: the standard library, cocoon.agent.mux.
+May import: the standard library, cocoon.agent.mux, cocoon.runtime.errors (ChannelError).
 """
 
 from __future__ import annotations

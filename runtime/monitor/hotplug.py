@@ -11,10 +11,11 @@ because the guest onlines hot-added memory as movable); disks are scsi-hd on the
 controller; VFIO devices and NICs go on the pre-created PCIe root ports (one allocation for
 both). A NIC's tap fds reach QEMU over QMP (SCM_RIGHTS, then ``getfd``).
 
+The limits are the launch contract's ``VmLimits`` (what QEMU's command line was built for).
 The QMP command function, the QMP event waiter and the agent calls are passed in, so unit
 tests drive this module with a fake QEMU and a fake agent.
 
-May import: the standard library only.
+May import: the standard library, cocoon.runtime.errors, cocoon.runtime.monitor.launch.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cocoon.runtime.errors import ErrorKind, HotplugError
+from cocoon.runtime.monitor.launch import VmLimits
 
 log = logging.getLogger("cocoon.monitor.hotplug")
 
@@ -52,23 +54,6 @@ class GuestAgent(Protocol):
     async def offline_cpus(self, keep: int) -> int: ...
     async def memory_total(self) -> int: ...
     async def wait_device(self, kind: str, address: str, timeout_ms: int) -> str: ...
-
-
-@dataclass(frozen=True)
-class Limits:
-    vcpus: int
-    max_vcpus: int
-    memory_mib: int
-    max_memory_mib: int
-    memory_slots: int
-    root_ports: int
-    memory_hotplug: str = "virtio-mem"
-    cpu_hotunplug: bool = False
-    shared_memory: bool = True  # guest RAM must be shareable (virtio-fs): memfd backends
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Limits:
-        return cls(**d)
 
 
 @dataclass
@@ -102,7 +87,7 @@ def root_port_address(index: int) -> str:
 class Hotplug:
     def __init__(
         self,
-        limits: Limits,
+        limits: VmLimits,
         qmp: QmpFn,
         wait_event: EventWaiter,
         agent: GuestAgent,

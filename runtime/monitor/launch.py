@@ -1,4 +1,8 @@
-"""The launch file: everything the monitor needs, written by the launcher, read by the monitor.
+"""The launch contract: what the launcher hands the monitor, written to and read from one file.
+
+``VmLimits`` is what the VM is built to hold, typed once: qemu_argv builds QEMU's command line
+from it, the launcher writes it into the launch file, and the monitor's hot-plug checks every
+request against it. Both sides import this module, so it stays standard-library only.
 
 May import: the standard library only.
 """
@@ -6,9 +10,28 @@ May import: the standard library only.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+
+@dataclass(frozen=True)
+class VmLimits:
+    """The VM's size at boot and the ceilings it was built for (maxcpus, maxmem, slots, ports)."""
+
+    vcpus: int
+    max_vcpus: int
+    memory_mib: int
+    max_memory_mib: int
+    memory_slots: int
+    root_ports: int
+    memory_hotplug: str = "virtio-mem"  # or "pc-dimm"
+    cpu_hotunplug: bool = False  # the hypervisor survives a vCPU device_del
+    shared_memory: bool = True  # guest RAM must be shareable (virtio-fs): memfd backends
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VmLimits:
+        return cls(**d)
 
 
 @dataclass(frozen=True)
@@ -24,11 +47,10 @@ class LaunchSpec:
     ready_timeout_s: float
     request_timeout_s: float
     shutdown_timeout_s: float
+    limits: VmLimits
     log_file: str = ""
     log_format: str = "text"
     debug: bool = False
-    # hotplug.Limits as a dict: what the VM was built to hold (maxcpus, maxmem, slots, ports).
-    hotplug: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dir(self) -> Path:
@@ -41,7 +63,8 @@ class LaunchSpec:
 
     @classmethod
     def read(cls, path: Path) -> LaunchSpec:
-        return cls(**json.loads(path.read_text()))
+        raw = json.loads(path.read_text())
+        return cls(**(raw | {"limits": VmLimits.from_dict(raw["limits"])}))
 
 
 # File names inside a sandbox state directory (QEMU's own are in qemu_argv.SandboxPaths).

@@ -8,7 +8,7 @@ vfio-pci (or, with ``hypervisor.vfio_driver_override``, are rebound with driver_
 before they are hot-plugged onto root ports; the guest kernel then drives them. Everything is
 checked before the VM is touched; sysfs and /dev are parameters so unit tests use a fake tree.
 
-May import: the standard library, cocoon.runtime.{errors, spec}.
+May import: the standard library, cocoon.runtime.{errors, container.spec}.
 """
 
 from __future__ import annotations

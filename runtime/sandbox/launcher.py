@@ -2,13 +2,13 @@
 
 ``start()`` resolves the guest image, accel and channel, writes the launch file, spawns the
 monitor in its own session (still a child of the caller, so callers that are subreapers reap
-it), and waits for the monitor's one-line ready report. ``Client`` talks to a running
-monitor over ``<state>/monitor.sock`` with the agent's stubs and the VM stubs. ``stop()``
-asks for an orderly shutdown and waits until the monitor and its state directory are gone.
+it), and waits for the monitor's one-line ready report (``client.Client`` then reaches it).
+``stop()`` asks for an orderly shutdown and waits until the monitor and its state directory
+are gone.
 
-May import: the standard library, grpc, cocoon.agent (generated stubs), cocoon.guest_image,
-cocoon.runtime.{config, errors, hostcheck, hostmount, ids, qemu_argv, state, vm_pb2*,
-monitor.launch, network (lazily)}.
+May import: the standard library, grpc, cocoon.guest_image, cocoon.runtime.{config, errors,
+vm_pb2, monitor.launch, container.ids, container.state, network.record (lazily)},
+cocoon.runtime.sandbox.{client, hostmount, probe, qemu_argv}.
 """
 
 from __future__ import annotations
@@ -28,16 +28,15 @@ from pathlib import Path
 
 import grpc
 
-from cocoon.agent import agent_pb2_grpc
 from cocoon.guest_image import build as image_build
 from cocoon.runtime import vm_pb2 as vpb
-from cocoon.runtime import vm_pb2_grpc as vpbg
 from cocoon.runtime.config import Config
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.state import pid_alive, wait_gone
 from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
 from cocoon.runtime.monitor import launch as L
-from cocoon.runtime.sandbox import hostcheck, hostmount, qemu_argv
+from cocoon.runtime.sandbox import client as client_mod
+from cocoon.runtime.sandbox import hostmount, probe, qemu_argv
 
 # Unix socket paths (sun_path) hold at most 107 bytes, and the sandbox dir holds sockets
 # (monitor.sock, qmp.sock, virtiofsd.sock, agent-port.sock): long ids (containerd and dockerd
@@ -105,20 +104,20 @@ def host_memory_mib() -> int:
 
 def resolve_host(cfg: Config, files: GuestFiles) -> tuple[str, str, str, bool]:
     """(accel, why, channel, seccomp) for this host."""
-    host = hostcheck.RealHost()
+    host = probe.RealHost()
     qemu = cfg.hypervisor.path
     if not os.access(qemu, os.X_OK):
         raise HostError(f"QEMU binary {qemu} not found or not executable (hypervisor.path)")
 
     if files.floor_initrd is None:
 
-        def probe() -> hostcheck.KvmProbe:
-            return hostcheck.KvmProbe(False, "no floor initrd to probe KVM with")
+        def kvm() -> probe.KvmProbe:
+            return probe.KvmProbe(False, "no floor initrd to probe KVM with")
     else:
-        probe = hostcheck.kvm_prober(cfg, host, files.kernel, files.floor_initrd)
-    accel, why = hostcheck.resolve_accel(cfg.hypervisor.accel, probe)
-    channel = hostcheck.resolve_channel(cfg.agent.channel, host)
-    seccomp = cfg.hypervisor.seccomp_sandbox and hostcheck.seccomp_sandbox_supported(host, qemu)
+        kvm = probe.kvm_prober(cfg, host, files.kernel, files.floor_initrd)
+    accel, why = probe.resolve_accel(cfg.hypervisor.accel, kvm)
+    channel = probe.resolve_channel(cfg.agent.channel, host)
+    seccomp = cfg.hypervisor.seccomp_sandbox and probe.seccomp_sandbox_supported(host, qemu)
     return accel, why, channel, seccomp
 
 
@@ -131,8 +130,8 @@ class Sandbox:
     accel: str
     process: subprocess.Popen[bytes] | None = None
 
-    def client(self, timeout: float = 30.0) -> Client:
-        return Client(self.dir, timeout)
+    def client(self, timeout: float = 30.0) -> client_mod.Client:
+        return client_mod.Client(self.dir, timeout)
 
 
 def start(
@@ -206,17 +205,7 @@ def _launch(
         log_file=str(log_file) if log_file else "",
         log_format=log_format,
         debug=debug,
-        hotplug={
-            "vcpus": vm.vcpus,
-            "max_vcpus": vm.max_vcpus,
-            "memory_mib": vm.memory_mib,
-            "max_memory_mib": vm.max_memory_mib,
-            "memory_slots": vm.memory_slots,
-            "root_ports": vm.root_ports,
-            "memory_hotplug": cfg.hypervisor.memory_hotplug,
-            "cpu_hotunplug": cfg.hypervisor.cpu_hotunplug,
-            "shared_memory": vm.shared_fs == "virtio-fs",
-        },
+        limits=vm.limits,
     )
     spec.write(d / L.LAUNCH_FILE)
     if cfg.hypervisor.shared_fs != "none":
@@ -334,29 +323,6 @@ def _is_our_qemu(pid: int, d: Path) -> bool:
     return str(d).encode() in cmdline
 
 
-class Client:
-    """A connection to a running sandbox's monitor."""
-
-    def __init__(self, d: Path, timeout: float = 30.0) -> None:
-        sock = d / L.MONITOR_SOCK
-        if not sock.exists():
-            raise StateError(f"sandbox at {d} is not running (no {sock.name})")
-        self.dir = d
-        self.timeout = timeout
-        self.channel = grpc.insecure_channel(f"unix:{sock}")
-        self.agent = agent_pb2_grpc.AgentServiceStub(self.channel)
-        self.vm = vpbg.VMStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def list_sandboxes(root: Path) -> list[str]:
     d = root / "sandboxes"
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
@@ -370,7 +336,7 @@ def stop(root: Path, sandbox_id: str, timeout: float = 10.0) -> str:
     mpid = _pid_in(d, L.MONITOR_PID)
     how = "unknown"
     try:
-        with Client(d) as c:
+        with client_mod.Client(d) as c:
             how = c.vm.Shutdown(
                 vpb.ShutdownRequest(timeout_seconds=int(timeout)), timeout=timeout * 3 + 10
             ).how

@@ -2,7 +2,9 @@
 
 ``plan()`` turns the configuration plus host facts (resolved accel and channel, host CPUs and
 RAM, the guest image) into a ``VmPlan``; ``build_argv()`` turns a plan into argv. Neither
-touches the system, so both are tested against golden output (tests/unit/golden/).
+touches the system, so both are tested against golden output (tests/unit/golden/). The plan's
+size and ceilings are one ``VmLimits`` (the launch contract): the same value goes into the
+launch file, and the monitor's hot-plug checks against it.
 
 Machine shape (see docs/architecture.md): q35 with ACPI PCI hot-plug; pcie.0 refuses
 hot-plug, so ``hotplug_root_ports`` pcie-root-ports are pre-created for NICs and VFIO; disks
@@ -11,7 +13,7 @@ so each can be hot-added; ``-m X,slots=S,maxmem=Y``; the root filesystem image o
 (read-only, DAX in the guest); the agent channel on vsock or a virtio-serial port; the
 sandbox share on virtio-fs (vhost-user-fs, guest RAM on a shared memfd) or virtio-9p.
 
-May import: the standard library, cocoon.runtime.config.
+May import: the standard library, cocoon.runtime.config, cocoon.runtime.monitor.launch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cocoon.runtime.config import Config
+from cocoon.runtime.monitor.launch import VmLimits
 
 SHARE_TAG = "cocoon"
 AGENT_PORT_NAME = "agent.channel.0"
@@ -82,12 +85,7 @@ class VmPlan:
     accel: str  # "kvm" or "tcg", already resolved
     cpu_model: str
     tb_size_mib: int
-    vcpus: int
-    max_vcpus: int
-    memory_mib: int
-    max_memory_mib: int
-    memory_slots: int
-    root_ports: int
+    limits: VmLimits
     kernel: Path
     initrd: Path
     rootfs_image: Path
@@ -96,7 +94,6 @@ class VmPlan:
     channel: str  # "vsock" or "virtio-serial", already resolved
     vsock_cid: int
     shared_fs: str
-    memory_hotplug: str  # "virtio-mem" or "pc-dimm"
     msize_9p: int
     seccomp: bool
     paths: SandboxPaths
@@ -136,12 +133,17 @@ def plan(
         accel=accel,
         cpu_model=h.cpu_model or ("host" if accel == "kvm" else "max"),
         tb_size_mib=h.tcg_tb_size_mib,
-        vcpus=h.default_vcpus,
-        max_vcpus=max_vcpus,
-        memory_mib=h.default_memory_mib,
-        max_memory_mib=max_memory,
-        memory_slots=h.memory_slots,
-        root_ports=h.hotplug_root_ports,
+        limits=VmLimits(
+            vcpus=h.default_vcpus,
+            max_vcpus=max_vcpus,
+            memory_mib=h.default_memory_mib,
+            max_memory_mib=max_memory,
+            memory_slots=h.memory_slots,
+            root_ports=h.hotplug_root_ports,
+            memory_hotplug=h.memory_hotplug,
+            cpu_hotunplug=h.cpu_hotunplug,
+            shared_memory=h.shared_fs == "virtio-fs",
+        ),
         kernel=kernel,
         initrd=initrd,
         rootfs_image=rootfs_image,
@@ -150,7 +152,6 @@ def plan(
         channel=channel,
         vsock_cid=vsock_cid,
         shared_fs=h.shared_fs,
-        memory_hotplug=h.memory_hotplug,
         msize_9p=h.msize_9p,
         seccomp=seccomp,
         paths=SandboxPaths(state_dir),
@@ -159,9 +160,10 @@ def plan(
 
 
 def build_argv(p: VmPlan) -> list[str]:
+    lim = p.limits
     a: list[str] = [p.qemu, "-name", f"sandbox-{p.sandbox_id},debug-threads=on"]
     machine = p.machine
-    if p.shared_fs == "virtio-fs":
+    if lim.shared_memory:
         machine += ",memory-backend=ram0"
     a += ["-machine", machine]
     if p.accel == "tcg" and p.tb_size_mib:
@@ -171,23 +173,24 @@ def build_argv(p: VmPlan) -> list[str]:
     a += ["-cpu", p.cpu_model]
     a += [
         "-smp",
-        f"{p.vcpus},maxcpus={p.max_vcpus},sockets={p.max_vcpus},cores=1,threads=1",
+        f"{lim.vcpus},maxcpus={lim.max_vcpus},sockets={lim.max_vcpus},cores=1,threads=1",
     ]
     # maxmem bounds all device memory: hot-plugged DIMMs/virtio-mem and the pmem root image.
     pmem_mib = p.rootfs_size // MIB
     a += [
         "-m",
-        f"{p.memory_mib}M,slots={max(p.memory_slots, 1)},maxmem={p.max_memory_mib + pmem_mib}M",
+        f"{lim.memory_mib}M,slots={max(lim.memory_slots, 1)},"
+        f"maxmem={lim.max_memory_mib + pmem_mib}M",
     ]
-    if p.shared_fs == "virtio-fs":
-        a += ["-object", f"memory-backend-memfd,id=ram0,size={p.memory_mib}M,share=on"]
+    if lim.shared_memory:
+        a += ["-object", f"memory-backend-memfd,id=ram0,size={lim.memory_mib}M,share=on"]
     a += ["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot"]
     a += ["-kernel", str(p.kernel), "-initrd", str(p.initrd)]
     a += ["-append", " ".join(p.kernel_params)]
     a += ["-chardev", f"file,id=console,path={p.paths.console_log}", "-serial", "chardev:console"]
     a += ["-chardev", f"socket,id=qmp,path={p.paths.qmp},server=on,wait=off"]
     a += ["-mon", "chardev=qmp,mode=control"]
-    for i in range(p.root_ports):
+    for i in range(lim.root_ports):
         slot, fn = 0x10 + i // 8, i % 8
         multi = ",multifunction=on" if fn == 0 else ""
         a += [
@@ -195,11 +198,11 @@ def build_argv(p: VmPlan) -> list[str]:
             f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},addr={slot:#x}.{fn}{multi}",
         ]
     a += ["-device", "virtio-scsi-pci,id=scsi0"]
-    if p.memory_hotplug == "virtio-mem" and p.max_memory_mib > p.memory_mib:
+    if lim.memory_hotplug == "virtio-mem" and lim.max_memory_mib > lim.memory_mib:
         # Pre-created (virtio-mem devices cannot be hot-added usefully), resized over QMP.
-        size = (p.max_memory_mib - p.memory_mib) // VMEM_BLOCK_MIB * VMEM_BLOCK_MIB
-        backend = "memory-backend-memfd" if p.shared_fs == "virtio-fs" else "memory-backend-ram"
-        share = ",share=on" if p.shared_fs == "virtio-fs" else ""
+        size = (lim.max_memory_mib - lim.memory_mib) // VMEM_BLOCK_MIB * VMEM_BLOCK_MIB
+        backend = "memory-backend-memfd" if lim.shared_memory else "memory-backend-ram"
+        share = ",share=on" if lim.shared_memory else ""
         a += [
             "-object",
             f"{backend},id=vmem0,size={size}M{share},reserve=off",

@@ -14,6 +14,7 @@ import pytest
 from cocoon.runtime.config import Config
 from cocoon.runtime.errors import ConfigError, HostError
 from cocoon.runtime.sandbox import hostcheck as hc
+from cocoon.runtime.sandbox import probe as pr
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 KERNEL = Path("/img/vmlinuz")
@@ -25,9 +26,9 @@ MSR_STDERR = (
     "qemu-system-x86_64: ../../target/i386/kvm/kvm.c:3183: kvm_buf_set_msrs: "
     "Assertion `ret == cpu->kvm_msr_buf->nmsrs' failed.\n"
 )
-BOOT_OK = hc.RunResult(0, "cocoon-floor: init reached at 0.41s\n", "")
+BOOT_OK = pr.RunResult(0, "cocoon-floor: init reached at 0.41s\n", "")
 
-Responder = hc.RunResult | Callable[[Sequence[str]], hc.RunResult]
+Responder = pr.RunResult | Callable[[Sequence[str]], pr.RunResult]
 
 
 class FakeHost:
@@ -65,17 +66,17 @@ class FakeHost:
     def access(self, path: str, mode: int) -> bool:
         return path in self.files and path not in self.no_access
 
-    def run(self, argv: Sequence[str], timeout: float) -> hc.RunResult:
+    def run(self, argv: Sequence[str], timeout: float) -> pr.RunResult:
         self.calls.append(list(argv))
         if argv[0] not in self.files:
-            return hc.RunResult(127, "", f"{argv[0]}: No such file or directory")
+            return pr.RunResult(127, "", f"{argv[0]}: No such file or directory")
         args = tuple(argv[1:])
         best: tuple[str, ...] | None = None
         for prefix in self.runs:
             if args[: len(prefix)] == prefix and (best is None or len(prefix) > len(best)):
                 best = prefix
         if best is None:
-            return hc.RunResult(1, "", f"unscripted: {argv}")
+            return pr.RunResult(1, "", f"unscripted: {argv}")
         r = self.runs[best]
         return r(argv) if callable(r) else r
 
@@ -90,54 +91,54 @@ BOOT_ARGS = ("-machine", "q35", "-accel", "kvm")
 
 
 def kvm_host(boot: Responder = BOOT_OK, **kw: object) -> FakeHost:
-    files = {QEMU: "", "/dev/kvm": "", hc.BOOT_ID: "boot-1\n"}
+    files = {QEMU: "", "/dev/kvm": "", pr.BOOT_ID: "boot-1\n"}
     return FakeHost(files=files, runs={BOOT_ARGS: boot}, **kw)  # type: ignore[arg-type]
 
 
-def probe(host: FakeHost, timeout: float = 15.0) -> hc.KvmProbe:
-    return hc.probe_kvm(host, QEMU, KERNEL, FLOOR, CACHE, timeout)
+def probe(host: FakeHost, timeout: float = 15.0) -> pr.KvmProbe:
+    return pr.probe_kvm(host, QEMU, KERNEL, FLOOR, CACHE, timeout)
 
 
 # ---------------------------------------------------------------- version
 
 
 def test_parse_version_good() -> None:
-    assert hc.parse_qemu_version(VERSION_OUT) == (7, 2, 22)
-    assert hc.parse_qemu_version("QEMU emulator version 8.1 (foo)") == (8, 1, 0)
+    assert pr.parse_qemu_version(VERSION_OUT) == (7, 2, 22)
+    assert pr.parse_qemu_version("QEMU emulator version 8.1 (foo)") == (8, 1, 0)
 
 
 def test_qemu_version_via_host() -> None:
-    host = FakeHost({QEMU: ""}, {("--version",): hc.RunResult(0, VERSION_OUT, "")})
-    assert hc.qemu_version(host, QEMU) == (7, 2, 22)
+    host = FakeHost({QEMU: ""}, {("--version",): pr.RunResult(0, VERSION_OUT, "")})
+    assert pr.qemu_version(host, QEMU) == (7, 2, 22)
     assert host.calls == [[QEMU, "--version"]]
 
 
 @pytest.mark.parametrize(
     "result",
     [
-        hc.RunResult(0, "garbage\n", ""),
-        hc.RunResult(0, "", ""),
-        hc.RunResult(1, VERSION_OUT, "boom"),
-        hc.RunResult(None, "", ""),
+        pr.RunResult(0, "garbage\n", ""),
+        pr.RunResult(0, "", ""),
+        pr.RunResult(1, VERSION_OUT, "boom"),
+        pr.RunResult(None, "", ""),
     ],
 )
-def test_qemu_version_garbage(result: hc.RunResult) -> None:
+def test_qemu_version_garbage(result: pr.RunResult) -> None:
     host = FakeHost({QEMU: ""}, {("--version",): result})
-    assert hc.qemu_version(host, QEMU) is None
+    assert pr.qemu_version(host, QEMU) is None
 
 
 def test_qemu_version_missing_binary() -> None:
-    assert hc.qemu_version(FakeHost(), QEMU) is None
+    assert pr.qemu_version(FakeHost(), QEMU) is None
 
 
 def test_seccomp_supported() -> None:
-    yes = FakeHost({QEMU: ""}, {("-sandbox", "on"): hc.RunResult(0, VERSION_OUT, "")})
+    yes = FakeHost({QEMU: ""}, {("-sandbox", "on"): pr.RunResult(0, VERSION_OUT, "")})
     no = FakeHost(
         {QEMU: ""},
-        {("-sandbox", "on"): hc.RunResult(1, "", "-sandbox support is not enabled")},
+        {("-sandbox", "on"): pr.RunResult(1, "", "-sandbox support is not enabled")},
     )
-    assert hc.seccomp_sandbox_supported(yes, QEMU)
-    assert not hc.seccomp_sandbox_supported(no, QEMU)
+    assert pr.seccomp_sandbox_supported(yes, QEMU)
+    assert not pr.seccomp_sandbox_supported(no, QEMU)
     assert yes.calls == [[QEMU, "-sandbox", "on", "-version"]]
 
 
@@ -163,16 +164,16 @@ def test_probe_dev_kvm_not_rw() -> None:
 
 def test_probe_boot_ok() -> None:
     host = kvm_host()
-    assert probe(host) == hc.KvmProbe(True, "")
+    assert probe(host) == pr.KvmProbe(True, "")
     (argv,) = host.calls
-    assert argv == hc.kvm_boot_argv(QEMU, str(KERNEL), str(FLOOR))
+    assert argv == pr.kvm_boot_argv(QEMU, str(KERNEL), str(FLOOR))
     for frag in ("-accel", "kvm", "-cpu", "host", "-no-reboot", "-nodefaults"):
         assert frag in argv
     assert argv[argv.index("-append") + 1] == "console=ttyS0 panic=-1 quiet"
 
 
 def test_probe_msr_assertion() -> None:
-    host = kvm_host(hc.RunResult(-6, "", MSR_STDERR))
+    host = kvm_host(pr.RunResult(-6, "", MSR_STDERR))
     p = probe(host)
     assert not p.usable
     assert "Assertion" in p.reason and "kvm_buf_set_msrs" in p.reason
@@ -180,19 +181,19 @@ def test_probe_msr_assertion() -> None:
 
 
 def test_probe_exit_zero_without_marker() -> None:
-    p = probe(kvm_host(hc.RunResult(0, "some kernel noise\n", "")))
+    p = probe(kvm_host(pr.RunResult(0, "some kernel noise\n", "")))
     assert not p.usable
     assert "cocoon-floor:" in p.reason
 
 
 def test_probe_timeout() -> None:
-    p = probe(kvm_host(hc.RunResult(None, "partial", "")), timeout=3)
+    p = probe(kvm_host(pr.RunResult(None, "partial", "")), timeout=3)
     assert not p.usable
     assert "timed out" in p.reason
 
 
 def test_probe_cache_hit_avoids_second_boot() -> None:
-    host = kvm_host(hc.RunResult(-6, "", MSR_STDERR))
+    host = kvm_host(pr.RunResult(-6, "", MSR_STDERR))
     first = probe(host)
     second = probe(host)
     assert first == second
@@ -204,9 +205,9 @@ def test_probe_cache_hit_avoids_second_boot() -> None:
 
 
 def test_probe_cache_invalidated_by_boot_id() -> None:
-    host = kvm_host(hc.RunResult(-6, "", MSR_STDERR))
+    host = kvm_host(pr.RunResult(-6, "", MSR_STDERR))
     assert not probe(host).usable
-    host.files[hc.BOOT_ID] = "boot-2\n"
+    host.files[pr.BOOT_ID] = "boot-2\n"
     host.runs[BOOT_ARGS] = BOOT_OK
     assert probe(host).usable
     assert host.boots() == 2
@@ -217,7 +218,7 @@ def test_probe_cache_invalidated_by_boot_id() -> None:
 def test_probe_cache_invalidated_by_kernel_path() -> None:
     host = kvm_host()
     probe(host)
-    hc.probe_kvm(host, QEMU, Path("/other/vmlinuz"), FLOOR, CACHE)
+    pr.probe_kvm(host, QEMU, Path("/other/vmlinuz"), FLOOR, CACHE)
     assert host.boots() == 2
 
 
@@ -244,13 +245,13 @@ def test_probe_unwritable_cache_is_not_an_error() -> None:
         def write_text_atomic(self, path: str, text: str) -> None:
             raise PermissionError(path)
 
-    host = ReadOnly(files={QEMU: "", "/dev/kvm": "", hc.BOOT_ID: "b"}, runs={BOOT_ARGS: BOOT_OK})
+    host = ReadOnly(files={QEMU: "", "/dev/kvm": "", pr.BOOT_ID: "b"}, runs={BOOT_ARGS: BOOT_OK})
     assert probe(host).usable
 
 
 def test_real_host_atomic_write(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "kvm-probe.json"
-    real = hc.RealHost()
+    real = pr.RealHost()
     real.write_text_atomic(str(target), "one")
     real.write_text_atomic(str(target), "two")
     assert target.read_text() == "two"
@@ -258,7 +259,7 @@ def test_real_host_atomic_write(tmp_path: Path) -> None:
 
 
 def test_real_host_run_timeout_and_missing() -> None:
-    real = hc.RealHost()
+    real = pr.RealHost()
     assert real.run(["sleep", "5"], timeout=0.2).rc is None
     missing = real.run(["/nonexistent/qemu"], timeout=5)
     assert missing.rc == 127 and missing.stderr
@@ -266,7 +267,7 @@ def test_real_host_run_timeout_and_missing() -> None:
 
 def test_kvm_prober_memoizes() -> None:
     host = kvm_host()
-    p = hc.kvm_prober(Config(), host, KERNEL, FLOOR, CACHE)
+    p = pr.kvm_prober(Config(), host, KERNEL, FLOOR, CACHE)
     assert p().usable and p().usable
     assert len(host.calls) == 1
 
@@ -274,62 +275,62 @@ def test_kvm_prober_memoizes() -> None:
 # ---------------------------------------------------------------- resolve_accel / channel
 
 
-def counting(result: hc.KvmProbe) -> tuple[Callable[[], hc.KvmProbe], list[int]]:
+def counting(result: pr.KvmProbe) -> tuple[Callable[[], pr.KvmProbe], list[int]]:
     n = [0]
 
-    def f() -> hc.KvmProbe:
+    def f() -> pr.KvmProbe:
         n[0] += 1
         return result
 
     return f, n
 
 
-GOOD = hc.KvmProbe(True, "")
-BAD = hc.KvmProbe(False, "failed to set MSR")
+GOOD = pr.KvmProbe(True, "")
+BAD = pr.KvmProbe(False, "failed to set MSR")
 
 
 def test_accel_tcg_never_probes() -> None:
     f, n = counting(GOOD)
-    accel, _why = hc.resolve_accel("tcg", f)
+    accel, _why = pr.resolve_accel("tcg", f)
     assert accel == "tcg" and n[0] == 0
 
 
 def test_accel_kvm_usable() -> None:
     f, _ = counting(GOOD)
-    assert hc.resolve_accel("kvm", f)[0] == "kvm"
+    assert pr.resolve_accel("kvm", f)[0] == "kvm"
 
 
 def test_accel_kvm_unusable_raises() -> None:
     f, _ = counting(BAD)
     with pytest.raises(HostError) as ei:
-        hc.resolve_accel("kvm", f)
+        pr.resolve_accel("kvm", f)
     assert str(ei.value) == 'accel = "kvm" but KVM cannot run a guest here: failed to set MSR'
 
 
 def test_accel_auto() -> None:
-    assert hc.resolve_accel("auto", counting(GOOD)[0])[0] == "kvm"
-    accel, why = hc.resolve_accel("auto", counting(BAD)[0])
+    assert pr.resolve_accel("auto", counting(GOOD)[0])[0] == "kvm"
+    accel, why = pr.resolve_accel("auto", counting(BAD)[0])
     assert accel == "tcg"
     assert why == "KVM unusable: failed to set MSR; falling back to TCG (slow)"
 
 
 def test_accel_unknown() -> None:
     with pytest.raises(ConfigError):
-        hc.resolve_accel("hvf", counting(GOOD)[0])
+        pr.resolve_accel("hvf", counting(GOOD)[0])
 
 
 def test_resolve_channel() -> None:
     with_vsock = FakeHost({"/dev/vhost-vsock": ""})
     without = FakeHost()
-    assert hc.resolve_channel("auto", with_vsock) == "vsock"
-    assert hc.resolve_channel("auto", without) == "virtio-serial"
-    assert hc.resolve_channel("vsock", with_vsock) == "vsock"
-    assert hc.resolve_channel("virtio-serial", with_vsock) == "virtio-serial"
-    assert hc.resolve_channel("virtio-serial", without) == "virtio-serial"
+    assert pr.resolve_channel("auto", with_vsock) == "vsock"
+    assert pr.resolve_channel("auto", without) == "virtio-serial"
+    assert pr.resolve_channel("vsock", with_vsock) == "vsock"
+    assert pr.resolve_channel("virtio-serial", with_vsock) == "virtio-serial"
+    assert pr.resolve_channel("virtio-serial", without) == "virtio-serial"
     with pytest.raises(HostError, match="/dev/vhost-vsock"):
-        hc.resolve_channel("vsock", without)
+        pr.resolve_channel("vsock", without)
     with pytest.raises(ConfigError):
-        hc.resolve_channel("tcp", without)
+        pr.resolve_channel("tcp", without)
 
 
 # ---------------------------------------------------------------- run_checks / format
@@ -343,14 +344,14 @@ def this_like_host(**kw: object) -> FakeHost:
         "/dev/kvm": "",
         "/dev/net/tun": "",
         "/usr/lib/qemu/virtiofsd": "",
-        hc.BOOT_ID: "b\n",
-        hc.OSRELEASE: "6.1.0-test\n",
+        pr.BOOT_ID: "b\n",
+        pr.OSRELEASE: "6.1.0-test\n",
     }
     runs: dict[tuple[str, ...], Responder] = {
-        ("--version",): hc.RunResult(0, VERSION_OUT, ""),
-        ("-sandbox", "on"): hc.RunResult(0, VERSION_OUT, ""),
-        ("-device", "help"): hc.RunResult(0, 'name "virtio-9p-pci", bus PCI\n', ""),
-        BOOT_ARGS: hc.RunResult(-6, "", MSR_STDERR),
+        ("--version",): pr.RunResult(0, VERSION_OUT, ""),
+        ("-sandbox", "on"): pr.RunResult(0, VERSION_OUT, ""),
+        ("-device", "help"): pr.RunResult(0, 'name "virtio-9p-pci", bus PCI\n', ""),
+        BOOT_ARGS: pr.RunResult(-6, "", MSR_STDERR),
     }
     return FakeHost(files=files, runs=runs, **kw)  # type: ignore[arg-type]
 
@@ -367,8 +368,8 @@ def by_name(checks: list[hc.Check]) -> dict[str, hc.Check]:
     return {c.name: c for c in checks}
 
 
-def kvm_probe_for(host: FakeHost) -> Callable[[], hc.KvmProbe]:
-    return hc.kvm_prober(Config(), host, KERNEL, FLOOR, CACHE)
+def kvm_probe_for(host: FakeHost) -> Callable[[], pr.KvmProbe]:
+    return pr.kvm_prober(Config(), host, KERNEL, FLOOR, CACHE)
 
 
 def test_checks_only_warnings_exit_0() -> None:
@@ -408,7 +409,7 @@ def test_checks_fatal_exit_1_when_qemu_missing() -> None:
 
 def test_checks_old_qemu_fatal() -> None:
     host = this_like_host()
-    host.runs[("--version",)] = hc.RunResult(0, "QEMU emulator version 6.1.0\n", "")
+    host.runs[("--version",)] = pr.RunResult(0, "QEMU emulator version 6.1.0\n", "")
     c = by_name(hc.run_checks(Config(), host, image_ok))["qemu"]
     assert not c.ok and c.fatal and "6.2" in c.meaning
 
@@ -469,7 +470,7 @@ def test_checks_macvtap_sources() -> None:
 
 def test_checks_seccomp_missing_fatal_only_if_configured() -> None:
     host = this_like_host()
-    host.runs[("-sandbox", "on")] = hc.RunResult(1, "", "-sandbox support is not enabled")
+    host.runs[("-sandbox", "on")] = pr.RunResult(1, "", "-sandbox support is not enabled")
     cfg = Config()
     assert by_name(hc.run_checks(cfg, host, image_ok))["seccomp"].fatal
     cfg = replace(cfg, hypervisor=replace(cfg.hypervisor, seccomp_sandbox=False))
@@ -541,9 +542,9 @@ def test_real_kvm_probe(tmp_path: Path) -> None:
     if img is None:
         pytest.skip(f"no built guest image under {cache_dir} (run `cocoon image build`)")
 
-    host = hc.RealHost()
+    host = pr.RealHost()
     cache = tmp_path / "kvm-probe.json"
-    p = hc.probe_kvm(host, qemu, img.kernel, img.floor_initrd, cache, timeout=30)
+    p = pr.probe_kvm(host, qemu, img.kernel, img.floor_initrd, cache, timeout=30)
     if p.usable:
         # A host where KVM really boots guests: no reason is given.
         assert p.reason == ""
@@ -552,5 +553,5 @@ def test_real_kvm_probe(tmp_path: Path) -> None:
         assert p.reason.strip() != ""
     if host.exists("/dev/kvm") and host.access("/dev/kvm", os.R_OK | os.W_OK):
         assert cache.exists()
-        again = hc.probe_kvm(host, qemu, img.kernel, img.floor_initrd, cache, timeout=30)
+        again = pr.probe_kvm(host, qemu, img.kernel, img.floor_initrd, cache, timeout=30)
         assert again == p

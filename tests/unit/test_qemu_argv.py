@@ -20,6 +20,7 @@ import pytest
 
 from cocoon.agent import channel as agent_channel
 from cocoon.runtime.config import AgentConfig, Config, HypervisorConfig
+from cocoon.runtime.monitor.launch import LaunchSpec, VmLimits
 from cocoon.runtime.sandbox import qemu_argv as qa
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
@@ -225,8 +226,55 @@ def test_rootfs_size_aligned_in_plan_and_backend() -> None:
 def test_max_memory_never_below_boot_memory() -> None:
     case = replace(CASES["defaults_tcg_serial_virtiofs_seccomp"], cfg=hv(default_memory_mib=2048))
     p = make_plan(replace(case, host_memory_mib=1024, rootfs_size=2 * MIB))
-    assert p.max_memory_mib == 2048
+    assert p.limits.max_memory_mib == 2048
     assert value_of(qa.build_argv(p), "-m") == "2048M,slots=8,maxmem=2050M"
+
+
+def test_plan_limits_are_the_launch_contract(tmp_path: Path) -> None:
+    """One typed value: what argv is built from is what the monitor reads back, typed."""
+    case = replace(
+        CASES["kvm_vsock42_9p_noseccomp"],
+        cfg=hv(
+            shared_fs="virtio-9p",
+            default_vcpus=2,
+            default_maxvcpus=4,
+            max_memory_mib=4096,
+            memory_slots=3,
+            hotplug_root_ports=5,
+            memory_hotplug="pc-dimm",
+            cpu_hotunplug=True,
+        ),
+    )
+    p = make_plan(case)
+    assert p.limits == VmLimits(
+        vcpus=2,
+        max_vcpus=4,
+        memory_mib=256,
+        max_memory_mib=4096,
+        memory_slots=3,
+        root_ports=5,
+        memory_hotplug="pc-dimm",
+        cpu_hotunplug=True,
+        shared_memory=False,  # virtio-9p: guest RAM need not be shared
+    )
+    assert make_plan(CASES["defaults_tcg_serial_virtiofs_seccomp"]).limits.shared_memory
+    spec = LaunchSpec(
+        sandbox_id="abc123",
+        state_dir=str(tmp_path),
+        argv=qa.build_argv(p),
+        accel=p.accel,
+        channel=p.channel,
+        vsock_cid=p.vsock_cid,
+        shared_fs=p.shared_fs,
+        virtiofsd="/usr/libexec/virtiofsd",
+        ready_timeout_s=30.0,
+        request_timeout_s=10.0,
+        shutdown_timeout_s=5.0,
+        limits=p.limits,
+    )
+    spec.write(tmp_path / "launch.json")
+    back = LaunchSpec.read(tmp_path / "launch.json")
+    assert isinstance(back.limits, VmLimits) and back == spec
 
 
 @pytest.mark.parametrize(("accel", "model"), [("kvm", "host"), ("tcg", "max")])

@@ -1,0 +1,362 @@
+"""One sandbox's processes, from spawn to teardown: virtiofsd, QEMU, QMP and the agent link.
+
+``Vm.start()`` brings the VM up in order: virtiofsd (if the share is virtio-fs), QEMU, the
+QMP connection, the agent channel, an agent health check and an API-hash check, each step
+failing at once with QEMU's reason if QEMU exits meanwhile. Once running it watches QEMU (an
+unexpected exit is an event and ends the sandbox), fans QMP events out to the event
+subscribers and to hot-plug's waiters, and serialises QMP commands. ``stop()`` shuts down in
+order (agent DestroySandbox, QMP quit, SIGKILL); ``teardown()`` releases everything, and
+``remove_state_dir()`` removes the state directory.
+
+May import: the standard library, grpc, qemu.qmp, cocoon.agent (api_hash),
+cocoon.runtime.{vm_pb2, errors}, cocoon.runtime.sandbox.hostmount,
+cocoon.runtime.network.record (lazily, only when a network was attached),
+cocoon.runtime.monitor.{agentcalls, channel, launch}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from qemu.qmp import QMPClient
+from qemu.qmp.error import QMPError
+
+from cocoon.agent import api_hash
+from cocoon.runtime import vm_pb2 as vpb
+from cocoon.runtime.errors import ChannelError, HostError, StartError
+from cocoon.runtime.monitor import launch as L
+from cocoon.runtime.monitor.agentcalls import AgentCalls
+from cocoon.runtime.monitor.channel import SerialMuxHost, VsockRelay
+from cocoon.runtime.sandbox import hostmount
+
+log = logging.getLogger("cocoon.monitor")
+
+EventMatch = Callable[[dict[str, Any]], bool]
+
+
+def tail(path: Path, lines: int) -> str:
+    try:
+        data = path.read_bytes()[-64 * 1024 :]
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace").replace("\r", "")
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0:
+        return f"killed by {signal.Signals(-rc).name}"
+    return f"exited with status {rc}"
+
+
+def remove_state_dir(d: Path) -> None:
+    try:
+        hostmount.safe_rmtree(d)
+    except (OSError, HostError) as exc:
+        log.error("cannot remove %s: %s", d, exc)
+
+
+class Vm:
+    def __init__(self, spec: L.LaunchSpec) -> None:
+        self.spec = spec
+        self.dir = spec.dir
+        self.state = "booting"  # "running", "stopping", "stopped"
+        self.qemu: asyncio.subprocess.Process | None = None
+        self.virtiofsd: asyncio.subprocess.Process | None = None
+        self.qmp = QMPClient(f"sandbox-{spec.sandbox_id}")
+        self.qmp_lock = asyncio.Lock()
+        self.link: SerialMuxHost | VsockRelay | None = None
+        self.agent: grpc.aio.Channel | None = None
+        self.calls: AgentCalls | None = None  # the monitor's own agent RPCs
+        self.server: grpc.aio.Server | None = None
+        self.subscribers: list[asyncio.Queue[vpb.Event | None]] = []
+        self.done = asyncio.Event()
+        self.stop_task: asyncio.Task[str] | None = None
+        self.qemu_exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.t_spawn = 0.0
+        self.boot_seconds = 0.0
+        self.tasks: list[asyncio.Task[None]] = []
+        self.event_waiters: list[tuple[str, EventMatch, asyncio.Future[dict[str, Any]]]] = []
+
+    @property
+    def qemu_pid(self) -> int:
+        return self.qemu.pid if self.qemu else 0
+
+    # ------------------------------------------------------------------ events
+    def publish(self, kind: str, detail: str, data: object = None) -> None:
+        ev = vpb.Event(
+            time=time.time(),
+            kind=kind,
+            detail=detail,
+            data_json=json.dumps(data) if data is not None else "",
+        )
+        log.info("event %s: %s", kind, detail)
+        for q in self.subscribers:
+            q.put_nowait(ev)
+
+    # ------------------------------------------------------------------ start-up
+    async def start(self) -> None:
+        spec = self.spec
+        deadline = time.monotonic() + spec.ready_timeout_s
+        if spec.shared_fs == "virtio-fs":
+            await self._start_virtiofsd()
+        self.t_spawn = time.monotonic()
+        self.qemu = await self._spawn(list(spec.argv), L.QEMU_LOG, "QEMU")
+        (self.dir / L.QEMU_PID).write_text(f"{self.qemu.pid}\n")
+        self.tasks.append(asyncio.create_task(self._watch_qemu()))
+        await self._race(self._connect_qmp(deadline), "QMP")
+        await self._race(self._connect_agent(deadline), "agent")
+        self.boot_seconds = time.monotonic() - self.t_spawn
+        self.state = "running"
+        self.tasks.append(asyncio.create_task(self._qmp_events()))
+
+    async def serve(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """Serves ``handlers`` on the monitor's socket (stopped by ``teardown``)."""
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers(handlers)
+        sock = self.dir / L.MONITOR_SOCK
+        self.server.add_insecure_port(f"unix:{sock}")
+        await self.server.start()
+
+    async def _race(self, coro: Any, what: str) -> None:
+        """Runs ``coro`` but fails at once, with QEMU's reason, if QEMU exits meanwhile."""
+        task = asyncio.ensure_future(coro)
+        await asyncio.wait({task, self.qemu_exit}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done() and task.exception() is None:
+            return
+        if task.done():
+            # A broken socket is usually QEMU going away: give its exit a moment to land
+            # so the error names the real cause.
+            await asyncio.wait({self.qemu_exit}, timeout=1.0)
+            if not self.qemu_exit.done():
+                task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise StartError(
+            f"QEMU {describe_exit(self.qemu_exit.result())} before the {what} was ready"
+        )
+
+    async def _spawn(self, argv: list[str], log_name: str, what: str) -> asyncio.subprocess.Process:
+        """Starts a helper in its own session with stdout/stderr in a state-dir log file."""
+        out = open(self.dir / log_name, "wb")  # noqa: SIM115 - handed to the child
+        try:
+            return await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise StartError(f"cannot run {what} {argv[0]}: {exc.strerror}") from exc
+        finally:
+            out.close()
+
+    async def _start_virtiofsd(self) -> None:
+        share = self.dir / "shared"
+        share.mkdir(exist_ok=True)
+        sock = self.dir / "virtiofsd.sock"
+        self.virtiofsd = await self._spawn(
+            [
+                self.spec.virtiofsd,
+                f"--socket-path={sock}",
+                "-o",
+                f"source={share}",
+                "-o",
+                "cache=auto",
+            ],
+            L.VIRTIOFSD_LOG,
+            "virtiofsd",
+        )
+        for _ in range(500):
+            if sock.exists():
+                return
+            if self.virtiofsd.returncode is not None:
+                break
+            await asyncio.sleep(0.01)
+        raise StartError(
+            f"virtiofsd did not come up: {tail(self.dir / L.VIRTIOFSD_LOG, 5) or 'no output'}"
+        )
+
+    async def _connect_qmp(self, deadline: float) -> None:
+        path = str(self.dir / "qmp.sock")
+        while True:
+            try:
+                await self.qmp.connect(path)
+                return
+            except (QMPError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    raise StartError(f"QMP socket {path}: {exc}") from exc
+                await asyncio.sleep(0.02)
+
+    async def _connect_agent(self, deadline: float) -> None:
+        spec = self.spec
+        listen = self.dir / L.AGENT_SOCK
+        if spec.channel == "vsock":
+            self.link = VsockRelay(spec.vsock_cid, 1024, listen)
+        else:
+            self.link = SerialMuxHost(self.dir / "agent-port.sock", listen)
+        try:
+            await self.link.connect(deadline)
+        except ChannelError as exc:
+            raise StartError(
+                f"the guest agent did not answer within {spec.ready_timeout_s:g}s ({exc})"
+            ) from exc
+        await self.link.serve()
+        self.agent = grpc.aio.insecure_channel(f"unix:{listen}")
+        self.calls = AgentCalls(self.agent, spec.request_timeout_s)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StartError(f"the guest agent did not answer within {spec.ready_timeout_s:g}s")
+            try:
+                ver = await self.calls.version(timeout=min(left, 5.0))
+                break
+            except grpc.aio.AioRpcError as exc:
+                log.debug("agent not ready yet: %s", exc.code())
+                await asyncio.sleep(0.05)
+        want = api_hash()
+        if ver.api_hash != want:
+            raise StartError(
+                f"guest agent {ver.agent_version} speaks another API (hash {ver.api_hash[:12]}, "
+                f"host {want[:12]}): rebuild the guest image (`cocoon image build`)"
+            )
+        log.info("agent %s ready after %.2fs", ver.agent_version, time.monotonic() - self.t_spawn)
+
+    # ------------------------------------------------------------------ running
+    async def _watch_qemu(self) -> None:
+        assert self.qemu is not None
+        rc = await self.qemu.wait()
+        self.qemu_exit.set_result(rc)
+        if self.state in ("running",) and self.stop_task is None:
+            detail = f"QEMU {describe_exit(rc)} unexpectedly"
+            log.error("sandbox %s: %s", self.spec.sandbox_id, detail)
+            self.state = "stopped"
+            self.publish("qemu-exited", detail, {"status": rc})
+            await asyncio.sleep(0.3)  # let event subscribers read it
+            self.done.set()
+
+    async def _qmp_events(self) -> None:
+        with contextlib.suppress(QMPError, asyncio.CancelledError):
+            async for ev in self.qmp.events:
+                name = str(ev.get("event", ""))
+                raw = ev.get("data")
+                data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+                for waiter in list(self.event_waiters):
+                    if waiter[0] == name and not waiter[2].done() and waiter[1](data):
+                        waiter[2].set_result(data)
+                self.publish("qmp", name, data)
+
+    async def wait_event(
+        self, name: str, match: EventMatch, timeout: float
+    ) -> dict[str, Any] | None:
+        """The next QMP event ``name`` whose data matches, or None after ``timeout``."""
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        entry = (name, match, fut)
+        self.event_waiters.append(entry)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            self.event_waiters.remove(entry)
+
+    async def qmp_command(self, command: str, args: dict[str, Any] | None) -> Any:
+        async with self.qmp_lock:
+            return await self.qmp.execute(command, args)
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        async with self.qmp_lock:
+            self.qmp.send_fd_scm(fd)
+            await self.qmp.execute("getfd", {"fdname": name})
+
+    # ------------------------------------------------------------------ stop
+    async def stop(self, timeout: float) -> str:
+        if self.stop_task is None:
+            self.stop_task = asyncio.create_task(self._do_stop(timeout))
+        return await asyncio.shield(self.stop_task)
+
+    async def _wait_qemu(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.qemu_exit), timeout)
+            return True
+        return False
+
+    async def _do_stop(self, timeout: float) -> str:
+        if self.qemu is None or self.qemu_exit.done():
+            return "already-dead"
+        self.state = "stopping"
+        self.publish("stopping", "orderly shutdown")
+        how = "sigkill"
+        if self.calls is not None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.calls.destroy_sandbox(timeout=min(timeout, 5.0))
+            if await self._wait_qemu(timeout):
+                how = "agent"
+        if how == "sigkill" and self.qmp.runstate.name == "RUNNING":
+            with contextlib.suppress(QMPError, OSError):
+                async with self.qmp_lock:
+                    await asyncio.wait_for(self.qmp.execute("quit"), timeout)
+            if await self._wait_qemu(timeout):
+                how = "qmp-quit"
+        if how == "sigkill":
+            with contextlib.suppress(ProcessLookupError):
+                self.qemu.kill()
+            await self._wait_qemu(30)
+        self.state = "stopped"
+        log.info("sandbox %s stopped (%s)", self.spec.sandbox_id, how)
+        return how
+
+    async def teardown(self) -> None:
+        """Releases everything. Safe to call in any state, more than once."""
+        if self.qemu is not None and not self.qemu_exit.done():
+            with contextlib.suppress(ProcessLookupError):
+                self.qemu.kill()
+            await self._wait_qemu(30)
+        if (self.dir / L.NETWORK_RECORD).exists():  # QEMU is gone: so are its tap fds
+            from cocoon.runtime.network import record
+
+            await asyncio.to_thread(record.unplumb_recorded, self.dir / L.NETWORK_RECORD)
+        for q in self.subscribers:
+            q.put_nowait(None)
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        if self.agent is not None:
+            await self.agent.close()
+        if self.link is not None:
+            await self.link.close()
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        if self.virtiofsd is not None and self.virtiofsd.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.virtiofsd.terminate()
+            try:
+                await asyncio.wait_for(self.virtiofsd.wait(), 3)
+            except TimeoutError:
+                self.virtiofsd.kill()
+                await self.virtiofsd.wait()
+
+    def diagnostics(self) -> str:
+        parts = []
+        q = tail(self.dir / L.QEMU_LOG, 15)
+        if q:
+            parts.append("QEMU stderr (last lines):\n" + q)
+        c = tail(self.dir / "console.log", 25)
+        if c:
+            parts.append("guest console (last lines):\n" + c)
+        v = tail(self.dir / L.VIRTIOFSD_LOG, 5)
+        vfs = self.virtiofsd
+        if v and vfs is not None and vfs.returncode not in (None, 0):
+            parts.append("virtiofsd (last lines):\n" + v)
+        return "\n".join(parts)

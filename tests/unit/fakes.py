@@ -1,0 +1,147 @@
+"""Fakes shared by the monitor's unit tests: a QEMU that answers hot-plug's QMP commands, an
+agent that answers the monitor's agent calls, and the VM's limits as the launcher writes them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from cocoon.runtime.monitor.launch import VmLimits
+
+MIB = 1024 * 1024
+
+
+def limits(**kw: Any) -> VmLimits:
+    """Small test limits: 1 vCPU of 4, 256 MiB of 2048, 2 DIMM slots, 2 root ports."""
+    base: dict[str, Any] = dict(
+        vcpus=1, max_vcpus=4, memory_mib=256, max_memory_mib=2048, memory_slots=2, root_ports=2
+    )
+    return VmLimits(**(base | kw))
+
+
+class FakeQemu:
+    """Answers the QMP commands hot-plug uses, records them, fails on request."""
+
+    def __init__(self, max_cpus: int = 4, fail: Callable[[str, dict[str, Any]], str] | None = None):
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.max_cpus = max_cpus
+        self.cpus = {0}
+        self.devices: set[str] = set()
+        self.objects: set[str] = set()
+        self.nodes: set[str] = set()
+        self.vmem = 0
+        self.fail = fail or (lambda c, a: "")
+        self.vmem_cap: int | None = None  # the guest gives back no more than this
+        self.fds: set[str] = set()  # named fds QEMU holds (getfd)
+        self.netdevs: set[str] = set()
+        self.passed: list[int] = []
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        self.passed.append(fd)
+        await self("getfd", {"fdname": name})
+
+    async def __call__(self, cmd: str, args: dict[str, Any] | None) -> Any:
+        a = args or {}
+        self.calls.append((cmd, a))
+        err = self.fail(cmd, a)
+        if err:
+            raise RuntimeError(err)
+        if cmd == "query-hotpluggable-cpus":
+            return [
+                {
+                    "props": {"socket-id": s, "core-id": 0, "thread-id": 0, "node-id": 0},
+                    "vcpus-count": 1,
+                    "type": "max-x86_64-cpu",
+                    **({"qom-path": f"/machine/cpu{s}"} if s in self.cpus else {}),
+                }
+                for s in range(self.max_cpus)
+            ]
+        if cmd == "device_add":
+            if a["id"] in self.devices:
+                raise RuntimeError(f"Duplicate device ID '{a['id']}'")
+            self.devices.add(a["id"])
+            if a["driver"].endswith("-cpu"):
+                self.cpus.add(a["socket-id"])
+            return {}
+        if cmd == "device_del":
+            self.devices.discard(a["id"])
+            return {}
+        if cmd == "object-add":
+            self.objects.add(a["id"])
+            return {}
+        if cmd == "object-del":
+            self.objects.discard(a["id"])
+            return {}
+        if cmd == "blockdev-add":
+            self.nodes.add(a["node-name"])
+            return {}
+        if cmd == "blockdev-del":
+            self.nodes.discard(a["node-name"])
+            return {}
+        if cmd == "qom-set":
+            self.vmem = int(a["value"])
+            if self.vmem_cap is not None:
+                self.vmem = max(self.vmem, self.vmem_cap)
+            return {}
+        if cmd == "qom-get":
+            return self.vmem
+        if cmd == "getfd":
+            self.fds.add(a["fdname"])
+            return {}
+        if cmd == "closefd":
+            self.fds.discard(a["fdname"])
+            return {}
+        if cmd == "netdev_add":
+            names = a["fds"].split(":") if "fds" in a else [a["fd"]]
+            assert all(n in self.fds for n in names), f"netdev {a['id']}: fds not passed"
+            self.fds -= set(names)  # QEMU takes the named fds
+            self.netdevs.add(a["id"])
+            return {}
+        if cmd == "netdev_del":
+            self.netdevs.discard(a["id"])
+            return {}
+        raise AssertionError(f"unexpected QMP {cmd}")
+
+    def sent(self, cmd: str) -> list[dict[str, Any]]:
+        return [a for c, a in self.calls if c == cmd]
+
+
+class FakeAgent:
+    def __init__(self, qemu: FakeQemu) -> None:
+        self.qemu = qemu
+        self.online = 1
+        self.devices_seen: dict[str, str] = {}
+        self.missing: set[str] = set()
+        self.device_error: Exception | None = None  # what wait_device raises, when set
+        self.interfaces: list[tuple[str, str]] = []  # (name, guest PCI address) configured
+        self.routes_for: list[list[str]] = []
+
+    async def online_cpus(self, count: int) -> int:
+        self.online = min(count, len(self.qemu.cpus))
+        return self.online
+
+    async def offline_cpus(self, keep: int) -> int:
+        self.online = max(1, keep)
+        return self.online
+
+    async def memory_total(self) -> int:
+        return 256 * MIB + self.qemu.vmem
+
+    async def wait_device(self, kind: str, address: str, timeout_ms: int) -> str:
+        if address in self.missing:
+            raise RuntimeError(f"{kind} device {address} did not appear")
+        if self.device_error is not None:
+            raise self.device_error
+        path = "/dev/sda" if kind == "scsi" else f"/sys/bus/pci/devices/{address}/x"
+        self.devices_seen[address] = path
+        return path
+
+    async def configure_interface(self, ep: Any, pci: str) -> None:
+        self.interfaces.append((ep.name, pci))
+
+    async def configure_routes(self, plumbed: list[Any]) -> None:
+        self.routes_for.append([p.endpoint.name for p in plumbed])
+
+
+async def no_event(name: str, match: Callable[[dict[str, Any]], bool], timeout: float) -> Any:
+    return {"device": "x"}
