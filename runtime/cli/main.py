@@ -26,15 +26,22 @@ log = logging.getLogger("cocoon")
 
 
 def _commit() -> str:
-    here = Path(__file__).resolve().parents[2]
-    head = here / ".git" / "HEAD"
+    git = Path(__file__).resolve().parents[2] / ".git"
     try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            return (here / ".git" / ref[5:]).read_text().strip()[:12]
-        return ref[:12]
+        ref = (git / "HEAD").read_text().strip()
+        if not ref.startswith("ref: "):
+            return ref[:12]
+        name = ref[5:]
+        loose = git / name
+        if loose.exists():
+            return loose.read_text().strip()[:12]
+        for line in (git / "packed-refs").read_text().splitlines():  # after git gc
+            sha, _, packed_name = line.partition(" ")
+            if packed_name == name:
+                return sha[:12]
     except OSError:
-        return "unknown"
+        pass
+    return "unknown"
 
 
 class _Parser(argparse.ArgumentParser):

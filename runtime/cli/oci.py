@@ -27,7 +27,7 @@ from cocoon.runtime.errors import UsageError
 
 def parse_signal(text: str) -> int:
     t = text.strip().upper()
-    if t.isdigit():
+    if t.isascii() and t.isdigit():
         n = int(t)
         if n in {s.value for s in signal.valid_signals() if isinstance(s, signal.Signals)} or (
             signal.SIGRTMIN <= n <= signal.SIGRTMAX

@@ -95,9 +95,9 @@ def load_bundle(bundle: Path) -> Bundle:
     rootfs = rootfs if rootfs.is_absolute() else bundle / rootfs
     _need(rootfs.is_dir(), f"rootfs {rootfs} does not exist or is not a directory")
     proc = spec.get("process")
-    if proc is not None:
-        _need(isinstance(proc, dict), f"{cfg}: process must be an object")
-        validate_process(proc, str(cfg))
+    _need(isinstance(proc, dict), f"{cfg}: process must be an object (runc needs one to create)")
+    validate_process(proc, str(cfg))
+    _check_namespaces(cfg, spec.get("linux"))
     mounts = spec.get("mounts") or []
     _need(isinstance(mounts, list), f"{cfg}: mounts must be a list")
     binds = []
@@ -107,19 +107,44 @@ def load_bundle(bundle: Path) -> Bundle:
             f"{cfg}: mounts[{i}] needs a destination",
         )
         if is_bind_mount(m) and not str(m.get("source", "")).startswith("/dev/"):
-            src = Path(str(m.get("source", "")))
+            _need(
+                isinstance(m.get("source"), str) and m["source"] != "",
+                f"{cfg}: mounts[{i}] is a bind mount without a source",
+            )
+            src = Path(m["source"])
             src = src if src.is_absolute() else bundle / src
             _need(src.exists(), f"{cfg}: mounts[{i}] source {src} does not exist")
             binds.append(BindMount(i, src, m["destination"]))
     hooks = spec.get("hooks") or {}
     _need(isinstance(hooks, dict), f"{cfg}: hooks must be an object")
     for kind, entries in hooks.items():
+        _need(isinstance(entries or [], list), f"{cfg}: hooks.{kind} must be a list")
         for j, h in enumerate(entries or []):
             _need(
                 isinstance(h, dict) and isinstance(h.get("path"), str),
                 f"{cfg}: hooks.{kind}[{j}] needs a path",
             )
     return Bundle(bundle, spec, rootfs, tuple(binds))
+
+
+NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
+
+
+def _check_namespaces(cfg: Path, linux: Any) -> None:
+    if linux is None:
+        return
+    _need(isinstance(linux, dict), f"{cfg}: linux must be an object")
+    nss = linux.get("namespaces") or []
+    _need(isinstance(nss, list), f"{cfg}: linux.namespaces must be a list")
+    seen: set[str] = set()
+    for i, ns in enumerate(nss):
+        where = f"{cfg}: linux.namespaces[{i}]"
+        _need(isinstance(ns, dict), f"{where} must be an object")
+        kind = ns.get("type")
+        _need(kind in NAMESPACES, f"{where}: unknown namespace type {kind!r}")
+        _need(kind not in seen, f"{where}: a second {kind} namespace")
+        _need(isinstance(ns.get("path", ""), str), f"{where}: path must be a string")
+        seen.add(kind)
 
 
 def validate_process(proc: dict[str, Any], where: str) -> None:

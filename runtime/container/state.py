@@ -159,9 +159,13 @@ class Store:
         except (OSError, ValueError) as exc:
             raise StateError(f"container {cid}: unreadable state {f}: {exc}") from exc
         try:
-            return ContainerState(**data)
-        except TypeError as exc:
+            st = ContainerState(**data)
+            Status(st.status)
+        except (TypeError, ValueError) as exc:
             raise StateError(f"container {cid}: invalid state {f}: {exc}") from exc
+        if not isinstance(st.pid, int) or isinstance(st.pid, bool):
+            raise StateError(f"container {cid}: invalid state {f}: pid {st.pid!r}")
+        return st
 
     def save(self, st: ContainerState) -> None:
         d = self.path(st.id)

@@ -106,12 +106,6 @@ def test_bad_signals_are_usage_errors(text: str) -> None:
         parse_signal(text)
 
 
-@pytest.mark.xfail(
-    reason="oci.parse_signal: str.isdigit() is true for non-ASCII digits: '²' makes int() "
-    "raise ValueError (not a UsageError: a traceback instead of a one-line error) and '٣' "
-    "is taken as 3; runc's strconv.Atoi refuses both",
-    strict=True,
-)
 @pytest.mark.parametrize("text", ["²", "٣", "１５"], ids=repr)  # noqa: RUF001
 def test_non_ascii_digits_are_not_signal_numbers(text: str) -> None:
     with pytest.raises(UsageError):
@@ -793,11 +787,6 @@ def test_version_commit_from_the_checkout(
     assert _commit_line(capsys) == f"commit: {expected}"
 
 
-@pytest.mark.xfail(
-    reason="main._commit reads only loose refs: after `git gc`/`git pack-refs` the branch is in "
-    ".git/packed-refs and --version says 'commit: unknown'",
-    strict=True,
-)
 def test_version_commit_from_packed_refs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

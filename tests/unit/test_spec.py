@@ -191,11 +191,6 @@ def test_bad_process(tmp_path: Path, process: Any, problem: str) -> None:
     assert "config.json: " + problem in msg
 
 
-@pytest.mark.xfail(
-    reason="spec.py: a config.json without `process` loads (runc refuses it: 'process property "
-    "must not be empty'); the guest's crun fails later with a less clear error",
-    strict=True,
-)
 def test_missing_process(tmp_path: Path) -> None:
     spec = base_spec()
     del spec["process"]
@@ -230,12 +225,6 @@ def test_bad_mounts(tmp_path: Path, mounts: Any, problem: str) -> None:
     assert problem in load_error(tmp_path, with_(mounts=mounts))
 
 
-@pytest.mark.xfail(
-    reason="spec.py: a bind mount without a source (or with an empty one) resolves to the "
-    "bundle directory itself, which exists: the whole bundle (config.json included) would be "
-    "shared into the container instead of a SpecError",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "mount",
     [
@@ -269,22 +258,11 @@ def test_bad_hooks(tmp_path: Path, hooks: Any, problem: str) -> None:
     assert problem in load_error(tmp_path, with_(hooks=hooks))
 
 
-@pytest.mark.xfail(
-    reason="spec.py: a hooks entry that is not a list (a number, true) is iterated as one: "
-    "TypeError escapes load_bundle instead of a SpecError",
-    strict=True,
-)
 @pytest.mark.parametrize("entries", [5, True], ids=repr)
 def test_a_hook_list_that_is_not_a_list(tmp_path: Path, entries: Any) -> None:
     assert "hooks.prestart" in load_error(tmp_path, with_(hooks={"prestart": entries}))
 
 
-@pytest.mark.xfail(
-    reason="spec.py: load_bundle does not check linux.namespaces (its docstring says it does): "
-    "a bad entry loads, then guest_spec/network_namespace crash (AttributeError) or pass an "
-    "unknown namespace type to the guest's crun; runc refuses each with a spec error",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "linux",
     [

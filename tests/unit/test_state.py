@@ -436,12 +436,6 @@ def _raw_state(**over: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.xfail(
-    reason="state.py: Store.load checks neither the status word nor field types: a state.json "
-    "with status 'bogus' or pid '12' loads, and the first .effective raises ValueError or "
-    "TypeError instead of a StateError",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "over", [{"status": "bogus"}, {"status": None}, {"pid": "12"}, {"pid": None}], ids=repr
 )
