@@ -1,12 +1,29 @@
 """cocoon.agent: the in-guest agent and the host<->guest contract.
 
-What lives here: agent.proto and its generated code (the only host<->guest contract), the
-framed multiplexer codec both sides speak over virtio-serial (``mux``), and the agent itself
-(``server``, ``channel``, ``guest``, ``pid1``), which runs inside the guest as PID 1.
+What lives here:
 
-May import: the standard library, grpc, google.protobuf, and (in the guest) pyudev and
-pyroute2. Must never import cocoon.runtime or cocoon.shim: this package is copied into the
-guest image on its own.
+    agent.proto, agent_pb2*   the only host<->guest contract (gRPC), and its generated code
+    mux                       the frame codec both ends speak over the virtio-serial port
+    pid1                      the agent's main: PID 1 duties (signals, reaping, power-off)
+    channel                   the guest end of the channel (virtio-serial mux, vsock relay)
+    server                    the gRPC service; the agent's errors become status codes here
+    containers                containers and their processes and stdio, run by crun
+    specedit                  the guest's own edits to a container's spec (pure functions)
+    devices                   hot-plugged CPUs, memory and devices
+    network                   interfaces, routes, neighbours and identity (pyroute2)
+    guest                     what the guest is (kernel, CPUs, memory) from /proc and /sys
+    proc                      spawning and reaping processes where the agent is PID 1
+    mounts                    mounting in the guest
+    logbuf                    the in-memory log the host reads (ReadLogs)
+    sys                       the one libc seam (setns, unshare, mount, umount2, reboot)
+    errors                    every error class of the agent, kinds as an Enum
+
+The host side imports only the generated stubs, ``mux`` (and through it ``errors``: both stay
+standard library only) and ``api_hash``; the guest image gets every file of this folder.
+
+May import: the standard library, grpc, google.protobuf, pyudev (in the guest), pyroute2 (in
+the guest), cocoon.agent. Must never import cocoon.runtime or cocoon.shim: this package is
+copied into the guest image on its own.
 """
 
 AGENT_VERSION = "0.1.0"

@@ -1,4 +1,7 @@
-"""``python3 -m cocoon.agent``: the guest's PID 1."""
+"""``python3 -m cocoon.agent``: the guest's PID 1 (see ``pid1``).
+
+May import: the standard library, cocoon.agent.pid1.
+"""
 
 import sys
 

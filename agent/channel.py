@@ -9,7 +9,7 @@ Two transports, the same gRPC server behind both (it listens on a unix socket):
 Threads, not asyncio: the port is a character device that reports host disconnects only as
 POLLHUP, which a poll loop handles plainly.
 
-May import: the standard library and cocoon.agent.mux.
+May import: the standard library, cocoon.agent.{errors, mux}.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from cocoon.agent import mux
+from cocoon.agent.errors import MuxProtocolError
 
 log = logging.getLogger("cocoon.agent.channel")
 
@@ -179,7 +180,7 @@ class SerialMux:
                 if data:
                     try:
                         frames = self._decoder.feed(data)
-                    except mux.MuxProtocolError as exc:
+                    except MuxProtocolError as exc:
                         log.warning("dropping garbage on the port until the next HELLO: %s", exc)
                         self._decoder = mux.Decoder(resync=True)
                         continue

@@ -7,7 +7,12 @@ three pipes held here (or the pty master crun sends over a console socket when t
 for a terminal); the host reads and writes them with the stream RPCs. Exit statuses are kept
 until the container is removed.
 
-May import: the standard library, cocoon.agent.{proc, mounts, network (lazily)}.
+Before crun sees the spec, the guest adds what only it knows (``specedit``: its device
+numbers, device-cgroup rules, net.* sysctls of a container sharing the guest's network
+namespace); this module does the lookups and writes those edits need. A container with a
+network namespace of its own gets its loopback up, as runc does (crun leaves it down).
+
+May import: the standard library, cocoon.agent.{errors, mounts, network, proc, specedit, sys}.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cocoon.agent import mounts, proc
+from cocoon.agent import mounts, network, proc, specedit
+from cocoon.agent import sys as libc
+from cocoon.agent.errors import ContainerError, ErrorKind
 
 log = logging.getLogger("cocoon.agent.containers")
 
@@ -42,14 +49,6 @@ TTY_SOCKETS = Path("/run/cocoon/tty")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CRUN = "/usr/bin/crun"
 _ID = re.compile(r"^[\w+\-.]{1,1024}$")
-
-
-class ContainerError(Exception):
-    """kind: not-found, exists, invalid, precondition, internal (mapped to gRPC codes)."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass
@@ -98,7 +97,9 @@ class Manager:
         with self._lock:
             c = self._containers.get(cid)
         if c is None:
-            raise ContainerError("not-found", f"container {cid} does not exist in the guest")
+            raise ContainerError(
+                ErrorKind.NOT_FOUND, f"container {cid} does not exist in the guest"
+            )
         return c
 
     def _process(self, cid: str, exec_id: str) -> Process:
@@ -107,7 +108,9 @@ class Manager:
             return c.init
         p = c.execs.get(exec_id)
         if p is None:
-            raise ContainerError("not-found", f"process {exec_id} of container {cid} not found")
+            raise ContainerError(
+                ErrorKind.NOT_FOUND, f"process {exec_id} of container {cid} not found"
+            )
         return p
 
     def _crun_argv(self, bundle: Path, *args: str) -> list[str]:
@@ -117,12 +120,14 @@ class Manager:
         offset = _log_size(bundle)
         res = proc.run(self._reaper, self._crun_argv(bundle, *args), timeout=timeout)
         if not res.ok:
-            raise ContainerError("internal", f"crun {args[0]}: {_crun_error(bundle, res, offset)}")
+            raise ContainerError(
+                ErrorKind.INTERNAL, f"crun {args[0]}: {_crun_error(bundle, res, offset)}"
+            )
 
     @staticmethod
     def ensure_shared() -> None:
         if not mounts.is_mounted(SHARED_DIR):
-            mounts.mount(SHARED_TAG, SHARED_DIR, "virtiofs", mounts.MS_NODEV)
+            mounts.mount(SHARED_TAG, SHARED_DIR, "virtiofs", libc.MS_NODEV)
 
     # ------------------------------------------------------------------ lifecycle
     def create(
@@ -134,45 +139,58 @@ class Manager:
     ) -> Container:
         """``devices``: (guest device node, container path) of hot-plugged block devices."""
         if not _ID.match(cid) or cid in (".", ".."):
-            raise ContainerError("invalid", f"invalid container id {cid!r}")
-        try:
-            spec = json.loads(spec_json)
-        except ValueError as exc:
-            raise ContainerError("invalid", f"container {cid}: spec is not JSON: {exc}") from exc
+            raise ContainerError(ErrorKind.INVALID, f"invalid container id {cid!r}")
+        spec = specedit.parse(spec_json, f"container {cid}: spec")
         for vm_path, container_path in devices:
-            bind_device(spec, vm_path, container_path)
-        allow_mounted_devices(spec)
+            specedit.bind_device(spec, container_path, *_block_device(vm_path))
+        for source in specedit.device_mount_sources(spec):
+            try:
+                numbers = _block_device(source)
+            except ContainerError:
+                continue  # not a block device: nothing for the device cgroup to allow
+            specedit.allow_block_device(spec, *numbers)
         apply_guest_net_sysctls(spec)
         with self._lock:
             if cid in self._containers:
-                raise ContainerError("exists", f"container {cid} already exists in the guest")
-        if str(spec.get("root", {}).get("path", "")).startswith(SHARED_DIR):
+                raise ContainerError(
+                    ErrorKind.EXISTS, f"container {cid} already exists in the guest"
+                )
+        root_path = str(specedit.section(spec, "root").get("path", ""))
+        if root_path.startswith(SHARED_DIR):
             try:
                 self.ensure_shared()
             except OSError as exc:
-                raise ContainerError("internal", f"shared filesystem: {exc}") from exc
-        root = Path(spec.get("root", {}).get("path", ""))
+                raise ContainerError(ErrorKind.INTERNAL, f"shared filesystem: {exc}") from exc
+        root = Path(root_path)
         if not root.is_absolute() or not root.is_dir():
             raise ContainerError(
-                "invalid", f"container {cid}: rootfs {root} not found in the guest"
+                ErrorKind.INVALID, f"container {cid}: rootfs {root} not found in the guest"
             )
         bundle = self._bundles / cid
         shutil.rmtree(bundle, ignore_errors=True)
         bundle.mkdir(parents=True)
         (bundle / "config.json").write_text(json.dumps(spec))
-        terminal = bool(spec.get("process", {}).get("terminal"))
-        p = Process(cid, "", terminal, args=list(spec.get("process", {}).get("args", [])))
+        process = specedit.section(spec, "process")
+        terminal = bool(process.get("terminal"))
+        p = Process(cid, "", terminal, args=list(process.get("args") or []))
         try:
             self._launch(p, bundle, ["create", "--bundle", str(bundle)], cid)
-            if _own_netns(spec):
-                loopback_up_in(p.pid)
+            if specedit.own_netns(spec):
+                try:
+                    network.loopback_up_in(p.pid)
+                except Exception as exc:
+                    raise ContainerError(
+                        ErrorKind.INTERNAL,
+                        f"loopback in the container's network namespace: {exc}",
+                    ) from exc
         except BaseException:
             p.close_fds()
             with contextlib.suppress(ContainerError):
                 self._crun(bundle, "delete", "--force", cid)
             shutil.rmtree(bundle, ignore_errors=True)
             raise
-        c = Container(cid, bundle, p, cgroup=str(spec.get("linux", {}).get("cgroupsPath", "")))
+        cgroup = str(specedit.section(spec, "linux").get("cgroupsPath", ""))
+        c = Container(cid, bundle, p, cgroup=cgroup)
         with self._lock:
             self._containers[cid] = c
         return c
@@ -219,11 +237,13 @@ class Manager:
             status = self._reaper.wait(pid, 120)
         if status is None or not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
             res = proc.Result(status or 0, b"", b"")
-            raise ContainerError("internal", f"crun {verb[0]}: {_crun_error(bundle, res, offset)}")
+            raise ContainerError(
+                ErrorKind.INTERNAL, f"crun {verb[0]}: {_crun_error(bundle, res, offset)}"
+            )
         try:
             p.pid = int(pid_file.read_text().strip())
         except (OSError, ValueError) as exc:
-            raise ContainerError("internal", f"crun {verb[0]}: no pid file: {exc}") from exc
+            raise ContainerError(ErrorKind.INTERNAL, f"crun {verb[0]}: no pid file: {exc}") from exc
         threading.Thread(target=self._watch, args=(p,), daemon=True).start()
 
     def _receive_pty(self, p: Process, lsock: socket.socket, crun_pid: int) -> int | None:
@@ -235,7 +255,7 @@ class Manager:
                 with conn:
                     _, fds, _, _ = socket.recv_fds(conn, 4096, 4)
                 if not fds:
-                    raise ContainerError("internal", "crun sent no terminal")
+                    raise ContainerError(ErrorKind.INTERNAL, "crun sent no terminal")
                 p.master = fds[0]
                 for extra in fds[1:]:
                     os.close(extra)
@@ -243,7 +263,7 @@ class Manager:
             status = self._reaper.wait(crun_pid, 0)
             if status is not None:
                 return status
-        raise ContainerError("internal", "crun did not send the terminal within 120s")
+        raise ContainerError(ErrorKind.INTERNAL, "crun did not send the terminal within 120s")
 
     def _watch(self, p: Process) -> None:
         status = self._reaper.wait(p.pid)
@@ -266,16 +286,13 @@ class Manager:
     def exec(self, cid: str, exec_id: str, process_json: bytes) -> Process:
         c = self._get(cid)
         if c.init.done.is_set():
-            raise ContainerError("precondition", f"container {cid} is not running")
+            raise ContainerError(ErrorKind.PRECONDITION, f"container {cid} is not running")
         if not exec_id or exec_id in c.execs or not _ID.match(exec_id):
-            raise ContainerError("invalid", f"bad or duplicate exec id {exec_id!r}")
-        try:
-            spec = json.loads(process_json)
-        except ValueError as exc:
-            raise ContainerError("invalid", f"exec {exec_id}: process is not JSON: {exc}") from exc
+            raise ContainerError(ErrorKind.INVALID, f"bad or duplicate exec id {exec_id!r}")
+        spec = specedit.parse(process_json, f"exec {exec_id}: process")
         pfile = c.bundle / f"{exec_id}.process.json"
         pfile.write_text(json.dumps(spec))
-        p = Process(cid, exec_id, bool(spec.get("terminal")), args=list(spec.get("args", [])))
+        p = Process(cid, exec_id, bool(spec.get("terminal")), args=list(spec.get("args") or []))
         try:
             self._launch(p, c.bundle, ["exec", "--detach", "--process", str(pfile)], cid)
         except BaseException:
@@ -322,7 +339,9 @@ class Manager:
         try:
             json.loads(resources_json)
         except ValueError as exc:
-            raise ContainerError("invalid", f"update {cid}: resources are not JSON: {exc}") from exc
+            raise ContainerError(
+                ErrorKind.INVALID, f"update {cid}: resources are not JSON: {exc}"
+            ) from exc
         f = c.bundle / "resources.json"
         f.write_bytes(resources_json)
         self._crun(c.bundle, "update", "--resources", str(f), cid)
@@ -366,7 +385,7 @@ class Manager:
         p = self._process(cid, exec_id)
         fd = p.master if p.terminal else p.stdin
         if fd is None:
-            raise ContainerError("precondition", "stdin is closed")
+            raise ContainerError(ErrorKind.PRECONDITION, "stdin is closed")
         n = 0
         for data in chunks:
             view = memoryview(data)
@@ -390,7 +409,7 @@ class Manager:
     def resize(self, cid: str, exec_id: str, rows: int, cols: int) -> None:
         p = self._process(cid, exec_id)
         if p.master is None:
-            raise ContainerError("precondition", "process has no terminal")
+            raise ContainerError(ErrorKind.PRECONDITION, "process has no terminal")
         fcntl.ioctl(p.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
     # ------------------------------------------------------------------ stats
@@ -430,102 +449,30 @@ class Manager:
         return out
 
 
-def bind_device(spec: dict[str, Any], vm_path: str, container_path: str) -> None:
-    """Points the spec's device ``container_path`` at the guest's node ``vm_path``.
-
-    The host wrote the host's major:minor; crun must make the node with the guest's, and the
-    device cgroup must allow it.
-    """
+def _block_device(path: str) -> tuple[int, int]:
+    """The (major, minor) of the guest's block device node ``path``."""
     try:
-        st = os.stat(vm_path)
+        st = os.stat(path)
     except OSError as exc:
-        raise ContainerError("internal", f"device {vm_path}: {exc.strerror}") from exc
+        raise ContainerError(ErrorKind.INTERNAL, f"device {path}: {exc.strerror}") from exc
     if not stat.S_ISBLK(st.st_mode):
-        raise ContainerError("internal", f"device {vm_path} is not a block device")
-    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
-    linux = spec.setdefault("linux", {})
-    devs = linux.setdefault("devices", [])
-    entry = next((d for d in devs if d.get("path") == container_path), None)
-    if entry is None:
-        entry = {"path": container_path, "type": "b"}
-        devs.append(entry)
-    entry.update(type="b", major=major, minor=minor)
-    entry.setdefault("fileMode", 0o660)
-    _allow(spec, major, minor)
-
-
-def _allow(spec: dict[str, Any], major: int, minor: int) -> None:
-    rules = spec.setdefault("linux", {}).setdefault("resources", {}).setdefault("devices", [])
-    rules.append({"allow": True, "type": "b", "major": major, "minor": minor, "access": "rwm"})
-
-
-def _own_netns(spec: dict[str, Any]) -> bool:
-    """Whether crun makes the container a network namespace of its own in the guest."""
-    namespaces = (spec.get("linux") or {}).get("namespaces") or []
-    return any(ns.get("type") == "network" for ns in namespaces)
-
-
-def loopback_up_in(pid: int) -> None:
-    """Sets ``lo`` up in the network namespace of ``pid`` (a new one crun made), as runc does
-    for a new network namespace; crun leaves it down."""
-    import ctypes
-
-    from cocoon.agent.network import Network
-
-    err: list[str] = []
-
-    def run() -> None:
-        try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
-                    err.append(os.strerror(ctypes.get_errno()))
-                    return
-            finally:
-                os.close(fd)
-            Network().loopback_up()
-        except Exception as exc:
-            err.append(str(exc))
-
-    t = threading.Thread(target=run, name="netns-lo")
-    t.start()
-    t.join()
-    if err:
-        raise ContainerError("internal", f"loopback in the container's network namespace: {err[0]}")
+        raise ContainerError(ErrorKind.INTERNAL, f"device {path} is not a block device")
+    return os.major(st.st_rdev), os.minor(st.st_rdev)
 
 
 def apply_guest_net_sysctls(spec: dict[str, Any], root: Path = Path("/")) -> None:
     """A container without a network namespace of its own shares the guest's (the sandbox's
-    NICs are there): its ``net.*`` sysctls are the guest's, set here, since crun only sets
-    them in a new network namespace (docker's bridge asks for
+    NICs are there): its ``net.*`` sysctls are the guest's, taken out of ``spec`` and set
+    here, since crun only sets them in a new network namespace (docker's bridge asks for
     net.ipv4.ip_unprivileged_port_start)."""
-    if _own_netns(spec):
-        return
-    sysctl = (spec.get("linux") or {}).get("sysctl") or {}
-    for key in [k for k in sysctl if k.startswith("net.")]:
-        value = str(sysctl.pop(key))
-        if ".." in key or "/" in key:
-            raise ContainerError("invalid", f"sysctl {key!r}: not a sysctl name")
+    for key, value in specedit.take_guest_net_sysctls(spec).items():
         path = root / "proc/sys" / key.replace(".", "/")
         try:
             path.write_text(value)
         except OSError as exc:
-            raise ContainerError("invalid", f"sysctl {key}={value}: {exc.strerror}") from None
-
-
-def allow_mounted_devices(spec: dict[str, Any]) -> None:
-    """A mount from a guest block device (a hot-plugged volume) needs the device allowed in
-    the container's device cgroup, or the kernel refuses the mount (EPERM)."""
-    for m in spec.get("mounts") or []:
-        src = m.get("source") if isinstance(m, dict) else None
-        if not isinstance(src, str) or not src.startswith("/dev/"):
-            continue
-        try:
-            st = os.stat(src)
-        except OSError:
-            continue
-        if stat.S_ISBLK(st.st_mode):
-            _allow(spec, os.major(st.st_rdev), os.minor(st.st_rdev))
+            raise ContainerError(
+                ErrorKind.INVALID, f"sysctl {key}={value}: {exc.strerror}"
+            ) from None
 
 
 def _log_size(bundle: Path) -> int:

@@ -13,7 +13,7 @@ there yet (no udevd runs in the guest: the netlink source is the kernel's own).
 Paths are relative to a root so unit tests can use a fake sysfs.
 
 May import: the standard library, pyudev (imported lazily: only device waits need it),
-cocoon.agent.guest.
+cocoon.agent.{errors, guest}.
 """
 
 from __future__ import annotations
@@ -26,13 +26,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from cocoon.agent.errors import DeviceError
 from cocoon.agent.guest import parse_cpu_list
 
 log = logging.getLogger("cocoon.agent.devices")
-
-
-class DeviceError(Exception):
-    pass
 
 
 class Devices:

@@ -1,27 +1,24 @@
-"""mount(2) for the agent (the guest has busybox, but a syscall needs no process).
+"""Mounting in the guest: mount(2) through the agent's libc seam (the guest has busybox, but
+a syscall needs no process), making the mount point first, and whether a path is mounted.
 
-May import: the standard library only.
+May import: the standard library, cocoon.agent.sys.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
 from pathlib import Path
 
-_libc = ctypes.CDLL(None, use_errno=True)
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
+from cocoon.agent import sys as libc
 
 
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:
+    """Mounts ``source`` (a device, or a tag such as virtiofs's) of type ``fstype`` on
+    ``target``, made if missing; OSError names all three."""
     Path(target).mkdir(parents=True, exist_ok=True)
-    rc = _libc.mount(
-        source.encode(), target.encode(), fstype.encode(), flags, data.encode() or None
-    )
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {fstype} {source} on {target}: {os.strerror(err)}")
+    try:
+        libc.mount(source, target, fstype, flags, data or None)
+    except OSError as exc:
+        raise OSError(exc.errno, f"mount {fstype} {source} on {target}: {exc.strerror}") from exc
 
 
 def is_mounted(target: str) -> bool:

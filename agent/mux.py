@@ -12,7 +12,11 @@ nonce. The guest drops every session, answers the same way with HELLO_ACK carryi
 and the host ignores everything until that ACK. After that each local connection is one
 session: OPEN, DATA..., CLOSE from either side.
 
-May import: the standard library only (used by the guest agent and by the host monitor).
+A malformed frame is a ``MuxProtocolError`` (cocoon.agent.errors, with the agent's other
+errors; the host monitor catches it from there).
+
+May import: the standard library, cocoon.agent.errors (both light: the host monitor imports
+this module too).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import enum
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from cocoon.agent.errors import MuxProtocolError
 
 HEADER = struct.Struct("!BII")
 MAX_PAYLOAD = 32 * 1024
@@ -35,10 +41,6 @@ class FrameType(enum.IntEnum):
     OPEN = 3
     DATA = 4
     CLOSE = 5
-
-
-class MuxProtocolError(Exception):
-    """The peer sent bytes that are not a frame (only possible before a HELLO resync)."""
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """The guest side of networking: a hot-plugged NIC takes the name, MTU, addresses, routes and
 neighbours of the interface it stands for; the guest's hostname, /etc/hosts and
-/etc/resolv.conf are set from the host. Containers with a network join the guest's own
-network namespace, so what is set here is what they see.
+/etc/resolv.conf are set from the host. A container whose network the sandbox's NICs stand
+for joins the guest's own network namespace, so what is set here is what it sees; a container
+that asked for a new, empty namespace gets one from crun, with only its loopback brought up
+here (``loopback_up_in``).
 
-Through pyroute2 (Debian's 0.7 in the guest: only its long-stable IPRoute calls are used).
+Through pyroute2 (Debian's 0.7 in the guest: only its long-stable IPRoute calls are used),
+imported lazily, so the module loads where pyroute2 is missing (the host's unit tests).
 
-May import: the standard library, pyroute2.
+May import: the standard library, pyroute2 (imported lazily), cocoon.agent.{errors, sys}.
 """
 
 from __future__ import annotations
@@ -20,12 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cocoon.agent import sys as libc
+from cocoon.agent.errors import NetError
+
 IFA_F_NODAD = 0x02  # the host did duplicate address detection for these addresses already
 NUD_PERMANENT = 0x80
-
-
-class NetError(Exception):
-    pass
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Network:
         self.root = root
 
     def loopback_up(self) -> None:
+        """Sets ``lo`` up in the calling thread's network namespace."""
         with _ipr() as ipr:
             for idx in ipr.link_lookup(ifname="lo"):
                 ipr.link("set", index=idx, state="up")
@@ -211,3 +214,15 @@ class Network:
                 tmp = p.with_name(f".{name}.cocoon")
                 tmp.write_bytes(data)
                 os.replace(tmp, p)
+
+
+def loopback_up_in(pid: int) -> None:
+    """Sets ``lo`` up in the network namespace of ``pid`` (a new one crun made), as runc does
+    for a new network namespace; crun leaves it down. A thread of its own joins the
+    namespace and ends (setns is per thread)."""
+
+    def run() -> None:
+        libc.join_netns(f"/proc/{pid}/ns/net")
+        Network().loopback_up()
+
+    libc.in_thread(run, "netns-lo")

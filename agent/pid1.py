@@ -5,13 +5,13 @@ this process is PID 1: it blocks the signals it handles before any thread starts
 them with sigwait in the main thread, reaps every child on SIGCHLD (orphans are re-parented to
 it), and powers the VM off on DestroySandbox or when the channel cannot be served.
 
-May import: the standard library, grpc and cocoon.agent.*.
+May import: the standard library, grpc, cocoon.agent.{agent_pb2_grpc, channel, containers,
+logbuf, proc, server, sys}.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -24,6 +24,7 @@ import grpc
 
 from cocoon.agent import agent_pb2_grpc as pbg
 from cocoon.agent import channel
+from cocoon.agent import sys as libc
 from cocoon.agent.containers import Manager
 from cocoon.agent.logbuf import LogBuffer
 from cocoon.agent.proc import Reaper
@@ -32,7 +33,6 @@ from cocoon.agent.server import AgentService
 log = logging.getLogger("cocoon.agent")
 
 HANDLED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGPWR, signal.SIGHUP}
-RB_POWER_OFF = 0x4321FEDC
 
 
 def power_off() -> None:
@@ -40,8 +40,10 @@ def power_off() -> None:
     if os.getpid() != 1:
         log.info("not PID 1: exiting instead of powering off")
         os._exit(0)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.reboot(RB_POWER_OFF)
+    try:
+        libc.reboot(libc.RB_POWER_OFF)
+    except OSError as exc:
+        log.error("power off: %s", exc)
     os._exit(1)  # only reached if reboot(2) failed
 
 

@@ -7,8 +7,11 @@ SetNetworkIdentity). Every other method of agent.proto answers UNIMPLEMENTED (th
 base class does that; the status says which method was called), so a host that is newer than
 the guest gets a clear error.
 
-May import: the standard library, grpc, cocoon.agent.{agent_pb2, agent_pb2_grpc, guest, logbuf,
-containers, devices, network}.
+The agent's own errors (cocoon.agent.errors) come back to the host as the gRPC status of their
+kind (``_CODES``) with their message as the details; any other OSError is INTERNAL.
+
+May import: the standard library, grpc, cocoon.agent (AGENT_VERSION, api_hash),
+cocoon.agent.{agent_pb2, agent_pb2_grpc, containers, devices, errors, guest, logbuf, network}.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ import grpc
 from cocoon.agent import AGENT_VERSION, api_hash, guest
 from cocoon.agent import agent_pb2 as pb
 from cocoon.agent import agent_pb2_grpc as pbg
-from cocoon.agent.containers import ContainerError, Manager
-from cocoon.agent.devices import DeviceError, Devices
+from cocoon.agent.containers import Manager
+from cocoon.agent.devices import Devices
+from cocoon.agent.errors import AgentError, ContainerError, ErrorKind
 from cocoon.agent.logbuf import LogBuffer
-from cocoon.agent.network import Iface, NetError, Network, RouteSpec
+from cocoon.agent.network import Iface, Network, RouteSpec
 
 log = logging.getLogger("cocoon.agent")
 
@@ -57,7 +61,7 @@ class AgentService(pbg.AgentServiceServicer):
     @property
     def containers(self) -> Manager:
         if self._containers is None:
-            raise ContainerError("precondition", "this agent runs no containers")
+            raise ContainerError(ErrorKind.PRECONDITION, "this agent runs no containers")
         return self._containers
 
     @property
@@ -417,24 +421,22 @@ class AgentService(pbg.AgentServiceServicer):
 
 
 _CODES = {
-    "not-found": grpc.StatusCode.NOT_FOUND,
-    "exists": grpc.StatusCode.ALREADY_EXISTS,
-    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
-    "precondition": grpc.StatusCode.FAILED_PRECONDITION,
-    "internal": grpc.StatusCode.INTERNAL,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    ErrorKind.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
 
 @contextlib.contextmanager
 def _errors(context: grpc.ServicerContext) -> Iterator[None]:
-    """Turns ContainerError into the matching gRPC status, with its message."""
+    """Turns the agent's errors into the gRPC status of their kind, with their message
+    (ContainerError: its own kind; DeviceError: FAILED_PRECONDITION; NetError:
+    INVALID_ARGUMENT), and any other OSError into INTERNAL."""
     try:
         yield
-    except ContainerError as exc:
-        context.abort(_CODES.get(exc.kind, grpc.StatusCode.INTERNAL), str(exc))
-    except DeviceError as exc:
-        context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-    except NetError as exc:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except AgentError as exc:
+        context.abort(_CODES[exc.kind], str(exc))
     except OSError as exc:
         context.abort(grpc.StatusCode.INTERNAL, str(exc))

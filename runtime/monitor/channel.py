@@ -7,7 +7,7 @@ gRPC (grpcio) dials ``unix:<state>/agent.sock``; behind it:
 - vsock: ``VsockRelay`` connects a fresh AF_VSOCK socket to the guest's port per local
   connection (grpcio as shipped cannot dial vsock).
 
-May import: the standard library, cocoon.agent.mux, cocoon.runtime.errors (ChannelError).
+May import: the standard library, cocoon.agent.{errors, mux}, cocoon.runtime.errors.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from cocoon.agent import mux
+from cocoon.agent.errors import MuxProtocolError
 from cocoon.runtime.errors import ChannelError
 
 log = logging.getLogger("cocoon.monitor.channel")
@@ -137,7 +138,7 @@ class SerialMuxHost:
                         self._sessions.pop(frame.session, None)
                         with contextlib.suppress(OSError):
                             w.write_eof()
-        except (ConnectionError, mux.MuxProtocolError) as exc:
+        except (ConnectionError, MuxProtocolError) as exc:
             log.error("agent port: %s", exc)
         finally:
             self.lost.set()

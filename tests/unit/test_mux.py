@@ -7,6 +7,7 @@ import random
 import pytest
 
 from cocoon.agent import mux
+from cocoon.agent.errors import MuxProtocolError
 from cocoon.agent.mux import (
     FLUSH_LEN,
     HEADER,
@@ -15,7 +16,6 @@ from cocoon.agent.mux import (
     Decoder,
     Frame,
     FrameType,
-    MuxProtocolError,
     encode,
     encode_data,
     flush_and,

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from cocoon.agent.containers import ContainerError, apply_guest_net_sysctls
+from cocoon.agent.containers import apply_guest_net_sysctls
+from cocoon.agent.errors import ContainerError
 from cocoon.runtime.container import busybox
 from cocoon.runtime.container import spec as specmod
 

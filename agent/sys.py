@@ -1,0 +1,146 @@
+"""The agent's one seam to libc: setns, unshare, mount, umount2, reboot and their constants.
+
+The guest side's twin of cocoon.runtime.libc (the agent may not import the runtime, so it has
+its own). Every kernel call the agent makes that Python's ``os`` lacks goes through
+``current``, a ``Libc`` (ctypes over the process's own libc, loaded on first use), so unit
+tests swap in a recording fake with ``monkeypatch.setattr(sys, "current", fake)`` and run
+without root. Failures raise ``OSError`` with the errno; callers turn it into their own error
+with the context they have.
+
+``join_netns`` moves the calling thread into a network namespace (setns is per thread);
+``in_thread`` runs a function in a fresh thread that may join one and then ends, so none of
+the agent's long-lived threads (gRPC workers, the channel) ever changes namespace.
+
+Callers import it as ``from cocoon.agent import sys as libc``: the name mirrors the host's
+seam, and it keeps the standard library's ``sys`` free in the importing module.
+
+May import: the standard library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWNET = 0x40000000
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MS_SHARED = 1 << 20
+MNT_DETACH = 2
+RB_POWER_OFF = 0x4321FEDC
+
+T = TypeVar("T")
+
+
+class Libc(Protocol):
+    def setns(self, fd: int, nstype: int) -> None: ...
+    def unshare(self, flags: int) -> None: ...
+    def mount(
+        self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+    ) -> None: ...
+    def umount2(self, target: str, flags: int) -> None: ...
+    def reboot(self, cmd: int) -> None: ...
+
+
+def _b(s: str | None) -> bytes | None:
+    return s.encode() if s is not None else None
+
+
+class CLibc:
+    """The real calls, through ctypes (loaded on first use)."""
+
+    def __init__(self) -> None:
+        self._lib: ctypes.CDLL | None = None
+
+    def _call(self, name: str, what: str, *args: object) -> None:
+        if self._lib is None:
+            self._lib = ctypes.CDLL(None, use_errno=True)
+        if getattr(self._lib, name)(*args) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), what)
+
+    def setns(self, fd: int, nstype: int) -> None:
+        self._call("setns", f"setns({fd})", fd, nstype)
+
+    def unshare(self, flags: int) -> None:
+        self._call("unshare", "unshare", flags)
+
+    def mount(
+        self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+    ) -> None:
+        self._call("mount", target, _b(source), _b(target), _b(fstype), flags, _b(data))
+
+    def umount2(self, target: str, flags: int) -> None:
+        self._call("umount2", target, _b(target), flags)
+
+    def reboot(self, cmd: int) -> None:
+        self._call("reboot", "reboot", cmd)
+
+
+current: Libc = CLibc()
+
+
+def setns(fd: int, nstype: int) -> None:
+    current.setns(fd, nstype)
+
+
+def unshare(flags: int) -> None:
+    current.unshare(flags)
+
+
+def mount(
+    source: str | None,
+    target: str,
+    fstype: str | None = None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
+    current.mount(source, target, fstype, flags, data)
+
+
+def umount2(target: str, flags: int = 0) -> None:
+    current.umount2(target, flags)
+
+
+def reboot(cmd: int) -> None:
+    """reboot(2); with RB_POWER_OFF it returns only if it failed (OSError)."""
+    current.reboot(cmd)
+
+
+def join_netns(path: str) -> None:
+    """Moves the calling thread into the network namespace at ``path``; an OSError names
+    ``path`` whether opening it or joining it failed."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        setns(fd, CLONE_NEWNET)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, path) from exc
+    finally:
+        os.close(fd)
+
+
+def in_thread(fn: Callable[[], T], name: str) -> T:
+    """Runs ``fn`` in a fresh thread (which may change namespace and then ends); its result
+    or exception comes back to the caller."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:
+            error.append(exc)
+
+    t = threading.Thread(target=run, name=name)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
