@@ -15,11 +15,12 @@ What lives here:
     proc                      spawning and reaping processes where the agent is PID 1
     mounts                    mounting in the guest
     logbuf                    the in-memory log the host reads (ReadLogs)
-    sys                       the one libc seam (setns, unshare, mount, umount2, reboot)
+    libc                      the one libc seam (setns, unshare, mount, umount2, reboot),
+                              which the host side imports too
     errors                    every error class of the agent, kinds as an Enum
 
-The host side imports only the generated stubs, ``mux`` (and through it ``errors``: both stay
-standard library only) and ``api_hash``; the guest image gets every file of this folder.
+The host side imports only the generated stubs, ``libc``, ``mux`` (and through it ``errors``: all
+stay standard library only) and ``api_hash``; the guest image gets every file of this folder.
 
 May import: the standard library, grpc, google.protobuf, pyudev (in the guest), pyroute2 (in
 the guest), cocoon.agent. Must never import cocoon.runtime or cocoon.shim: this package is

@@ -12,7 +12,7 @@ numbers, device-cgroup rules, net.* sysctls of a container sharing the guest's n
 namespace); this module does the lookups and writes those edits need. A container with a
 network namespace of its own gets its loopback up, as runc does (crun leaves it down).
 
-May import: the standard library, cocoon.agent.{errors, mounts, network, proc, specedit, sys}.
+May import: the standard library, cocoon.agent.{errors, mounts, network, proc, libc, specedit}.
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cocoon.agent import mounts, network, proc, specedit
-from cocoon.agent import sys as libc
+from cocoon.agent import libc, mounts, network, proc, specedit
 from cocoon.agent.errors import ContainerError, ErrorKind
 
 log = logging.getLogger("cocoon.agent.containers")

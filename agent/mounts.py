@@ -1,14 +1,14 @@
 """Mounting in the guest: mount(2) through the agent's libc seam (the guest has busybox, but
 a syscall needs no process), making the mount point first, and whether a path is mounted.
 
-May import: the standard library, cocoon.agent.sys.
+May import: the standard library, cocoon.agent.libc.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cocoon.agent import sys as libc
+from cocoon.agent import libc
 
 
 def mount(source: str, target: str, fstype: str, flags: int = 0, data: str = "") -> None:

@@ -8,7 +8,7 @@ here (``loopback_up_in``).
 Through pyroute2 (Debian's 0.7 in the guest: only its long-stable IPRoute calls are used),
 imported lazily, so the module loads where pyroute2 is missing (the host's unit tests).
 
-May import: the standard library, pyroute2 (imported lazily), cocoon.agent.{errors, sys}.
+May import: the standard library, pyroute2 (imported lazily), cocoon.agent.{errors, libc}.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cocoon.agent import sys as libc
+from cocoon.agent import libc
 from cocoon.agent.errors import NetError
 
 IFA_F_NODAD = 0x02  # the host did duplicate address detection for these addresses already

@@ -6,7 +6,7 @@ them with sigwait in the main thread, reaps every child on SIGCHLD (orphans are 
 it), and powers the VM off on DestroySandbox or when the channel cannot be served.
 
 May import: the standard library, grpc, cocoon.agent.{agent_pb2_grpc, channel, containers,
-logbuf, proc, server, sys}.
+libc, logbuf, proc, server}.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from pathlib import Path
 import grpc
 
 from cocoon.agent import agent_pb2_grpc as pbg
-from cocoon.agent import channel
-from cocoon.agent import sys as libc
+from cocoon.agent import channel, libc
 from cocoon.agent.containers import Manager
 from cocoon.agent.logbuf import LogBuffer
 from cocoon.agent.proc import Reaper

@@ -11,8 +11,8 @@
     monitor/    the per-sandbox monitor process (QEMU, QMP, the agent link, the VM service)
 
 Beside them: ``errors`` (every error class of the host side), ``config``, ``logs``, ``fds``,
-``libc`` (the one ctypes seam of the host side) and the VM service's contract (``vm.proto``,
-``vm_pb2*``), spoken between a sandbox's clients and its monitor.
+and the VM service's contract (``vm.proto``, ``vm_pb2*``), spoken between a sandbox's clients
+and its monitor. The one libc seam is cocoon.agent.libc, shared with the guest.
 
 Imports point one way: cli -> container -> {pod, sandbox, resources, network} -> the shared
 modules beside them; the monitor is its own process and imports none of cli, container, pod.

@@ -17,8 +17,8 @@ number after a signal death) once the output has drained.
 Signals are taken with sigtimedwait in the main thread (blocked everywhere else), since a
 thread blocked in a gRPC call would not run Python signal handlers.
 
-May import: the standard library, grpc, cocoon.agent (generated stubs), cocoon.runtime.{fds,
-libc}.
+May import: the standard library, grpc, cocoon.agent (generated stubs, libc),
+cocoon.runtime.fds.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import grpc
 
 from cocoon.agent import agent_pb2 as pb
 from cocoon.agent import agent_pb2_grpc as pbg
-from cocoon.runtime import libc
+from cocoon.agent import libc
 from cocoon.runtime.fds import close_inherited
 
 NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE}

@@ -7,5 +7,5 @@ checked once at the edge, and its rewrite for the guest), ``hooks`` (the host-si
 embedded default bundle).
 
 May import: the standard library, grpc, cocoon.agent (stubs), cocoon.runtime.{errors, config,
-logs, libc, vm_pb2, pod, sandbox, resources, network}. Never cocoon.runtime.cli or the monitor.
+logs, vm_pb2, pod, sandbox, resources, network}. Never cocoon.runtime.cli or the monitor.
 """

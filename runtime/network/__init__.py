@@ -6,5 +6,5 @@ namespace's interfaces; ``models`` bridges each interface to tap fds for a guest
 also from a later process. The endpoint kind (what is in the namespace) and the network model
 (how it is bridged) stay two separate axes, as in Kata's runtime-rs.
 
-May import: the standard library, pyroute2, cocoon.runtime.{errors, libc}.
+May import: the standard library, pyroute2, cocoon.agent.libc, cocoon.runtime.errors.
 """

@@ -23,7 +23,7 @@ from a later process (delete after a crashed monitor). Models:
 Every netlink and tc operation goes through pyroute2's synchronous IPRoute, inside the
 namespace (network.netns).
 
-May import: the standard library, cocoon.runtime.{errors, libc},
+May import: the standard library, cocoon.agent.libc, cocoon.runtime.errors,
 cocoon.runtime.network.{netns, scan, record}.
 """
 
@@ -40,7 +40,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from cocoon.runtime import libc
+from cocoon.agent import libc
 from cocoon.runtime.errors import NetworkError
 from cocoon.runtime.network.netns import in_netns, iproute
 from cocoon.runtime.network.record import Plumbed, close_fds, undo_one, unplumb_here

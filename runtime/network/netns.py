@@ -2,9 +2,10 @@
 
 Work inside a namespace runs in a fresh thread that joins it and then ends (setns is per
 thread), so no thread of the caller ever changes namespace. Every kernel call goes through
-cocoon.runtime.libc, so unit tests run this without root.
+cocoon.agent.libc, so unit tests run this without root.
 
-May import: the standard library, pyroute2 (lazily), cocoon.runtime.{errors, libc}.
+May import: the standard library, pyroute2 (lazily), cocoon.agent.libc,
+cocoon.runtime.errors.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cocoon.runtime import libc
+from cocoon.agent import libc
 from cocoon.runtime.errors import NetworkError
 
 T = TypeVar("T")

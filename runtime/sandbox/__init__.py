@@ -5,7 +5,7 @@ line as a pure function of a plan; ``launcher`` starts and stops a sandbox (the 
 the monitor process, its ready report); ``client`` reaches a running monitor's socket;
 ``hostmount`` makes and removes the bind mounts of the sandbox's shared directory.
 
-May import: the standard library, grpc, cocoon.agent (stubs), cocoon.guest_image,
-cocoon.runtime.{errors, config, libc, vm_pb2*, monitor.launch, container.ids, container.state,
+May import: the standard library, grpc, cocoon.agent (stubs, libc), cocoon.guest_image,
+cocoon.runtime.{errors, config, vm_pb2*, monitor.launch, container.ids, container.state,
 network (lazily)}.
 """

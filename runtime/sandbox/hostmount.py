@@ -6,7 +6,7 @@ The share directory is bind-mounted onto itself and made shared before virtiofsd
 virtiofsd sandboxes itself in a mount namespace whose mounts are slaves of the host's, so
 binds added later (containers joining a pod) still propagate to it.
 
-May import: the standard library, cocoon.runtime.{errors, libc}.
+May import: the standard library, cocoon.agent.libc, cocoon.runtime.errors.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import os
 import stat
 from pathlib import Path
 
-from cocoon.runtime import libc
+from cocoon.agent import libc
 from cocoon.runtime.errors import HostError
 
 

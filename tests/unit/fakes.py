@@ -1,9 +1,13 @@
-"""Fakes shared by the monitor's unit tests: a QEMU that answers hot-plug's QMP commands, an
-agent that answers the monitor's agent calls, and the VM's limits as the launcher writes them."""
+"""Fakes shared by the unit tests: a QEMU that answers hot-plug's QMP commands, an agent that
+answers the monitor's agent calls, the VM's limits as the launcher writes them, and a libc
+that records what the host and the agent ask of the kernel."""
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from cocoon.runtime.monitor.launch import VmLimits
@@ -145,3 +149,45 @@ class FakeAgent:
 
 async def no_event(name: str, match: Callable[[dict[str, Any]], bool], timeout: float) -> Any:
     return {"device": "x"}
+
+
+@dataclass
+class Call:
+    name: str
+    args: tuple[object, ...]
+    thread: str  # the calling thread's name
+    thread_id: int
+    fd_target: str = ""  # for setns: what the fd pointed at during the call
+
+
+@dataclass
+class FakeLibc:
+    """Stands in for cocoon.agent.libc's ``current``: records every call (with its thread),
+    fails the ones ``fail`` names with that errno."""
+
+    calls: list[Call] = field(default_factory=list)
+    fail: dict[str, int] = field(default_factory=dict)
+
+    def _record(self, name: str, *args: object, fd_target: str = "") -> None:
+        t = threading.current_thread()
+        self.calls.append(Call(name, args, t.name, t.ident or 0, fd_target))
+        if name in self.fail:
+            err = self.fail[name]
+            raise OSError(err, os.strerror(err), name)
+
+    def setns(self, fd: int, nstype: int) -> None:
+        self._record("setns", fd, nstype, fd_target=os.readlink(f"/proc/self/fd/{fd}"))
+
+    def unshare(self, flags: int) -> None:
+        self._record("unshare", flags)
+
+    def mount(
+        self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None
+    ) -> None:
+        self._record("mount", source, target, fstype, flags, data)
+
+    def umount2(self, target: str, flags: int) -> None:
+        self._record("umount2", target, flags)
+
+    def reboot(self, cmd: int) -> None:
+        self._record("reboot", cmd)

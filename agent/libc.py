@@ -1,20 +1,19 @@
-"""The agent's one seam to libc: setns, unshare, mount, umount2, reboot and their constants.
+"""The one seam to libc: setns, unshare, mount, umount2, reboot and their constants.
 
-The guest side's twin of cocoon.runtime.libc (the agent may not import the runtime, so it has
-its own). Every kernel call the agent makes that Python's ``os`` lacks goes through
-``current``, a ``Libc`` (ctypes over the process's own libc, loaded on first use), so unit
-tests swap in a recording fake with ``monkeypatch.setattr(sys, "current", fake)`` and run
-without root. Failures raise ``OSError`` with the errno; callers turn it into their own error
-with the context they have.
+Both sides use it: the agent in the guest (mounts, joining a container's network namespace,
+power-off), and the host side (the shim joining a netns, the network package, the sandbox
+share's mounts), which imports it from here as it imports the mux codec (the agent package is
+the one the host may import, never the other way). Every kernel call that Python's ``os``
+lacks goes through ``current``, a ``Libc`` (ctypes over the process's own libc, loaded on
+first use), so unit tests swap in a recording fake with ``monkeypatch.setattr(libc,
+"current", fake)`` and run without root. Failures raise ``OSError`` with the errno; callers
+turn it into their own error with the context they have.
 
 ``join_netns`` moves the calling thread into a network namespace (setns is per thread);
-``in_thread`` runs a function in a fresh thread that may join one and then ends, so none of
-the agent's long-lived threads (gRPC workers, the channel) ever changes namespace.
+``in_thread`` runs a function in a fresh thread that may join one and then ends, so no
+long-lived thread (gRPC workers, the channel, the caller's) ever changes namespace.
 
-Callers import it as ``from cocoon.agent import sys as libc``: the name mirrors the host's
-seam, and it keeps the standard library's ``sys`` free in the importing module.
-
-May import: the standard library.
+May import: the standard library (the shim imports it: keep it light).
 """
 
 from __future__ import annotations

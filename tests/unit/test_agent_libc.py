@@ -1,6 +1,7 @@
-"""The agent's libc seam (cocoon.agent.sys) and the agent code that goes through it.
+"""The agent's libc seam (cocoon.agent.libc) and the agent code that goes through it.
 
-A recording fake stands in for libc through ``sys.current``, so none of this needs root.
+A recording fake (tests/unit/fakes.py) stands in for libc through ``libc.current``, so
+none of this needs root.
 """
 
 from __future__ import annotations
@@ -8,54 +9,14 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from cocoon.agent import mounts, network, pid1
-from cocoon.agent import sys as libc
+from cocoon.agent import libc, mounts, network, pid1
+from tests.unit.fakes import FakeLibc
 
 AGENT_DIR = Path(libc.__file__).parent
-
-
-@dataclass
-class Call:
-    name: str
-    args: tuple[object, ...]
-    thread: str
-    fd_target: str = ""  # for setns: what the fd pointed at during the call
-
-
-@dataclass
-class FakeLibc:
-    """Records every call; ``fail`` maps a call name to the errno it fails with."""
-
-    calls: list[Call] = field(default_factory=list)
-    fail: dict[str, int] = field(default_factory=dict)
-
-    def _record(self, name: str, *args: object, fd_target: str = "") -> None:
-        self.calls.append(Call(name, args, threading.current_thread().name, fd_target))
-        if name in self.fail:
-            err = self.fail[name]
-            raise OSError(err, os.strerror(err), name)
-
-    def setns(self, fd: int, nstype: int) -> None:
-        self._record("setns", fd, nstype, fd_target=os.readlink(f"/proc/self/fd/{fd}"))
-
-    def unshare(self, flags: int) -> None:
-        self._record("unshare", flags)
-
-    def mount(
-        self, source: str | None, target: str, fstype: str | None, flags: int, data: str | None
-    ) -> None:
-        self._record("mount", source, target, fstype, flags, data)
-
-    def umount2(self, target: str, flags: int) -> None:
-        self._record("umount2", target, flags)
-
-    def reboot(self, cmd: int) -> None:
-        self._record("reboot", cmd)
 
 
 @pytest.fixture
@@ -245,6 +206,6 @@ def test_power_off_reboots_through_the_seam(
     assert [(c.name, c.args) for c in fake.calls] == [("reboot", (libc.RB_POWER_OFF,))]
 
 
-def test_sys_is_the_only_ctypes_site_in_the_agent() -> None:
+def test_libc_is_the_only_ctypes_site_in_the_agent() -> None:
     users = sorted(p.name for p in AGENT_DIR.glob("*.py") if "ctypes" in p.read_text())
-    assert users == ["sys.py"]
+    assert users == ["libc.py"]
