@@ -292,23 +292,20 @@ def validate(cfg: Config, origins: Mapping[str, Path] | None = None) -> None:
             rng = f"must be >= {low}" if high is None else f"must be between {low} and {high}"
             raise fail(key, f"{rng}, got {value}")
 
+    def ceiling(key: str, zero_means: str, base_key: str) -> None:
+        """A hypervisor ceiling (0: the host's) is not below what the VM boots with."""
+        value: int = getattr(h, key.partition(".")[2])
+        base: int = getattr(h, base_key.partition(".")[2])
+        if value and value < base:
+            raise fail(
+                key, f"must be 0 ({zero_means}) or >= {base_key} ({base}), got {value}", base_key
+            )
+
     at_least("hypervisor.default_vcpus", h.default_vcpus, 1)
     at_least("hypervisor.default_maxvcpus", h.default_maxvcpus, 0)
-    if h.default_maxvcpus and h.default_maxvcpus < h.default_vcpus:
-        raise fail(
-            "hypervisor.default_maxvcpus",
-            f"must be 0 (host CPUs) or >= hypervisor.default_vcpus ({h.default_vcpus}), "
-            f"got {h.default_maxvcpus}",
-            "hypervisor.default_vcpus",
-        )
+    ceiling("hypervisor.default_maxvcpus", "host CPUs", "hypervisor.default_vcpus")
     at_least("hypervisor.default_memory_mib", h.default_memory_mib, 128)
-    if h.max_memory_mib and h.max_memory_mib < h.default_memory_mib:
-        raise fail(
-            "hypervisor.max_memory_mib",
-            f"must be 0 (host RAM) or >= hypervisor.default_memory_mib "
-            f"({h.default_memory_mib}), got {h.max_memory_mib}",
-            "hypervisor.default_memory_mib",
-        )
+    ceiling("hypervisor.max_memory_mib", "host RAM", "hypervisor.default_memory_mib")
     at_least("hypervisor.max_memory_mib", h.max_memory_mib, 0)
     at_least("hypervisor.memory_slots", h.memory_slots, 0, 255)
     at_least("hypervisor.hotplug_root_ports", h.hotplug_root_ports, 0, 30)

@@ -161,6 +161,14 @@ async def qmp(svc: Service, req: vpb.QmpRequest) -> vpb.QmpResponse:
 
 
 # ---------------------------------------------------------------------- hot-plug
+@contextlib.asynccontextmanager
+async def _plugging(svc: Service) -> AsyncIterator[hotplug.Hotplug]:
+    """The running VM's hot-plug, with its failures mapped (``_hotplug_failures``)."""
+    hp = svc.running()
+    async with _hotplug_failures():
+        yield hp
+
+
 async def resize(svc: Service, req: vpb.ResizeRequest) -> vpb.ResizeResponse:
     hp = svc.running()
     timing = hotplug.Timing()
@@ -190,22 +198,19 @@ async def attach_disk(svc: Service, req: vpb.AttachDiskRequest) -> vpb.AttachDis
 
 
 async def detach_disk(svc: Service, req: vpb.DetachDiskRequest) -> vpb.DetachDiskResponse:
-    hp = svc.running()
-    async with _hotplug_failures():
+    async with _plugging(svc) as hp:
         await hp.detach_disk(req.id)
     return vpb.DetachDiskResponse()
 
 
 async def attach_vfio(svc: Service, req: vpb.AttachVfioRequest) -> vpb.AttachVfioResponse:
-    hp = svc.running()
-    async with _hotplug_failures():
+    async with _plugging(svc) as hp:
         paths = await hp.attach_vfio(req.id, list(req.host_bdfs))
     return vpb.AttachVfioResponse(guest_paths=paths)
 
 
 async def detach_vfio(svc: Service, req: vpb.DetachVfioRequest) -> vpb.DetachVfioResponse:
-    hp = svc.running()
-    async with _hotplug_failures():
+    async with _plugging(svc) as hp:
         await hp.detach_vfio(req.id)
     return vpb.DetachVfioResponse()
 

@@ -13,26 +13,41 @@ COCOON = str(Path(sys.executable).parent / "cocoon")
 
 
 class Cli:
-    def __init__(self, root: Path, tmp: Path) -> None:
+    """One runtime binary (cocoon unless told) with a private --root and a JSON --log."""
+
+    def __init__(self, root: Path, tmp: Path, binary: str = COCOON, timeout: float = 240) -> None:
         self.root, self.tmp, self.log = root, tmp, tmp / "log.json"
+        self.binary, self.timeout = binary, timeout
 
     @property
     def argv(self) -> list[str]:
-        return [COCOON, "--root", str(self.root), "--log", str(self.log), "--log-format", "json"]
+        return [
+            self.binary,
+            "--root",
+            str(self.root),
+            "--log",
+            str(self.log),
+            "--log-format",
+            "json",
+        ]
 
-    def __call__(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self, *args: str, input: str | None = None, timeout: float | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*self.argv, *args],
             input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
             capture_output=True,
             text=True,
-            timeout=240,
+            timeout=timeout or self.timeout,
         )
 
     def ok(self, *args: str, input: str | None = None) -> str:
         r = self(*args, input=input)
-        assert r.returncode == 0, f"{args}: {r.stderr}"
+        assert r.returncode == 0, (
+            f"{Path(self.binary).name} {args}: {r.returncode}\n{r.stdout}\n{r.stderr}"
+        )
         return r.stdout
 
     def create(self, cid: str, bundle: Path) -> subprocess.CompletedProcess[str]:

@@ -20,6 +20,13 @@ def files_cfg(cfg: Config, kernel: Path, initrd: Path, rootfs: Path) -> Config:
     return with_(cfg, "image", kernel=str(kernel), initrd=str(initrd), rootfs=str(rootfs))
 
 
+def start_error(cfg: Config, root: Path, sid: str) -> str:
+    """The one SandboxError a sandbox that cannot start gives (its message and details)."""
+    with pytest.raises(SandboxError) as err:
+        sandbox.start(cfg, root, sid)
+    return str(err.value)
+
+
 def test_missing_kernel(
     cfg: Config, state_root: Path, image: sandbox.GuestFiles, tmp_path: Path
 ) -> None:
@@ -34,9 +41,7 @@ def test_corrupt_kernel(
     junk = tmp_path / "vmlinuz"
     junk.write_bytes(b"\x7fNOT A KERNEL" * 1000)
     bad = files_cfg(cfg, junk, image.initrd, image.rootfs)
-    with pytest.raises(SandboxError) as err:
-        sandbox.start(with_(bad, "agent", ready_timeout_s=20.0), state_root, "badkernel")
-    msg = str(err.value)
+    msg = start_error(with_(bad, "agent", ready_timeout_s=20.0), state_root, "badkernel")
     # Either QEMU refuses the file or the guest never comes up: both name the cause.
     assert "QEMU exited" in msg or "did not answer" in msg, msg
 
@@ -48,9 +53,7 @@ def test_corrupt_root_image(
     with junk.open("wb") as f:
         f.truncate(64 * 1024 * 1024)
     bad = files_cfg(cfg, image.kernel, image.initrd, junk)
-    with pytest.raises(SandboxError) as err:
-        sandbox.start(bad, state_root, "badroot")
-    msg = str(err.value)
+    msg = start_error(bad, state_root, "badroot")
     assert "QEMU exited with status 0 before the agent was ready" in msg, msg
     assert "cocoon-init: FATAL: mount root image" in msg, "console tail must show the cause"
 
@@ -63,18 +66,14 @@ def test_missing_qemu_binary(cfg: Config, state_root: Path, image: sandbox.Guest
 
 def test_qemu_bad_option(cfg: Config, state_root: Path, image: sandbox.GuestFiles) -> None:
     bad = with_(cfg, "hypervisor", machine_type="no-such-machine")
-    with pytest.raises(SandboxError) as err:
-        sandbox.start(bad, state_root, "badopt")
-    msg = str(err.value)
+    msg = start_error(bad, state_root, "badopt")
     assert "QEMU exited with status 1" in msg, msg
     assert "unsupported machine type" in msg, "QEMU's stderr tail must be in the error"
 
 
 def test_agent_deadline(cfg: Config, state_root: Path, image: sandbox.GuestFiles) -> None:
     bad = with_(cfg, "agent", ready_timeout_s=1.0)
-    with pytest.raises(SandboxError) as err:
-        sandbox.start(bad, state_root, "slow")
-    msg = str(err.value)
+    msg = start_error(bad, state_root, "slow")
     assert "did not answer within 1s" in msg, msg
     assert "guest console" in msg or "QEMU stderr" in msg or "did not answer" in msg
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +26,53 @@ from tests.integration.test_network import PeerServer, fetch_from
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 HOST_KERNEL = os.uname().release
+OUT_ERR_EXIT_3 = ("sh", "-c", "echo out; echo err >&2; exit 3")
+SHELL_INPUT = b"echo $((6*7))\nexit\n"
+
+
+EXEC_TTY = ("sh", "-c", "tty; echo $((6*7))")
+
+
+def assert_guest_kernel(r: subprocess.CompletedProcess[str], status: int = 0) -> None:
+    """``uname -r`` ran (and exited ``status``), and in a guest: not the host's kernel."""
+    assert r.returncode == status, r.stderr
+    assert r.stdout.strip() not in ("", HOST_KERNEL), r.stdout
+
+
+def assert_out_err_exit_3(r: subprocess.CompletedProcess[str]) -> None:
+    """OUT_ERR_EXIT_3's stdout, stderr and status came back apart and intact."""
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "out\n" and r.stderr == "err\n"
+
+
+def assert_tty_answered(status: int, out: str) -> None:
+    """EXEC_TTY ran on a terminal of its own and answered."""
+    assert status == 0 and "/dev/pts/" in out and "42" in out, out
+
+
+def assert_pause_unpause(
+    run: Callable[..., subprocess.CompletedProcess[str]], cid: str, status: Callable[[], str]
+) -> None:
+    """The caller's pause and unpause of ``cid``, each seen in the caller's own status."""
+    assert run("pause", cid).returncode == 0
+    assert status() == "paused"
+    assert run("unpause", cid).returncode == 0
+    assert status() == "running"
+
+
+def assert_killed_137(run: Callable[..., subprocess.CompletedProcess[str]], cid: str) -> None:
+    """The caller's kill (SIGKILL) of ``cid``, and its wait reporting 128 + 9."""
+    assert run("kill", cid).returncode == 0
+    r = run("wait", cid)
+    assert r.stdout.strip() == "137", r.stdout + r.stderr
+
+
+def assert_shell_answered(status: int, out: str) -> None:
+    """An interactive shell fed SHELL_INPUT answered 42 and exited 0."""
+    assert status == 0, out
+    assert "42" in out.split("$((6*7))", 1)[-1], out
+
+
 IMAGE = "docker.io/library/busybox:cocoon"
 
 
@@ -78,15 +125,18 @@ def fifo(ctd: C.Containerd) -> list[str]:
     return ["--fifo-dir", str(ctd.base / "fifo")]
 
 
+def ctr_argv(ctd: C.Containerd) -> list[str | Path]:
+    """ctr on the private containerd, in the tests' namespace."""
+    return [C.CTR, "--address", ctd.address, "-n", NS]
+
+
 @pytest.mark.daemon("containerd")
 def test_ctr_run_rm_prints_guest_output_and_exit_codes(ctd: C.Containerd) -> None:
     r = ctd.ctr(
         "-n", NS, "run", "--rm", "--runtime", "io.containerd.runc.v2", *runc_opts(ctd),
         IMAGE, "ctr-uname", "uname", "-r",
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    kernel = r.stdout.strip()
-    assert kernel and kernel != HOST_KERNEL, r.stdout
+    assert_guest_kernel(r)
     r = ctd.ctr("-n", NS, "run", "--rm", *runc_opts(ctd), IMAGE, "ctr-exit3", "sh", "-c", "exit 3")
     assert r.returncode == 3, r.stdout + r.stderr
     assert ctd.ctr("-n", NS, "containers", "list", "-q").stdout.split() == []
@@ -94,7 +144,7 @@ def test_ctr_run_rm_prints_guest_output_and_exit_codes(ctd: C.Containerd) -> Non
 
 @pytest.mark.daemon("containerd")
 def test_ctr_task_kill_sigkill_gives_137(ctd: C.Containerd) -> None:
-    argv = [C.CTR, "--address", str(ctd.address), "-n", NS, "run", "--rm", *runc_opts(ctd)]
+    argv = [*ctr_argv(ctd), "run", "--rm", *runc_opts(ctd)]
     proc = subprocess.Popen(
         [*argv, IMAGE, "ctr-kill", "sleep", "1000"],
         stdin=subprocess.DEVNULL,
@@ -116,20 +166,8 @@ def test_ctr_task_kill_sigkill_gives_137(ctd: C.Containerd) -> None:
 
 @pytest.mark.daemon("containerd")
 def test_ctr_run_tty_interactive_shell(ctd: C.Containerd) -> None:
-    argv: list[str | Path] = [
-        C.CTR,
-        "--address",
-        ctd.address,
-        "-n",
-        NS,
-        "run",
-        "-t",
-        "--rm",
-        *runc_opts(ctd),
-    ]
-    status, out = C.run_pty([*argv, IMAGE, "ctr-tty", "sh"], b"echo $((6*7))\nexit\n")
-    assert status == 0, out
-    assert "42" in out.split("$((6*7))", 1)[-1], out
+    argv = [*ctr_argv(ctd), "run", "-t", "--rm", *runc_opts(ctd), IMAGE, "ctr-tty", "sh"]
+    assert_shell_answered(*C.run_pty(argv, SHELL_INPUT))
 
 
 @pytest.mark.daemon("containerd")
@@ -144,20 +182,8 @@ def test_ctr_exec_pause_resume_kill(ctd: C.Containerd) -> None:
         assert r.returncode == 5, r.stderr
         assert r.stdout.strip() not in ("", HOST_KERNEL), r.stdout
         assert "err" in r.stderr
-        argv: list[str | Path] = [
-            C.CTR,
-            "--address",
-            ctd.address,
-            "-n",
-            NS,
-            "tasks",
-            "exec",
-            "-t",
-            *fifo(ctd),
-        ]
-        status, out = C.run_pty([*argv, "--exec-id", "e2", cid, "sh", "-c", "tty; echo $((6*7))"])
-        assert status == 0, out
-        assert "/dev/pts/" in out and "42" in out, out
+        argv = [*ctr_argv(ctd), "tasks", "exec", "-t", *fifo(ctd), "--exec-id", "e2", cid]
+        assert_tty_answered(*C.run_pty([*argv, *EXEC_TTY]))
         assert ctd.ctr("-n", NS, "tasks", "pause", cid).returncode == 0
         assert f"{cid} " in (listing := ctd.ctr("-n", NS, "tasks", "list").stdout)
         assert "PAUSED" in listing, listing
@@ -263,21 +289,15 @@ def test_docker_bridge_network_and_published_port(
 
 @pytest.mark.daemon("dockerd")
 def test_docker_run_rm_prints_guest_output_and_exit_codes(dk: C.Dockerd) -> None:
-    r = dk.docker(*DK_RUN, "--rm", DK_IMAGE, "uname", "-r")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() not in ("", HOST_KERNEL), r.stdout
-    r = dk.docker(*DK_RUN, "--rm", DK_IMAGE, "sh", "-c", "echo out; echo err >&2; exit 3")
-    assert r.returncode == 3, r.stderr
-    assert r.stdout == "out\n" and r.stderr == "err\n"
+    assert_guest_kernel(dk.docker(*DK_RUN, "--rm", DK_IMAGE, "uname", "-r"))
+    assert_out_err_exit_3(dk.docker(*DK_RUN, "--rm", DK_IMAGE, *OUT_ERR_EXIT_3))
     assert dk.docker("ps", "-aq").stdout.split() == []
 
 
 @pytest.mark.daemon("dockerd")
 def test_docker_run_it_interactive_shell(dk: C.Dockerd) -> None:
     argv = [C.DOCKER, "-H", dk.host, *DK_RUN, "--rm", "-it", DK_IMAGE, "sh"]
-    status, out = C.run_pty(argv, b"echo $((6*7))\nexit\n")
-    assert status == 0, out
-    assert "42" in out.split("$((6*7))", 1)[-1], out
+    assert_shell_answered(*C.run_pty(argv, SHELL_INPUT))
 
 
 @pytest.mark.daemon("dockerd")
@@ -289,19 +309,12 @@ def test_docker_exec_pause_update_stop_start_kill(dk: C.Dockerd) -> None:
     cid = r.stdout.strip()
     try:
         assert_leak_check_sees_a_sandbox(dk.runtime_root)
-        r = dk.docker("exec", cid, "sh", "-c", "uname -r; exit 4")
-        assert r.returncode == 4, r.stderr
-        assert r.stdout.strip() not in ("", HOST_KERNEL)
-        argv = [C.DOCKER, "-H", dk.host, "exec", "-it", cid, "sh", "-c", "tty; echo $((6*7))"]
-        status, out = C.run_pty(argv)
-        assert status == 0 and "/dev/pts/" in out and "42" in out, out
+        assert_guest_kernel(dk.docker("exec", cid, "sh", "-c", "uname -r; exit 4"), 4)
+        assert_tty_answered(*C.run_pty([C.DOCKER, "-H", dk.host, "exec", "-it", cid, *EXEC_TTY]))
         r = dk.docker("top", cid)
         assert r.returncode == 0 and "cocoon.shim" in r.stdout, r.stdout + r.stderr
 
-        assert dk.docker("pause", cid).returncode == 0
-        assert dk_state(dk, cid, "Status") == "paused"
-        assert dk.docker("unpause", cid).returncode == 0
-        assert dk_state(dk, cid, "Status") == "running"
+        assert_pause_unpause(dk.docker, cid, lambda: dk_state(dk, cid, "Status"))
 
         r = dk.docker("update", "--memory", "300m", "--memory-swap", "600m", cid)
         assert r.returncode == 0, r.stderr
@@ -318,9 +331,7 @@ def test_docker_exec_pause_update_stop_start_kill(dk: C.Dockerd) -> None:
 
         assert dk.docker("start", cid).returncode == 0  # a second create + start
         assert dk_state(dk, cid, "Status") == "running"
-        assert dk.docker("kill", cid).returncode == 0
-        r = dk.docker("wait", cid)
-        assert r.stdout.strip() == "137", r.stdout + r.stderr
+        assert_killed_137(dk.docker, cid)
     finally:
         dk.docker("rm", "-f", cid)
     assert dk.docker("ps", "-aq").stdout.split() == []
@@ -391,21 +402,15 @@ def pm(podman_env: C.Podman) -> Iterator[C.Podman]:
 
 @pytest.mark.daemon("podman")
 def test_podman_run_rm_on_rootfs_and_image(pm: C.Podman, image_dir: Path) -> None:
-    r = pm.podman(*PM_RUN, "--rm", "--rootfs", image_dir / "rootfs", "uname", "-r")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() not in ("", HOST_KERNEL), r.stdout
-    r = pm.podman(*PM_RUN, "--rm", PM_IMAGE, "sh", "-c", "echo out; echo err >&2; exit 3")
-    assert r.returncode == 3, r.stderr
-    assert r.stdout == "out\n" and r.stderr == "err\n"
+    assert_guest_kernel(pm.podman(*PM_RUN, "--rm", "--rootfs", image_dir / "rootfs", "uname", "-r"))
+    assert_out_err_exit_3(pm.podman(*PM_RUN, "--rm", PM_IMAGE, *OUT_ERR_EXIT_3))
     assert pm.podman("ps", "-aq").stdout.split() == []
 
 
 @pytest.mark.daemon("podman")
 def test_podman_run_it_interactive_shell(pm: C.Podman) -> None:
     argv = [*pm.argv, *PM_RUN, "--rm", "-it", PM_IMAGE, "sh"]
-    status, out = C.run_pty(argv, b"echo $((6*7))\nexit\n", env=pm.env)
-    assert status == 0, out
-    assert "42" in out.split("$((6*7))", 1)[-1], out
+    assert_shell_answered(*C.run_pty(argv, SHELL_INPUT, env=pm.env))
 
 
 @pytest.mark.daemon("podman")
@@ -415,20 +420,11 @@ def test_podman_exec_pause_kill(pm: C.Podman) -> None:
     cid = r.stdout.strip()
     try:
         assert_leak_check_sees_a_sandbox(C.PODMAN_ROOT)
-        r = pm.podman("exec", cid, "sh", "-c", "uname -r; exit 4")
-        assert r.returncode == 4, r.stderr
-        assert r.stdout.strip() not in ("", HOST_KERNEL)
-        argv = [*pm.argv, "exec", "-it", cid, "sh", "-c", "tty; echo $((6*7))"]
-        status, out = C.run_pty(argv, env=pm.env)
-        assert status == 0 and "/dev/pts/" in out and "42" in out, out
+        assert_guest_kernel(pm.podman("exec", cid, "sh", "-c", "uname -r; exit 4"), 4)
+        assert_tty_answered(*C.run_pty([*pm.argv, "exec", "-it", cid, *EXEC_TTY], env=pm.env))
         state = ["inspect", "-f", "{{.State.Status}}", cid]
-        assert pm.podman("pause", cid).returncode == 0
-        assert pm.podman(*state).stdout.strip() == "paused"
-        assert pm.podman("unpause", cid).returncode == 0
-        assert pm.podman(*state).stdout.strip() == "running"
-        assert pm.podman("kill", cid).returncode == 0
-        r = pm.podman("wait", cid)
-        assert r.stdout.strip() == "137", r.stdout + r.stderr
+        assert_pause_unpause(pm.podman, cid, lambda: pm.podman(*state).stdout.strip())
+        assert_killed_137(pm.podman, cid)
     finally:
         pm.podman("rm", "-f", cid)
     assert pm.podman("ps", "-aq").stdout.split() == []

@@ -21,20 +21,18 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from cocoon.runtime.container import busybox
+from tests.integration.cli import COCOON, Cli
 
 pytestmark = [pytest.mark.root]
 
-COCOON = str(Path(sys.executable).parent / "cocoon")
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -51,38 +49,17 @@ def _runtimes() -> list[Any]:
     return out
 
 
-@dataclass
-class Rt:
-    """One runtime binary with a private --root and a JSON --log."""
+class Rt(Cli):
+    """runc or cocoon (by name), driven the same way; ``work`` holds the containers' stdio."""
 
-    name: str
-    root: Path
-    log: Path
-    work: Path
+    def __init__(self, name: str, root: Path, tmp: Path) -> None:
+        binary = COCOON if name == "cocoon" else str(shutil.which("runc"))
+        super().__init__(root, tmp, binary, timeout=180)
+        self.name = name
+        self.work = tmp / "work"
+        self.work.mkdir(exist_ok=True)
 
-    @property
-    def argv(self) -> list[str]:
-        binary = COCOON if self.name == "cocoon" else str(shutil.which("runc"))
-        return [binary, "--root", str(self.root), "--log", str(self.log), "--log-format", "json"]
-
-    def __call__(
-        self, *args: str, input: str | None = None, timeout: float = 180
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*self.argv, *args],
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
-    def ok(self, *args: str, input: str | None = None) -> str:
-        r = self(*args, input=input)
-        assert r.returncode == 0, f"{self.name} {args}: {r.returncode}\n{r.stdout}\n{r.stderr}"
-        return r.stdout
-
-    def create(self, cid: str, bundle: Path, *extra: str) -> int:
+    def create_ok(self, cid: str, bundle: Path, *extra: str) -> int:
         """create with the container's stdio on files (work/<cid>.out/.err); returns its pid."""
         pid_file = self.work / f"{cid}.pid"
         with (
@@ -170,9 +147,7 @@ def wait_pid(pid: int, timeout: float = 60) -> int:
 
 @pytest.fixture(params=_runtimes())
 def rt(request: pytest.FixtureRequest, state_root: Path, tmp_path: Path) -> Iterator[Rt]:
-    work = tmp_path / "work"
-    work.mkdir()
-    r = Rt(request.param, state_root, tmp_path / "log.json", work)
+    r = Rt(request.param, state_root, tmp_path)
     yield r
     # Whatever a failing test left: force-delete it, so the leak check sees only real leaks.
     leftovers = r.ids()
@@ -274,7 +249,7 @@ def test_sigterm_to_run_reaches_the_workload(rt: Rt, mkbundle: Callable[..., Pat
 # ------------------------------------------------------------------------------- create/start
 def test_create_start_state_kill_delete(rt: Rt, mkbundle: Callable[..., Path]) -> None:
     b = mkbundle(sh("echo started; exec sleep 1000"))
-    pid = rt.create("c1", b)
+    pid = rt.create_ok("c1", b)
     st = rt.state("c1")
     assert st["status"] == "created" and st["pid"] == pid and st["id"] == "c1"
     assert st["bundle"] == str(b) and st["ociVersion"]
@@ -307,7 +282,7 @@ def test_sigterm_to_the_reported_pid_reaches_the_workload(
 ) -> None:
     """Callers signal the pid from --pid-file directly (kill(2)): it must reach the workload."""
     b = mkbundle(sh("trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.1; done"))
-    pid = rt.create("c1", b)
+    pid = rt.create_ok("c1", b)
     rt.ok("start", "c1")
     rt.wait_output("c1", "ready")
     os.kill(pid, signal.SIGTERM)
@@ -324,7 +299,7 @@ def test_kill_signal_names_and_numbers(rt: Rt, mkbundle: Callable[..., Path]) ->
             " echo ready; while :; do sleep 0.1; done"
         )
     )
-    pid = rt.create("c1", b)
+    pid = rt.create_ok("c1", b)
     rt.ok("start", "c1")
     rt.wait_output("c1", "ready")
     rt.ok("kill", "c1", "USR1")
@@ -343,7 +318,7 @@ def test_kill_signal_names_and_numbers(rt: Rt, mkbundle: Callable[..., Path]) ->
 
 def test_pause_resume(rt: Rt, mkbundle: Callable[..., Path]) -> None:
     b = mkbundle(sh("i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done"))
-    pid = rt.create("c1", b)
+    pid = rt.create_ok("c1", b)
     rt.ok("start", "c1")
     rt.ok("pause", "c1")
     assert rt.state("c1")["status"] == "paused"
@@ -360,12 +335,12 @@ def test_pause_resume(rt: Rt, mkbundle: Callable[..., Path]) -> None:
 
 def test_delete_force_running_and_paused(rt: Rt, mkbundle: Callable[..., Path]) -> None:
     b = mkbundle(["sleep", "1000"])
-    rt.create("c1", b)
+    rt.create_ok("c1", b)
     rt.ok("start", "c1")
     rt.ok("pause", "c1")
     rt.ok("delete", "--force", "c1")
     assert rt.ids() == []
-    rt.create("c2", b)  # created, never started
+    rt.create_ok("c2", b)  # created, never started
     rt.ok("delete", "--force", "c2")
     assert rt.ids() == []
 
@@ -373,7 +348,7 @@ def test_delete_force_running_and_paused(rt: Rt, mkbundle: Callable[..., Path]) 
 # ------------------------------------------------------------------------------- exec
 def test_exec_variants(rt: Rt, mkbundle: Callable[..., Path], tmp_path: Path) -> None:
     b = mkbundle(["sleep", "1000"])
-    pid = rt.create("c1", b)
+    pid = rt.create_ok("c1", b)
     rt.ok("start", "c1")
     r = rt("exec", "-e", "FOO=bar", "c1", "sh", "-c", "echo $FOO; exit 5")
     assert r.returncode == 5 and r.stdout.strip() == "bar"
@@ -521,7 +496,7 @@ def test_terminal_without_console_socket_is_refused(rt: Rt, mkbundle: Callable[.
 # ------------------------------------------------------------------------------- update/list
 def test_update_limits_seen_in_the_container(rt: Rt, mkbundle: Callable[..., Path]) -> None:
     b = mkbundle(["sleep", "1000"])
-    pid = rt.create("c1", b)
+    pid = rt.create_ok("c1", b)
     rt.ok("start", "c1")
     limit = 256 * 1024 * 1024
     rt.ok("update", "--resources", "-", "c1", input=json.dumps({"memory": {"limit": limit}}))
@@ -546,7 +521,7 @@ def test_update_limits_seen_in_the_container(rt: Rt, mkbundle: Callable[..., Pat
 
 def test_list_formats(rt: Rt, mkbundle: Callable[..., Path]) -> None:
     b = mkbundle(["sleep", "1000"])
-    pid = rt.create("c1", b)
+    pid = rt.create_ok("c1", b)
     assert rt.ids() == ["c1"]
     listed = json.loads(rt.ok("list", "--format", "json"))
     assert [(c["id"], c["status"], c["pid"]) for c in listed] == [("c1", "created", pid)]
@@ -592,7 +567,7 @@ def test_bad_ids(rt: Rt, mkbundle: Callable[..., Path], cid: str) -> None:
 
 def test_existing_id_is_refused_and_kept(rt: Rt, mkbundle: Callable[..., Path]) -> None:
     b = mkbundle(["sleep", "1000"])
-    rt.create("c1", b)
+    rt.create_ok("c1", b)
     r = rt("create", "--bundle", str(b), "c1")
     assert r.returncode == 1
     rt.error_logged("c1")
@@ -634,7 +609,7 @@ def test_host_hooks_get_the_state(rt: Rt, mkbundle: Callable[..., Path], tmp_pat
         for kind in ("prestart", "createRuntime", "poststart", "poststop")
     }
     (b / "config.json").write_text(json.dumps(spec))
-    pid = rt.create("c1", b)
+    pid = rt.create_ok("c1", b)
     for kind in ("prestart", "createRuntime"):
         st = json.loads((tmp_path / f"{kind}.json").read_text())
         assert st["id"] == "c1" and st["pid"] == pid and st["bundle"] == str(b), st

@@ -19,13 +19,6 @@ from tests.unit.fakes import FakeLibc
 AGENT_DIR = Path(libc.__file__).parent
 
 
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
-    f = FakeLibc()
-    monkeypatch.setattr(libc, "current", f)
-    return f
-
-
 def fd_is_open(fd: int) -> bool:
     try:
         os.fstat(fd)

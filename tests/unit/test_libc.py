@@ -17,13 +17,6 @@ from cocoon.runtime.sandbox import hostmount
 from tests.unit.fakes import FakeLibc
 
 
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
-    f = FakeLibc()
-    monkeypatch.setattr(libc, "current", f)
-    return f
-
-
 def test_the_real_libc_reports_errno_as_oserror(tmp_path: Path) -> None:
     with pytest.raises(OSError) as info:  # not a mount point (or, unprivileged, not allowed)
         libc.CLibc().umount2(str(tmp_path), 0)
