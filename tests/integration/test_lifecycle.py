@@ -317,7 +317,11 @@ def test_kill_signal_names_and_numbers(rt: Rt, mkbundle: Callable[..., Path]) ->
 
 
 def test_pause_resume(rt: Rt, mkbundle: Callable[..., Path]) -> None:
-    b = mkbundle(sh("i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done"))
+    # The counter is replaced whole (a rename), so a reader never sees it truncated.
+    count = (
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.1; done"
+    )
+    b = mkbundle(sh(count))
     pid = rt.create_ok("c1", b)
     rt.ok("start", "c1")
     rt.ok("pause", "c1")

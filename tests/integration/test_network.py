@@ -163,8 +163,9 @@ class PeerServer:
 
 
 def fetch_from(ns: Path, host: str, port: int, path: str = "/", wait: float = 30) -> bytes:
-    """An HTTP GET from inside namespace ``ns``; the body. A refused connection is retried
-    for ``wait`` seconds: `start` returns before the workload has bound its port."""
+    """An HTTP GET from inside namespace ``ns``; the body. A refused or reset connection is
+    retried for ``wait`` seconds: `start` returns before the workload has bound its port, and a
+    port publisher in front of it (docker-proxy) accepts, then resets until it has."""
 
     def get() -> bytes:
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -172,17 +173,17 @@ def fetch_from(ns: Path, host: str, port: int, path: str = "/", wait: float = 30
         while True:
             with socket.socket(fam, socket.SOCK_STREAM) as s:
                 s.settimeout(20)
+                data = b""
                 try:
                     s.connect((host, port))
-                except ConnectionRefusedError:
+                    s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+                    while chunk := s.recv(65536):
+                        data += chunk
+                except (ConnectionRefusedError, ConnectionResetError):
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.2)
                     continue
-                s.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
             return data.split(b"\r\n\r\n", 1)[-1]
 
     return N.in_netns(str(ns), get)
