@@ -17,8 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cocoon.runtime import logs
-from cocoon.runtime.cli import oci as oci_cli
-from cocoon.runtime.cli import tools
+from cocoon.runtime.cli import oci, tools
 from cocoon.runtime.errors import CocoonError, UsageError
 
 VERSION = "0.1.0"
@@ -61,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", parser_class=_Parser)
 
     tools.add_parsers(sub)
-    oci_cli.add_parsers(sub)
+    oci.add_parsers(sub)
     return p
 
 
@@ -101,8 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError("no command given (try `cocoon --help`)")
         if args.log:
             logs.setup(Path(args.log), args.log_format, args.debug, stderr=args.debug)
-        if args.verb in oci_cli.VERBS:
-            return oci_cli.VERBS[args.verb](args, tools.load_config(args))
+        if args.verb in oci.VERBS:
+            return oci.VERBS[args.verb](args, tools.load_config(args))
         return tools.VERBS[args.verb](args)
     except CocoonError as exc:
         _report(args or _global_flags(argv), exc)

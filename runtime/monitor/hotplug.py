@@ -29,15 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cocoon.runtime.errors import ErrorKind, HotplugError
-from cocoon.runtime.monitor.launch import VmLimits
+from cocoon.runtime.monitor.launch import MIB, ROOT_PORT_SLOT, VMEM_BLOCK_MIB, VmLimits
 
 log = logging.getLogger("cocoon.monitor.hotplug")
 
-MIB = 1024 * 1024
-VMEM_BLOCK_MIB = 2
 DIMM_ALIGN_MIB = 128  # the guest's memory block size: smaller DIMMs cannot be onlined
 MAX_SCSI_TARGET = 255
-ROOT_PORT_SLOT = 0x10  # qemu_argv puts root port i at 0x10 + i // 8, function i % 8
 
 QmpFn = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 FdFn = Callable[[int, str], Awaitable[None]]  # hand QEMU an fd under a name (getfd)

@@ -14,6 +14,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+MIB = 1024 * 1024
+# The machine's shape both sides must agree on: qemu_argv builds it, hot-plug addresses it.
+VMEM_BLOCK_MIB = 2  # virtio-mem's block size: memory is resized in these steps
+ROOT_PORT_SLOT = 0x10  # root port i sits at slot ROOT_PORT_SLOT + i // 8, function i % 8 on pcie.0
+
 
 @dataclass(frozen=True)
 class VmLimits:

@@ -22,14 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cocoon.runtime.config import Config
-from cocoon.runtime.monitor.launch import VmLimits
+from cocoon.runtime.monitor.launch import MIB, ROOT_PORT_SLOT, VMEM_BLOCK_MIB, VmLimits
 
 SHARE_TAG = "cocoon"
 AGENT_PORT_NAME = "agent.channel.0"
 VSOCK_AGENT_PORT = 1024
 PMEM_ALIGN = 2 * 1024 * 1024
-MIB = 1024 * 1024
-VMEM_BLOCK_MIB = 2
 
 BASE_KERNEL_PARAMS = (
     "console=ttyS0",
@@ -191,7 +189,7 @@ def build_argv(p: VmPlan) -> list[str]:
     a += ["-chardev", f"socket,id=qmp,path={p.paths.qmp},server=on,wait=off"]
     a += ["-mon", "chardev=qmp,mode=control"]
     for i in range(lim.root_ports):
-        slot, fn = 0x10 + i // 8, i % 8
+        slot, fn = ROOT_PORT_SLOT + i // 8, i % 8
         multi = ",multifunction=on" if fn == 0 else ""
         a += [
             "-device",
