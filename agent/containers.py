@@ -149,6 +149,7 @@ class Manager:
                 continue  # not a block device: nothing for the device cgroup to allow
             specedit.allow_block_device(spec, *numbers)
         apply_guest_net_sysctls(spec)
+        specedit.join_container_namespaces(spec, lambda other: self._init_pid(cid, other))
         with self._lock:
             if cid in self._containers:
                 raise ContainerError(
@@ -193,6 +194,21 @@ class Manager:
         with self._lock:
             self._containers[cid] = c
         return c
+
+    def _init_pid(self, cid: str, other: str) -> int:
+        """The guest pid of container ``other``'s init, whose namespaces ``cid`` joins."""
+        with self._lock:
+            c = self._containers.get(other)
+        if c is None:
+            raise ContainerError(
+                ErrorKind.PRECONDITION,
+                f"container {cid}: no container {other} in the guest to join",
+            )
+        if c.init.done.is_set() or not (Path("/proc") / str(c.init.pid)).exists():
+            raise ContainerError(
+                ErrorKind.PRECONDITION, f"container {cid}: container {other} has exited"
+            )
+        return c.init.pid
 
     def _launch(self, p: Process, bundle: Path, verb: list[str], cid: str) -> None:
         """Runs ``crun create`` or ``crun exec --detach`` with the process's stdio attached."""

@@ -14,9 +14,11 @@ May import: the standard library, pyroute2 (imported lazily), cocoon.agent.{erro
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import ipaddress
 import os
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +27,11 @@ from typing import Any
 
 from cocoon.agent import libc
 from cocoon.agent.errors import NetError
+
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_IFREQ = "16sh22x"  # struct ifreq: the name, then ifr_flags in the 24-byte union
 
 IFA_F_NODAD = 0x02  # the host did duplicate address detection for these addresses already
 NUD_PERMANENT = 0x80
@@ -71,9 +78,7 @@ class Network:
 
     def loopback_up(self) -> None:
         """Sets ``lo`` up in the calling thread's network namespace."""
-        with _ipr() as ipr:
-            for idx in ipr.link_lookup(ifname="lo"):
-                ipr.link("set", index=idx, state="up")
+        loopback_up()
 
     def _find(self, ipr: Any, iface: Iface, timeout: float) -> int:
         """The NIC's ifindex: by MAC (QEMU gave it the interface's), else the net device
@@ -214,6 +219,15 @@ class Network:
                 tmp = p.with_name(f".{name}.cocoon")
                 tmp.write_bytes(data)
                 os.replace(tmp, p)
+
+
+def loopback_up() -> None:
+    """``lo`` up in the calling thread's network namespace, with two ioctls (no netlink, so no
+    pyroute2 import on the agent's boot path, where the guest's own namespace gets it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        req = fcntl.ioctl(s, _SIOCGIFFLAGS, struct.pack(_IFREQ, b"lo", 0))
+        flags = struct.unpack(_IFREQ, req)[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack(_IFREQ, b"lo", flags | _IFF_UP))
 
 
 def loopback_up_in(pid: int) -> None:

@@ -6,7 +6,7 @@ them with sigwait in the main thread, reaps every child on SIGCHLD (orphans are 
 it), and powers the VM off on DestroySandbox or when the channel cannot be served.
 
 May import: the standard library, grpc, cocoon.agent.{agent_pb2_grpc, channel, containers,
-libc, logbuf, proc, server}.
+libc, logbuf, network, proc, server}.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from cocoon.agent import agent_pb2_grpc as pbg
-from cocoon.agent import channel, libc
+from cocoon.agent import channel, libc, network
 from cocoon.agent.containers import Manager
 from cocoon.agent.logbuf import LogBuffer
 from cocoon.agent.proc import Reaper
@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    try:  # as runc does for a new network namespace: containers that share the guest's see it
+        network.loopback_up()
+    except OSError as exc:
+        log.warning("lo: %s", exc)
     reaper = Reaper()
     manager = Manager(reaper)
 

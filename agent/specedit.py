@@ -11,7 +11,10 @@ cgroup path, block-volume sources). What only the guest knows is added here:
   ``allow_block_device`` allows one);
 - a container that shares the guest's network namespace has its ``net.*`` sysctls taken out
   of the spec, for the agent to set on the guest: crun only sets sysctls in a namespace it
-  makes (``take_guest_net_sysctls``).
+  makes (``take_guest_net_sysctls``);
+- a pod's container joins namespaces of its sandbox container: the host writes each as
+  ``cocoon:container/<id>/ns/<file>`` (it cannot know guest pids), and it becomes the
+  ``/proc/<pid>/ns/<file>`` of that container's init in the guest (``join_container_namespaces``).
 
 Each function edits the parsed spec it is given (the agent's own copy, about to become the
 bundle's config.json) and does nothing else: no file, no stat, no syscall. What the guest has
@@ -24,11 +27,13 @@ May import: the standard library, cocoon.agent.errors.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from cocoon.agent.errors import ContainerError, ErrorKind
 
 Spec = dict[str, Any]
+CONTAINER_NS = "cocoon:container/"  # the host's marker: another container's namespace
 
 
 def parse(data: bytes, what: str) -> Spec:
@@ -121,3 +126,19 @@ def take_guest_net_sysctls(spec: Spec) -> dict[str, str]:
         if ".." in key or "/" in key or "\0" in key:
             raise ContainerError(ErrorKind.INVALID, f"sysctl {key!r}: not a sysctl name")
     return {key: str(sysctl.pop(key)) for key in keys}
+
+
+def join_container_namespaces(spec: Spec, init_pid: Callable[[str], int]) -> None:
+    """Each namespace path ``cocoon:container/<id>/ns/<file>`` becomes ``/proc/<pid>/ns/<file>``,
+    ``pid`` being ``init_pid(<id>)`` (which raises if there is no such container)."""
+    for i, ns in enumerate(_list(section(spec, "linux"), "namespaces", "linux.namespaces")):
+        path = ns.get("path") if isinstance(ns, dict) else None
+        if not isinstance(path, str) or not path.startswith(CONTAINER_NS):
+            continue
+        other, _, rest = path[len(CONTAINER_NS) :].partition("/")
+        file = rest.removeprefix("ns/")
+        if not other or rest == file or not file or "/" in file:
+            raise ContainerError(
+                ErrorKind.INVALID, f"spec: linux.namespaces[{i}].path {path!r} is malformed"
+            )
+        ns["path"] = f"/proc/{init_pid(other)}/ns/{file}"

@@ -6,23 +6,29 @@ The steps, in order:
 2. reserve the id in the state store.
 3. ``_own_netns``: a spec that asks for a new network namespace without a path gets one made
    by cocoon (bound under <root>/netns/), removed again on delete.
-4. ``_boot``: the sandbox (one VM per container today; the pod package decides this later).
-5. ``_prepare_guest``: the rootfs and volumes bound into the sandbox share, the VM resized,
-   the container's disks and VFIO groups hot-plugged.
+4. ``_sandbox``: the VM. A container alone, or a pod's sandbox container, boots one; a pod's
+   container (pod.membership: its annotations name its sandbox) goes into its pod's running
+   VM, its namespaces mapped to the sandbox container's in the guest, its network the pod's
+   (attached once, at the sandbox's create).
+5. ``_prepare_guest``: the rootfs and volumes bound into the sandbox share, the VM resized
+   (not for a pod's container: it runs in the pod's VM as it is), the container's disks and
+   VFIO groups hot-plugged.
 6. ``_create_in_guest``: the agent creates the container (crun create in the guest).
 7. the shim (a child of the caller, holding its stdio, inside the container's netns).
 8. the prestart/createRuntime hooks, then the network namespace's interfaces brought into the
    guest (the hooks may have just made them: docker's libnetwork).
 9. the state saved, the pid file written last.
-Any failure undoes all of it (``_undo``), and the id is free again.
+Any failure undoes all of it (``_undo``: a VM booted for it is stopped; a pod's container
+leaves its pod's VM as it found it), and the id is free again.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{config,
-errors, vm_pb2, container.{hooks, ids, shim, spec, state}, resources, sandbox.{client,
-hostmount, launcher}, network.netns (lazily)}.
+errors, vm_pb2, monitor.launch, pod, container.{hooks, ids, shim, spec, state}, resources,
+sandbox.{client, hostmount, launcher}, network.netns (lazily)}.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,13 +40,21 @@ import grpc
 
 from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import vm_pb2 as vpb
-from cocoon.runtime.config import NetworkConfig, with_annotations
+from cocoon.runtime.config import ANNOTATION_PREFIX, NetworkConfig, with_annotations
 from cocoon.runtime.container import shim as shimmod
 from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container.hooks import run_hooks
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.state import ContainerState, Ctx, Status
-from cocoon.runtime.errors import LifecycleError, StateError
+from cocoon.runtime.errors import CocoonError, LifecycleError, StateError
+from cocoon.runtime.monitor.launch import MONITOR_SOCK
+from cocoon.runtime.pod.membership import (
+    Membership,
+    Role,
+    guest_namespaces,
+    membership,
+    sandbox_ns_paths,
+)
 from cocoon.runtime.resources import attach, sizing
 from cocoon.runtime.resources import devices as devmod
 from cocoon.runtime.sandbox import hostmount
@@ -64,9 +78,24 @@ class _Plan:
     net: NetworkConfig
     has_netns: bool
     netns: str  # the spec's path; "" when cocoon makes the namespace
+    pod: Membership
+    # A pod member: its sandbox container's state, and its namespaces as they are in the guest.
+    pod_sandbox: ContainerState | None = None
+    guest_namespaces: list[dict[str, object]] | None = None
+
+    @property
+    def member(self) -> bool:
+        return self.pod_sandbox is not None
+
+    @property
+    def sandbox_id(self) -> str:
+        """The VM it runs in: its own, or its pod's."""
+        return self.pod_sandbox.sandbox_id if self.pod_sandbox else self.cid
 
     @property
     def guest_network(self) -> bool:
+        if self.pod_sandbox is not None:  # the pod's network, attached at the sandbox's create
+            return self.pod_sandbox.guest_network
         return self.has_netns and self.net.model != "none"
 
 
@@ -74,7 +103,7 @@ class _Plan:
 class _Made:
     """What create has made so far: ``_undo`` takes it apart in reverse."""
 
-    sandbox: sandbox.Sandbox | None = None
+    sandbox_dir: Path | None = None  # the VM it was put in (booted for it, or its pod's)
     shim: subprocess.Popen[bytes] | None = None
     owned_netns: Path | None = None
 
@@ -92,25 +121,26 @@ def create(
     store = ctx.store
     store.reserve(cid)
     made = _Made()
+    timeout = ctx.cfg.agent.request_timeout_s
     try:
         netns = _own_netns(ctx, plan, made)
-        made.sandbox = sb = _boot(ctx, cid)
-        with sb.client(ctx.cfg.agent.request_timeout_s) as c:
-            devices, sources = _prepare_guest(ctx, c, plan, sb.dir)
+        made.sandbox_dir = d = _sandbox(ctx, plan)
+        with Client(d, timeout) as c:
+            devices, sources = _prepare_guest(ctx, c, plan, d)
             _create_in_guest(c, plan, devices, sources)
-        made.shim = shimmod.spawn(sb.dir, cid, "", plan.bundle.terminal, console_socket, netns)
+        made.shim = shimmod.spawn(d, cid, "", plan.bundle.terminal, console_socket, netns)
         st = _state(plan, made.shim.pid, netns, made.owned_netns is not None)
         run_hooks("prestart", plan.bundle.hooks("prestart"), st.oci())
         run_hooks("createRuntime", plan.bundle.hooks("createRuntime"), st.oci())
-        if plan.guest_network:
-            with sb.client(ctx.cfg.agent.request_timeout_s) as c:
+        if plan.guest_network and not plan.member:
+            with Client(d, timeout) as c:
                 _attach_network(c, cid, netns, plan.net)
         store.save(st)
         if pid_file is not None:
             shimmod.write_pid_file(pid_file, made.shim.pid)
         return st, made.shim
     except BaseException:
-        _undo(ctx, cid, made)
+        _undo(ctx, plan, made)
         store.remove(cid)
         raise
 
@@ -126,7 +156,12 @@ def _check(
         raise LifecycleError("cannot allocate a terminal without --console-socket")
     resources = (bundle.spec.get("linux") or {}).get("resources") or {}
     size = sizing.size_for(ctx.cfg, resources)
-    attach.check_fits(ctx.cfg, size)
+    pod = membership(cid, bundle.annotations)
+    pod_sandbox = (
+        _pod_sandbox(ctx, cid, bundle, pod.sandbox_id) if pod.role is Role.MEMBER else None
+    )
+    if pod_sandbox is None:  # a VM of its own: it must fit
+        attach.check_fits(ctx.cfg, size)
     has_netns, netns = specmod.network_namespace(bundle.spec)
     plan = _Plan(
         cid=cid,
@@ -141,15 +176,45 @@ def _check(
         net=with_annotations(ctx.cfg, bundle.annotations).network,
         has_netns=has_netns,
         netns=netns,
+        pod=pod,
+        pod_sandbox=pod_sandbox,
     )
+    if pod_sandbox is not None:
+        plan.guest_namespaces = guest_namespaces(
+            cid,
+            (bundle.spec.get("linux") or {}).get("namespaces") or [],
+            pod_sandbox.id,
+            pod_sandbox.pid,
+            pod_sandbox.ns_paths,
+        )
     if netns and not os.path.exists(netns):
         raise LifecycleError(f"network namespace {netns} does not exist")
     return plan
 
 
+def _pod_sandbox(ctx: Ctx, cid: str, bundle: specmod.Bundle, sid: str) -> ContainerState:
+    """The running sandbox container a pod's container joins."""
+    try:
+        sst = ctx.store.load(sid)
+    except StateError:
+        raise LifecycleError(f"container {cid}: its pod's sandbox {sid} does not exist") from None
+    if membership(sid, sst.annotations).role is not Role.SANDBOX:
+        raise LifecycleError(f"container {cid}: {sid} is not a pod's sandbox container")
+    running = (sandbox.sandbox_dir(ctx.root, sst.sandbox_id) / MONITOR_SOCK).exists()
+    if sst.effective is Status.STOPPED or not running:
+        raise LifecycleError(f"container {cid}: its pod's sandbox {sid} is stopped")
+    changes = sorted(k for k in bundle.annotations if k.startswith(ANNOTATION_PREFIX))
+    if changes:
+        raise LifecycleError(
+            f"container {cid}: {', '.join(changes)} would change the VM of the running pod {sid}"
+            " (set them on the pod's sandbox)"
+        )
+    return sst
+
+
 def _own_netns(ctx: Ctx, plan: _Plan, made: _Made) -> str:
     """The container's network namespace path: the spec's, or one cocoon makes."""
-    if not plan.has_netns or plan.netns:
+    if not plan.has_netns or plan.netns or plan.member:
         return plan.netns
     from cocoon.runtime.network import netns as nsmod
 
@@ -158,15 +223,19 @@ def _own_netns(ctx: Ctx, plan: _Plan, made: _Made) -> str:
     return str(made.owned_netns)
 
 
-def _boot(ctx: Ctx, sandbox_id: str) -> sandbox.Sandbox:
-    return sandbox.start(
+def _sandbox(ctx: Ctx, plan: _Plan) -> Path:
+    """The VM the container goes into: its pod's (running), or one booted for it."""
+    if plan.member:
+        return sandbox.sandbox_dir(ctx.root, plan.sandbox_id)
+    sb = sandbox.start(
         ctx.cfg,
         ctx.root,
-        sandbox_id,
+        plan.cid,
         log_file=ctx.log_file,
         log_format=ctx.log_format,
         debug=ctx.debug,
     )
+    return sb.dir
 
 
 def _prepare_guest(
@@ -175,7 +244,8 @@ def _prepare_guest(
     """Share in the rootfs and volumes, size the VM, plug the devices; the agent's Device list
     and each block volume's node in the guest."""
     share_in(sandbox_dir, plan.cid, plan.bundle)
-    if plan.size != sizing.boot_size(ctx.cfg):  # the VM boots at this size: nothing to plug
+    # The VM boots at this size: nothing to plug. A pod's member runs in the pod's VM as it is.
+    if not plan.member and plan.size != sizing.boot_size(ctx.cfg):
         attach.resize(c, plan.cid, plan.size)
     devices = attach.attach_devices(c, plan.cid, plan.disks, plan.groups)
     sources = {v.index: attach.attach_disk(c, plan.cid, v) for v in plan.volumes}
@@ -185,7 +255,9 @@ def _prepare_guest(
 def _create_in_guest(
     c: Client, plan: _Plan, devices: list[apb.Device], sources: dict[int, str]
 ) -> None:
-    spec = specmod.guest_spec(plan.bundle, plan.cid, sources, plan.guest_network)
+    spec = specmod.guest_spec(
+        plan.bundle, plan.cid, sources, plan.guest_network, plan.guest_namespaces
+    )
     req = apb.CreateContainerRequest(
         container_id=plan.cid,
         oci_spec_json=json.dumps(spec).encode(),
@@ -199,11 +271,12 @@ def _create_in_guest(
 
 
 def _state(plan: _Plan, pid: int, netns: str, netns_owned: bool) -> ContainerState:
+    namespaces = (plan.bundle.spec.get("linux") or {}).get("namespaces") or []
     return ContainerState(
         id=plan.cid,
         bundle=str(plan.bundle.path),
         rootfs=str(plan.bundle.rootfs),
-        sandbox_id=plan.cid,
+        sandbox_id=plan.sandbox_id,
         status=Status.CREATED.value,
         pid=pid,
         annotations=plan.bundle.annotations,
@@ -213,6 +286,8 @@ def _state(plan: _Plan, pid: int, netns: str, netns_owned: bool) -> ContainerSta
         vfio=[g.vfio_id for g in plan.groups],
         netns=netns,
         netns_owned=netns_owned,
+        ns_paths=sandbox_ns_paths(namespaces) if plan.pod.role is Role.SANDBOX else {},
+        guest_network=plan.guest_network,
     )
 
 
@@ -228,13 +303,30 @@ def _attach_network(c: Client, cid: str, netns: str, net: NetworkConfig) -> None
         log.warning("container %s: %s", cid, sk.reason)
 
 
-def _undo(ctx: Ctx, cid: str, made: _Made) -> None:
+def _undo(ctx: Ctx, plan: _Plan, made: _Made) -> None:
     if made.shim is not None and made.shim.poll() is None:
         made.shim.kill()
         made.shim.wait()
-    teardown_sandbox(ctx, cid)
+    if plan.member:  # the pod's VM and its other containers stay
+        if made.sandbox_dir is not None:
+            disks = [d.disk_id for d in (*plan.disks, *plan.volumes)]
+            leave_sandbox(ctx, made.sandbox_dir, plan.cid, disks, [g.vfio_id for g in plan.groups])
+    else:
+        teardown_sandbox(ctx, plan.cid)
     if made.owned_netns is not None:
         remove_netns(made.owned_netns)
+
+
+def leave_sandbox(ctx: Ctx, d: Path, cid: str, disks: list[str], vfio: list[str]) -> None:
+    """A pod member out of its pod's running VM: its container removed in the guest (best
+    effort: it may be gone already), its devices unplugged, its share unmounted."""
+    with (
+        contextlib.suppress(CocoonError, grpc.RpcError),
+        Client(d, ctx.cfg.agent.request_timeout_s) as c,
+    ):
+        c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
+        attach.detach_devices(c, disks, vfio)
+    hostmount.safe_rmtree(d / "shared" / cid)
 
 
 def share_in(sandbox_dir: Path, cid: str, bundle: specmod.Bundle) -> None:

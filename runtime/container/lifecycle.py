@@ -28,6 +28,7 @@ from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.container import create as create_mod
 from cocoon.runtime.container import shim as shimmod
 from cocoon.runtime.container import spec as specmod
+from cocoon.runtime.container import state as statemod
 from cocoon.runtime.container.hooks import run_hooks
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.state import ContainerState, Ctx, Status, pid_alive, wait_gone
@@ -100,6 +101,10 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
         eff = st.effective
         if not eff.can_delete and not force:
             raise LifecycleError(f"cannot delete container {cid} that is not stopped: {eff.value}")
+        if st.owns_sandbox:  # a pod's containers go before its sandbox (and their VM) does
+            for member in statemod.list_states(ctx):
+                if member.sandbox_id == st.sandbox_id and not member.owns_sandbox:
+                    delete(ctx, member.id, force=True)
         if eff is not Status.STOPPED:
             with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
                 if eff is Status.PAUSED:
@@ -114,14 +119,17 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
             if pid_alive(pid) and shimmod.is_shim(pid, cid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
-            c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
-            attach.detach_devices(c, st.disks, st.vfio)
-            if st.netns:
-                c.vm.DetachNetwork(vpb.DetachNetworkRequest(), timeout=60)
-        create_mod.teardown_sandbox(
-            ctx, st.sandbox_id
-        )  # undoes the network too, if DetachNetwork did not
+        if st.owns_sandbox:
+            with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
+                c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
+                attach.detach_devices(c, st.disks, st.vfio)
+                if st.netns:
+                    c.vm.DetachNetwork(vpb.DetachNetworkRequest(), timeout=60)
+            # The sandbox's teardown undoes the network too, if DetachNetwork did not.
+            create_mod.teardown_sandbox(ctx, st.sandbox_id)
+        else:  # a pod's container: the pod's VM and its other containers stay
+            d = sandbox.sandbox_dir(ctx.root, st.sandbox_id)
+            create_mod.leave_sandbox(ctx, d, cid, st.disks, st.vfio)
         if st.netns_owned:
             create_mod.remove_netns(Path(st.netns))
         st.status = Status.STOPPED.value

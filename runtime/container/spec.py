@@ -127,7 +127,17 @@ def load_bundle(bundle: Path) -> Bundle:
     return Bundle(bundle, spec, rootfs, tuple(binds))
 
 
-NAMESPACES = ("pid", "network", "mount", "ipc", "uts", "user", "cgroup", "time")
+# A namespace type and the name of its file under /proc/<pid>/ns.
+NS_FILES = {
+    "pid": "pid",
+    "network": "net",
+    "mount": "mnt",
+    "ipc": "ipc",
+    "uts": "uts",
+    "user": "user",
+    "cgroup": "cgroup",
+    "time": "time",
+}
 
 
 def _check_namespaces(cfg: Path, linux: Any) -> None:
@@ -141,7 +151,7 @@ def _check_namespaces(cfg: Path, linux: Any) -> None:
         where = f"{cfg}: linux.namespaces[{i}]"
         _need(isinstance(ns, dict), f"{where} must be an object")
         kind = ns.get("type")
-        _need(kind in NAMESPACES, f"{where}: unknown namespace type {kind!r}")
+        _need(kind in NS_FILES, f"{where}: unknown namespace type {kind!r}")
         _need(kind not in seen, f"{where}: a second {kind} namespace")
         _need(isinstance(ns.get("path", ""), str), f"{where}: path must be a string")
         seen.add(kind)
@@ -189,10 +199,13 @@ def guest_spec(
     cid: str,
     block_sources: dict[int, str] | None = None,
     guest_network: bool = False,
+    namespaces: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``block_sources``: mount index -> the guest node of its hot-plugged block device.
     ``guest_network``: the sandbox's NICs stand for the container's network namespace, so the
-    container joins the guest's own (no network namespace of its own in the guest)."""
+    container joins the guest's own (no network namespace of its own in the guest).
+    ``namespaces``: a pod member's namespaces as they are in the guest (pod.membership);
+    without them every host namespace path becomes a new namespace."""
     spec = copy.deepcopy(b.spec)
     block_sources = block_sources or {}
     base = guest_container_dir(cid)
@@ -219,13 +232,12 @@ def guest_spec(
     linux = spec.setdefault("linux", {})
     linux.pop("mountLabel", None)
     linux["cgroupsPath"] = f"/cocoon/{cid}"
-    nss = []
-    for ns in linux.get("namespaces") or []:
-        if ns.get("type") == "network" and guest_network:
-            continue
+    if namespaces is None:
         # Host namespace paths mean nothing in the guest: each becomes a new namespace.
-        nss.append({k: v for k, v in ns.items() if k != "path"})
-    linux["namespaces"] = nss
+        namespaces = [{"type": ns.get("type")} for ns in linux.get("namespaces") or []]
+    linux["namespaces"] = [
+        ns for ns in namespaces if not (ns.get("type") == "network" and guest_network)
+    ]
     # VFIO groups are hot-plugged PCI devices the guest kernel drives: no node to make.
     devs = [d for d in linux.get("devices") or [] if not is_vfio_group(d)]
     if devs or "devices" in linux:

@@ -106,6 +106,15 @@ class ContainerState:
     vfio: list[str] = field(default_factory=list)  # hot-plugged VFIO group ids
     netns: str = ""  # the network namespace whose interfaces the guest got ("" for none)
     netns_owned: bool = False  # cocoon made it (the spec asked for a new one): delete removes it
+    # A pod's sandbox container: its spec's namespace paths (its members may repeat them) and
+    # whether its network namespace is the guest's own (the NICs stand for it).
+    ns_paths: dict[str, str] = field(default_factory=dict)
+    guest_network: bool = False
+
+    @property
+    def owns_sandbox(self) -> bool:
+        """The container whose create booted its sandbox (alone, or a pod's sandbox)."""
+        return self.sandbox_id == self.id
 
     @property
     def effective(self) -> Status:

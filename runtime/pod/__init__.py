@@ -1,10 +1,11 @@
-"""cocoon.runtime.pod: which sandbox a container belongs to.
+"""cocoon.runtime.pod: which sandbox (VM) a container belongs to.
 
-Today every container boots a VM of its own (the sandbox id is the container id). The pods
-issue lands here: reading the CRI and CRI-O annotations that say "this is a pod's sandbox" or
-"this container joins sandbox S", the pod's record, and sizing the pod's VM for all of its
-containers.
+``membership`` reads the callers' pod annotations (containerd's CRI plugin, CRI-O and podman,
+dockershim): a pod's sandbox container boots the pod's VM, a container that names its sandbox
+joins that VM, anything else gets a VM of its own; and it maps a member's host namespace paths
+(``/proc/<sandbox pid>/ns/*``, or the sandbox's pinned paths) to the sandbox container's
+namespaces in the guest. The rest of the pods issue (the pod's shared files, sizing the VM for
+all of its containers, host cgroups) lands here too.
 
-May import: the standard library, cocoon.runtime.{errors, config, container.state,
-container.ids}.
+May import: the standard library, cocoon.runtime.{errors, container.ids, container.spec}.
 """

@@ -276,3 +276,59 @@ def test_bad_spec_input_reaches_the_host_as_invalid_argument() -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "container c1: spec is not a JSON object",
     )
+
+
+# ------------------------------------------------------------------ join_container_namespaces
+def test_join_container_namespaces_points_markers_at_the_init_in_the_guest() -> None:
+    spec: dict[str, Any] = {
+        "linux": {
+            "namespaces": [
+                {"type": "network", "path": "cocoon:container/p1/ns/net"},
+                {"type": "pid", "path": "cocoon:container/p1/ns/pid"},
+                {"type": "mount"},
+                {"type": "ipc", "path": "/proc/9/ns/ipc"},  # not a marker: left as it is
+            ]
+        }
+    }
+    asked: list[str] = []
+
+    def init_pid(cid: str) -> int:
+        asked.append(cid)
+        return 77
+
+    specedit.join_container_namespaces(spec, init_pid)
+    assert spec["linux"]["namespaces"] == [
+        {"type": "network", "path": "/proc/77/ns/net"},
+        {"type": "pid", "path": "/proc/77/ns/pid"},
+        {"type": "mount"},
+        {"type": "ipc", "path": "/proc/9/ns/ipc"},
+    ]
+    assert asked == ["p1", "p1"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "cocoon:container/",
+        "cocoon:container/p1",
+        "cocoon:container/p1/net",
+        "cocoon:container/p1/ns/",
+    ],
+)
+def test_a_malformed_marker_is_invalid(path: str) -> None:
+    spec: dict[str, Any] = {"linux": {"namespaces": [{"type": "network", "path": path}]}}
+    with pytest.raises(ContainerError, match="malformed") as info:
+        specedit.join_container_namespaces(spec, lambda cid: 1)
+    assert info.value.kind is ErrorKind.INVALID
+
+
+def test_a_missing_container_to_join_stops_the_create() -> None:
+    spec: dict[str, Any] = {
+        "linux": {"namespaces": [{"type": "uts", "path": "cocoon:container/gone/ns/uts"}]}
+    }
+
+    def init_pid(cid: str) -> int:
+        raise ContainerError(ErrorKind.PRECONDITION, f"no container {cid}")
+
+    with pytest.raises(ContainerError, match="no container gone"):
+        specedit.join_container_namespaces(spec, init_pid)

@@ -1,0 +1,172 @@
+"""Pods with real guests, driven through the CLI the way containerd's CRI plugin drives a
+runtime (../shared/reference/cri-pod-contract.md): a sandbox container boots the pod's VM and
+each container that names it joins that VM, sharing the sandbox's network (127.0.0.1), IPC
+and UTS namespaces, and its PID namespace when the pod asks for one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cocoon.runtime.container import busybox
+from tests.integration.cli import Cli
+
+pytestmark = [pytest.mark.qemu, pytest.mark.root]
+
+CRI_TYPE = "io.kubernetes.cri.container-type"
+CRI_SANDBOX = "io.kubernetes.cri.sandbox-id"
+
+
+def sandbox_bundle(tmp: Path, sid: str) -> Path:
+    """The pod's sandbox ("pause") container: new namespaces, the pod's hostname."""
+    b = busybox.make_bundle(tmp / sid, ["sleep", "100000"])
+    spec = json.loads((b / "config.json").read_text())
+    spec["hostname"] = "podhost"
+    spec["annotations"] = {CRI_TYPE: "sandbox", CRI_SANDBOX: sid}
+    (b / "config.json").write_text(json.dumps(spec))
+    return b
+
+
+def member_bundle(
+    tmp: Path, cid: str, sid: str, sandbox_pid: int, args: list[str], share_pid: bool = False
+) -> Path:
+    """A pod's container as the CRI plugin writes it: network, IPC and UTS (and PID when the
+    pod shares it) at /proc/<sandbox pid>/ns/*, no hostname of its own."""
+    b = busybox.make_bundle(tmp / cid, args)
+    spec = json.loads((b / "config.json").read_text())
+    spec.pop("hostname", None)
+    spec["annotations"] = {CRI_TYPE: "container", CRI_SANDBOX: sid}
+    shared = {"network": "net", "ipc": "ipc", "uts": "uts"} | ({"pid": "pid"} if share_pid else {})
+    nss: list[dict[str, Any]] = []
+    for ns in spec["linux"]["namespaces"]:
+        kind = ns["type"]
+        nss.append(
+            {"type": kind, "path": f"/proc/{sandbox_pid}/ns/{shared[kind]}"}
+            if kind in shared
+            else {"type": kind}
+        )
+    kinds = {ns["type"] for ns in nss}
+    nss += [
+        {"type": k, "path": f"/proc/{sandbox_pid}/ns/{f}"}
+        for k, f in shared.items()
+        if k not in kinds
+    ]
+    spec["linux"]["namespaces"] = nss
+    (b / "config.json").write_text(json.dumps(spec))
+    return b
+
+
+def ns_of(cli: Cli, cid: str, kind: str) -> str:
+    return cli.ok("exec", cid, "readlink", f"/proc/self/ns/{kind}").strip()
+
+
+def sandboxes(cli: Cli) -> list[str]:
+    return cli.ok("sandbox", "list").split()
+
+
+@pytest.fixture
+def pod(cli: Cli, tmp_path: Path) -> tuple[str, int]:
+    """A running pod sandbox "p1" and its pid (the shim's, as the CRI plugin reads it)."""
+    assert cli.create("p1", sandbox_bundle(tmp_path, "p1")).returncode == 0
+    cli.ok("start", "p1")
+    return "p1", int(json.loads(cli.ok("state", "p1"))["pid"])
+
+
+def test_a_pods_containers_share_one_vm_and_its_namespaces(
+    cli: Cli, tmp_path: Path, pod: tuple[str, int]
+) -> None:
+    sid, spid = pod
+    web = member_bundle(
+        tmp_path, "web", sid, spid, ["httpd", "-f", "-p", "127.0.0.1:8080", "-h", "/etc"]
+    )
+    assert cli.create("web", web).returncode == 0, cli.last_error()
+    cli.ok("start", "web")
+    shell = member_bundle(tmp_path, "shell", sid, spid, ["sleep", "100000"], share_pid=True)
+    assert cli.create("shell", shell).returncode == 0, cli.last_error()
+    cli.ok("start", "shell")
+    assert sandboxes(cli) == [sid], "a pod gets one VM"
+
+    # 127.0.0.1 is the pod's: the shell reaches the web container's server there.
+    body = ""
+    for _ in range(50):
+        r = cli("exec", "shell", "wget", "-q", "-O", "-", "http://127.0.0.1:8080/passwd")
+        if r.returncode == 0:
+            body = r.stdout
+            break
+    assert "root:" in body, r.stderr
+    for kind in ("net", "ipc", "uts"):
+        assert ns_of(cli, "web", kind) == ns_of(cli, sid, kind) == ns_of(cli, "shell", kind), kind
+    assert cli.ok("exec", "shell", "hostname").strip() == "podhost"
+    # The shell shares the pod's PID namespace (it sees the sandbox's sleep); web has its own.
+    assert ns_of(cli, "shell", "pid") == ns_of(cli, sid, "pid") != ns_of(cli, "web", "pid")
+    ps = cli.ok("exec", "shell", "ps", "-o", "args")
+    assert "sleep 100000" in ps and "httpd" not in ps, ps
+
+    # A container's delete leaves the VM and the others running.
+    cli.ok("delete", "--force", "web")
+    assert sandboxes(cli) == [sid]
+    assert cli.ok("exec", "shell", "echo", "still here").strip() == "still here"
+    assert cli.ok("list", "-q").split() == ["p1", "shell"]
+    # The sandbox's delete takes the pod's remaining containers and the VM with it.
+    cli.ok("delete", "--force", sid)
+    assert cli.ok("list", "-q").split() == []
+    assert sandboxes(cli) == []
+
+
+@pytest.mark.parametrize(
+    ("annotations", "error"),
+    [
+        ({CRI_TYPE: "container", CRI_SANDBOX: "nosuch"}, "its pod's sandbox nosuch does not exist"),
+        ({CRI_TYPE: "container"}, "has no io.kubernetes.cri.sandbox-id annotation"),
+        ({CRI_TYPE: "container", CRI_SANDBOX: "../x"}, "invalid sandbox id"),
+        ({CRI_TYPE: "bogus", CRI_SANDBOX: "p1"}, "expected 'sandbox' or 'container'"),
+        (
+            {CRI_TYPE: "container", CRI_SANDBOX: "p1", "io.cocoon.config.network.model": "none"},
+            "would change the VM of the running pod p1",
+        ),
+    ],
+    ids=["no-sandbox", "no-id", "bad-id", "bad-type", "vm-annotation"],
+)
+def test_a_container_that_cannot_join_is_refused_and_the_pod_untouched(
+    cli: Cli, tmp_path: Path, pod: tuple[str, int], annotations: dict[str, str], error: str
+) -> None:
+    sid, spid = pod
+    b = member_bundle(tmp_path, "bad", sid, spid, ["true"])
+    spec = json.loads((b / "config.json").read_text())
+    spec["annotations"] = annotations
+    (b / "config.json").write_text(json.dumps(spec))
+    r = cli.create("bad", b)
+    assert r.returncode == 1, r.stderr
+    assert error in cli.last_error()
+    assert cli.ok("list", "-q").split() == [sid]
+    assert sandboxes(cli) == [sid]
+    cli.ok("delete", "--force", sid)
+
+
+def test_namespaces_that_are_not_the_sandboxs_are_refused(
+    cli: Cli, tmp_path: Path, pod: tuple[str, int]
+) -> None:
+    sid, _ = pod
+    b = member_bundle(tmp_path, "stray", sid, 1, ["true"])  # PID 1's namespaces: the host's
+    r = cli.create("stray", b)
+    assert r.returncode == 1
+    assert (
+        "namespace /proc/1/ns/" in cli.last_error() and f"not its sandbox {sid}" in cli.last_error()
+    )
+    assert cli.ok("list", "-q").split() == [sid]
+    cli.ok("delete", "--force", sid)
+
+
+def test_a_container_alone_is_not_a_sandbox_to_join(cli: Cli, tmp_path: Path) -> None:
+    assert (
+        cli.create("solo", busybox.make_bundle(tmp_path / "solo", ["sleep", "1000"])).returncode
+        == 0
+    )
+    b = member_bundle(tmp_path, "m", "solo", 1, ["true"])
+    r = cli.create("m", b)
+    assert r.returncode == 1
+    assert "solo is not a pod's sandbox container" in cli.last_error()
+    cli.ok("delete", "--force", "solo")
