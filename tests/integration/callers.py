@@ -214,7 +214,7 @@ def _add_file(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def oci_archive(layer: Path, out: Path, name: str) -> Path:
+def oci_archive(layer: Path, out: Path, name: str, cmd: Sequence[str] = ("/bin/sh",)) -> Path:
     """An OCI image layout tarball (oci-layout, index.json, blobs/) of one layer, named ``name``
     (a full reference such as docker.io/library/busybox:cocoon), for ``ctr images import``."""
     layer_bytes = layer.read_bytes()
@@ -222,7 +222,7 @@ def oci_archive(layer: Path, out: Path, name: str) -> Path:
     config = {
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin:/usr/bin"], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
+        "config": {"Env": ["PATH=/bin:/usr/bin"], "Cmd": list(cmd), "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
         "history": [{"created_by": "cocoon tests: busybox.make_rootfs"}],
     }
