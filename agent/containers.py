@@ -47,6 +47,7 @@ BUNDLES = Path("/run/cocoon/containers")
 TTY_SOCKETS = Path("/run/cocoon/tty")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CRUN = "/usr/bin/crun"
+POD_SHM_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
 _ID = re.compile(r"^[\w+\-.]{1,1024}$")
 
 
@@ -150,6 +151,12 @@ class Manager:
             specedit.allow_block_device(spec, *numbers)
         apply_guest_net_sysctls(spec)
         specedit.join_container_namespaces(spec, lambda other: self._init_pid(cid, other))
+        for shm in specedit.pod_shm_dirs(spec):
+            try:
+                if not mounts.is_mounted(shm):
+                    mounts.mount("shm", shm, "tmpfs", POD_SHM_FLAGS, "mode=1777,size=65536k")
+            except OSError as exc:
+                raise ContainerError(ErrorKind.INTERNAL, f"container {cid}: {exc}") from exc
         with self._lock:
             if cid in self._containers:
                 raise ContainerError(

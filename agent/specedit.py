@@ -14,7 +14,9 @@ cgroup path, block-volume sources). What only the guest knows is added here:
   makes (``take_guest_net_sysctls``);
 - a pod's container joins namespaces of its sandbox container: the host writes each as
   ``cocoon:container/<id>/ns/<file>`` (it cannot know guest pids), and it becomes the
-  ``/proc/<pid>/ns/<file>`` of that container's init in the guest (``join_container_namespaces``).
+  ``/proc/<pid>/ns/<file>`` of that container's init in the guest (``join_container_namespaces``);
+- a pod's containers bind /dev/shm from one tmpfs of the guest's, ``/run/cocoon/shm/<pod>``
+  (``pod_shm_dirs`` lists the ones a spec uses, for the agent to mount first).
 
 Each function edits the parsed spec it is given (the agent's own copy, about to become the
 bundle's config.json) and does nothing else: no file, no stat, no syscall. What the guest has
@@ -34,6 +36,7 @@ from cocoon.agent.errors import ContainerError, ErrorKind
 
 Spec = dict[str, Any]
 CONTAINER_NS = "cocoon:container/"  # the host's marker: another container's namespace
+POD_SHM = "/run/cocoon/shm"  # a pod's /dev/shm in the guest, one tmpfs per pod
 
 
 def parse(data: bytes, what: str) -> Spec:
@@ -137,8 +140,25 @@ def join_container_namespaces(spec: Spec, init_pid: Callable[[str], int]) -> Non
             continue
         other, _, rest = path[len(CONTAINER_NS) :].partition("/")
         file = rest.removeprefix("ns/")
-        if not other or rest == file or not file or "/" in file:
+        if not other or rest == file or file in ("", ".", "..") or "/" in file:
             raise ContainerError(
                 ErrorKind.INVALID, f"spec: linux.namespaces[{i}].path {path!r} is malformed"
             )
         ns["path"] = f"/proc/{init_pid(other)}/ns/{file}"
+
+
+def pod_shm_dirs(spec: Spec) -> list[str]:
+    """The pod /dev/shm directories (``POD_SHM/<sandbox id>``) the spec binds: each must be a
+    tmpfs of the guest's before crun runs (the pod's containers share it)."""
+    out = []
+    for i, m in enumerate(spec.get("mounts") or []):
+        source = m.get("source") if isinstance(m, dict) else None
+        if not isinstance(source, str) or not source.startswith(POD_SHM + "/"):
+            continue
+        name = source[len(POD_SHM) + 1 :]
+        if name in ("", ".", "..") or "/" in name:
+            raise ContainerError(
+                ErrorKind.INVALID, f"spec: mounts[{i}].source {source!r} is malformed"
+            )
+        out.append(source)
+    return out

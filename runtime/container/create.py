@@ -54,6 +54,7 @@ from cocoon.runtime.pod.membership import (
     guest_namespaces,
     membership,
     sandbox_ns_paths,
+    shm_source,
 )
 from cocoon.runtime.resources import attach, sizing
 from cocoon.runtime.resources import devices as devmod
@@ -256,7 +257,12 @@ def _create_in_guest(
     c: Client, plan: _Plan, devices: list[apb.Device], sources: dict[int, str]
 ) -> None:
     spec = specmod.guest_spec(
-        plan.bundle, plan.cid, sources, plan.guest_network, plan.guest_namespaces
+        plan.bundle,
+        plan.cid,
+        sources,
+        plan.guest_network,
+        plan.guest_namespaces,
+        _shm(plan),
     )
     req = apb.CreateContainerRequest(
         container_id=plan.cid,
@@ -268,6 +274,13 @@ def _create_in_guest(
         c.agent.CreateContainer(req, timeout=120)
     except grpc.RpcError as exc:
         raise rpc_error(f"container {plan.cid}", exc) from exc
+
+
+def _shm(plan: _Plan) -> str:
+    """A pod's containers share the pod's /dev/shm; a container alone gets its own."""
+    if plan.pod_sandbox is not None:
+        return shm_source(plan.pod_sandbox.id)
+    return shm_source(plan.cid) if plan.pod.role is Role.SANDBOX else ""
 
 
 def _state(plan: _Plan, pid: int, netns: str, netns_owned: bool) -> ContainerState:

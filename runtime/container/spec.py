@@ -200,12 +200,15 @@ def guest_spec(
     block_sources: dict[int, str] | None = None,
     guest_network: bool = False,
     namespaces: list[dict[str, Any]] | None = None,
+    shm_source: str = "",
 ) -> dict[str, Any]:
     """``block_sources``: mount index -> the guest node of its hot-plugged block device.
     ``guest_network``: the sandbox's NICs stand for the container's network namespace, so the
     container joins the guest's own (no network namespace of its own in the guest).
     ``namespaces``: a pod member's namespaces as they are in the guest (pod.membership);
-    without them every host namespace path becomes a new namespace."""
+    without them every host namespace path becomes a new namespace. ``shm_source``: where a
+    pod's container binds its /dev/shm from (its sandbox's, in the guest); without it /dev/shm
+    is a tmpfs of its own."""
     spec = copy.deepcopy(b.spec)
     block_sources = block_sources or {}
     base = guest_container_dir(cid)
@@ -213,7 +216,14 @@ def guest_spec(
     binds = {bm.index: bm for bm in b.binds}
     mounts = []
     for i, m in enumerate(spec.get("mounts") or []):
-        if m.get("destination") == "/dev/shm":
+        if m.get("destination") == "/dev/shm" and shm_source:
+            m = {
+                "destination": "/dev/shm",
+                "type": "bind",
+                "source": shm_source,
+                "options": ["rbind", "nosuid", "noexec", "nodev"],
+            }
+        elif m.get("destination") == "/dev/shm":
             m = {
                 "destination": "/dev/shm",
                 "type": "tmpfs",

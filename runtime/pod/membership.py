@@ -41,6 +41,7 @@ _SCHEMES = (
 # What the guest agent resolves: GUEST_MARKER<id>/ns/<file> is /proc/<pid>/ns/<file> of
 # container <id>'s init process in the guest.
 GUEST_MARKER = "cocoon:container/"
+POD_SHM = "/run/cocoon/shm"  # the guest's directory of pods' /dev/shm tmpfs mounts
 _PROC_NS = re.compile(r"^/proc/(\d+)/ns/([a-z_]+)$")
 
 
@@ -76,6 +77,12 @@ def membership(cid: str, annotations: Mapping[str, str]) -> Membership:
             raise SpecError(f"container {cid} names itself as its sandbox ({id_key})")
         return Membership(Role.MEMBER, sid)
     return Membership(Role.ALONE)
+
+
+def shm_source(sandbox_id: str) -> str:
+    """Where the containers of pod ``sandbox_id`` bind /dev/shm from in the guest: one tmpfs
+    the agent mounts for the pod (a bind from a container's own mount namespace is refused)."""
+    return f"{POD_SHM}/{sandbox_id}"
 
 
 def sandbox_ns_paths(namespaces: list[dict[str, object]]) -> dict[str, str]:

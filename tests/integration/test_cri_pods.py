@@ -2,8 +2,9 @@
 with the ``runc`` handler (proving the test) and with ``cocoon`` (one VM for the pod).
 
 A pod of two containers: ``web`` serves on the pod's 127.0.0.1, ``shell`` fetches from it; the
-pod's hostname; the PID namespace shared when the pod asks; one container stopped and removed
-while the other runs; then the pod stopped and removed, and nothing of it left."""
+pod's hostname and /dev/shm; the PID namespace shared when the pod asks; the pod's IP from
+CNI; one container stopped and removed while the other runs; then the pod stopped and
+removed, and nothing of it left."""
 
 from __future__ import annotations
 
@@ -111,6 +112,9 @@ def test_a_pod_of_two_containers(cri: Cri, handler: str, share_pid: bool) -> Non
         ps = cri.ok("exec", shell, "ps", "-o", "args")
         # The pause process and web's httpd are the shell's siblings only in a shared PID ns.
         assert ("httpd" in ps) is share_pid, ps
+        # The pod's /dev/shm (a host tmpfs under runc, one tmpfs of the guest's under cocoon).
+        cri.ok("exec", shell, "sh", "-c", "echo shared > /dev/shm/pod")
+        assert cri.ok("exec", web, "cat", "/dev/shm/pod") == "shared"
         info = json.loads(cri.ok("inspectp", pod))
         ip = info["status"]["network"]["ip"]
         assert ip.startswith("10.99.0."), info["status"]["network"]

@@ -104,6 +104,10 @@ def test_a_pods_containers_share_one_vm_and_its_namespaces(
     assert ns_of(cli, "shell", "pid") == ns_of(cli, sid, "pid") != ns_of(cli, "web", "pid")
     ps = cli.ok("exec", "shell", "ps", "-o", "args")
     assert "sleep 100000" in ps and "httpd" not in ps, ps
+    # /dev/shm is the pod's: what the sandbox writes there, its containers read.
+    cli.ok("exec", sid, "sh", "-c", "echo shared > /dev/shm/pod")
+    assert cli.ok("exec", "web", "cat", "/dev/shm/pod").strip() == "shared"
+    assert cli.ok("exec", "shell", "cat", "/dev/shm/pod").strip() == "shared"
 
     # A container's delete leaves the VM and the others running.
     cli.ok("delete", "--force", "web")

@@ -485,3 +485,20 @@ def test_a_minimal_spec_gets_a_linux_section(tmp_path: Path) -> None:
     assert out["linux"] == {"cgroupsPath": f"/cocoon/{CID}", "namespaces": []}
     assert out["mounts"] == [] and "hooks" not in out
     assert out["root"] == {"path": f"{BASE}/rootfs"}
+
+
+def test_a_pod_members_namespaces_and_shm_are_its_sandboxs(host_bundle: Bundle) -> None:
+    mapped: list[dict[str, Any]] = [
+        {"type": "pid"},
+        {"type": "ipc", "path": "cocoon:container/p1/ns/ipc"},
+        {"type": "uts", "path": "cocoon:container/p1/ns/uts"},
+        {"type": "mount"},
+        {"type": "network", "path": "cocoon:container/p1/ns/net"},
+    ]
+    out = guest_spec(host_bundle, CID, namespaces=mapped, shm_source="/run/cocoon/shm/p1")
+    assert out["linux"]["namespaces"] == mapped
+    (shm,) = [m for m in out["mounts"] if m["destination"] == "/dev/shm"]
+    assert shm["type"] == "bind" and shm["source"] == "/run/cocoon/shm/p1"
+    # The sandbox's network is the guest's own: the member joins it by having none.
+    joined = guest_spec(host_bundle, CID, guest_network=True, namespaces=mapped)
+    assert [ns["type"] for ns in joined["linux"]["namespaces"]] == ["pid", "ipc", "uts", "mount"]

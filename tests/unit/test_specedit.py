@@ -332,3 +332,26 @@ def test_a_missing_container_to_join_stops_the_create() -> None:
 
     with pytest.raises(ContainerError, match="no container gone"):
         specedit.join_container_namespaces(spec, init_pid)
+
+
+def test_pod_shm_dirs_lists_the_pods_tmpfs_sources() -> None:
+    spec: dict[str, Any] = {
+        "mounts": [
+            {"destination": "/dev/shm", "type": "bind", "source": "/run/cocoon/shm/p1"},
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/x", "type": "bind", "source": "/run/cocoon/shared/c1/x"},
+        ]
+    }
+    assert specedit.pod_shm_dirs(spec) == ["/run/cocoon/shm/p1"]
+    assert specedit.pod_shm_dirs({}) == []
+
+
+@pytest.mark.parametrize(
+    "source", ["/run/cocoon/shm/", "/run/cocoon/shm/..", "/run/cocoon/shm/p1/../../etc"]
+)
+def test_a_malformed_pod_shm_source_is_invalid(source: str) -> None:
+    spec: dict[str, Any] = {
+        "mounts": [{"destination": "/dev/shm", "type": "bind", "source": source}]
+    }
+    with pytest.raises(ContainerError, match=r"mounts\[0\]\.source .* is malformed"):
+        specedit.pod_shm_dirs(spec)
