@@ -199,8 +199,12 @@ def _pod_sandbox(ctx: Ctx, cid: str, bundle: specmod.Bundle, sid: str) -> Contai
         sst = ctx.store.load(sid)
     except StateError:
         raise LifecycleError(f"container {cid}: its pod's sandbox {sid} does not exist") from None
-    if membership(sid, sst.annotations).role is not Role.SANDBOX:
-        raise LifecycleError(f"container {cid}: {sid} is not a pod's sandbox container")
+    # podman's pod infra container carries no sandbox annotation: any container whose create
+    # booted its VM can be a pod's sandbox; one that joined another's VM cannot.
+    if not sst.owns_sandbox:
+        raise LifecycleError(
+            f"container {cid}: {sid} is not a pod's sandbox container (it is in {sst.sandbox_id}'s)"
+        )
     running = (sandbox.sandbox_dir(ctx.root, sst.sandbox_id) / MONITOR_SOCK).exists()
     if sst.effective is Status.STOPPED or not running:
         raise LifecycleError(f"container {cid}: its pod's sandbox {sid} is stopped")
@@ -299,7 +303,7 @@ def _state(plan: _Plan, pid: int, netns: str, netns_owned: bool) -> ContainerSta
         vfio=[g.vfio_id for g in plan.groups],
         netns=netns,
         netns_owned=netns_owned,
-        ns_paths=sandbox_ns_paths(namespaces) if plan.pod.role is Role.SANDBOX else {},
+        ns_paths={} if plan.member else sandbox_ns_paths(namespaces),
         guest_network=plan.guest_network,
     )
 

@@ -428,3 +428,27 @@ def test_podman_exec_pause_kill(pm: C.Podman) -> None:
     finally:
         pm.podman("rm", "-f", cid)
     assert pm.podman("ps", "-aq").stdout.split() == []
+
+
+@pytest.mark.daemon("podman")
+def test_podman_pod_is_one_vm(pm: C.Podman) -> None:
+    """`podman pod create` + `podman run --pod`: the pod's containers share one VM, its
+    127.0.0.1 and its hostname (podman marks them with CRI-O's pod annotations)."""
+    infra = ["--infra-image", PM_IMAGE, "--infra-command", "sleep 2147483647"]
+    r = pm.podman("pod", "create", "--name", "pp", "--hostname", "pphost", *infra)
+    assert r.returncode == 0, r.stderr
+    try:
+        r = pm.podman(
+            "run", "-d", "--pod", "pp", PM_IMAGE, "httpd", "-f", "-p", "8080", "-h", "/etc"
+        )
+        assert r.returncode == 0, r.stderr
+        get = "wget -q -O - http://127.0.0.1:8080/passwd"
+        fetch = f"for i in $(seq 50); do {get} && break; sleep 0.2; done"
+        r = pm.podman("run", "--rm", "--pod", "pp", PM_IMAGE, "sh", "-c", f"{fetch}; hostname")
+        assert r.returncode == 0, r.stderr
+        assert "root:" in r.stdout and r.stdout.strip().endswith("pphost"), r.stdout
+        sandboxes = sorted(p.name for p in (C.PODMAN_ROOT / "sandboxes").iterdir())
+        assert len(sandboxes) == 1, f"one VM for the pod: {sandboxes}"
+    finally:
+        pm.podman("pod", "rm", "-f", "pp", timeout=180)
+    assert pm.podman("ps", "-aq").stdout.split() == []

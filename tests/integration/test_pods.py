@@ -164,13 +164,18 @@ def test_namespaces_that_are_not_the_sandboxs_are_refused(
     cli.ok("delete", "--force", sid)
 
 
-def test_a_container_alone_is_not_a_sandbox_to_join(cli: Cli, tmp_path: Path) -> None:
+def test_a_pods_container_is_not_a_sandbox_to_join(
+    cli: Cli, tmp_path: Path, pod: tuple[str, int]
+) -> None:
+    sid, spid = pod
     assert (
-        cli.create("solo", busybox.make_bundle(tmp_path / "solo", ["sleep", "1000"])).returncode
+        cli.create("m1", member_bundle(tmp_path, "m1", sid, spid, ["sleep", "1000"])).returncode
         == 0
     )
-    b = member_bundle(tmp_path, "m", "solo", 1, ["true"])
-    r = cli.create("m", b)
+    m1_pid = int(json.loads(cli.ok("state", "m1"))["pid"])
+    r = cli.create("m2", member_bundle(tmp_path, "m2", "m1", m1_pid, ["true"]))
     assert r.returncode == 1
-    assert "solo is not a pod's sandbox container" in cli.last_error()
-    cli.ok("delete", "--force", "solo")
+    assert "m1 is not a pod's sandbox container (it is in p1's)" in cli.last_error()
+    assert cli.ok("list", "-q").split() == ["m1", "p1"]
+    cli.ok("delete", "--force", sid)  # takes m1 with it
+    assert cli.ok("list", "-q").split() == []
