@@ -56,6 +56,7 @@ from cocoon.runtime.pod.membership import (
     sandbox_ns_paths,
     shm_source,
 )
+from cocoon.runtime.pod.resources import vm_size
 from cocoon.runtime.resources import attach, sizing
 from cocoon.runtime.resources import devices as devmod
 from cocoon.runtime.sandbox import hostmount
@@ -249,8 +250,9 @@ def _prepare_guest(
     """Share in the rootfs and volumes, size the VM, plug the devices; the agent's Device list
     and each block volume's node in the guest."""
     share_in(sandbox_dir, plan.cid, plan.bundle)
-    # The VM boots at this size: nothing to plug. A pod's member runs in the pod's VM as it is.
-    if not plan.member and plan.size != sizing.boot_size(ctx.cfg):
+    if plan.member:  # the pod's VM grows by what this container asks for
+        attach.resize(c, plan.cid, vm_size(ctx, plan.sandbox_id, add=plan.resources))
+    elif plan.size != sizing.boot_size(ctx.cfg):  # the VM boots at this size: nothing to plug
         attach.resize(c, plan.cid, plan.size)
     devices = attach.attach_devices(c, plan.cid, plan.disks, plan.groups)
     sources = {v.index: attach.attach_disk(c, plan.cid, v) for v in plan.volumes}
@@ -327,22 +329,25 @@ def _undo(ctx: Ctx, plan: _Plan, made: _Made) -> None:
     if plan.member:  # the pod's VM and its other containers stay
         if made.sandbox_dir is not None:
             disks = [d.disk_id for d in (*plan.disks, *plan.volumes)]
-            leave_sandbox(ctx, made.sandbox_dir, plan.cid, disks, [g.vfio_id for g in plan.groups])
+            leave_sandbox(ctx, plan.sandbox_id, plan.cid, disks, [g.vfio_id for g in plan.groups])
     else:
         teardown_sandbox(ctx, plan.cid)
     if made.owned_netns is not None:
         remove_netns(made.owned_netns)
 
 
-def leave_sandbox(ctx: Ctx, d: Path, cid: str, disks: list[str], vfio: list[str]) -> None:
+def leave_sandbox(ctx: Ctx, sandbox_id: str, cid: str, disks: list[str], vfio: list[str]) -> None:
     """A pod member out of its pod's running VM: its container removed in the guest (best
-    effort: it may be gone already), its devices unplugged, its share unmounted."""
+    effort: it may be gone already), its devices unplugged, what it asked for given back, its
+    share unmounted."""
+    d = sandbox.sandbox_dir(ctx.root, sandbox_id)
     with (
         contextlib.suppress(CocoonError, grpc.RpcError),
         Client(d, ctx.cfg.agent.request_timeout_s) as c,
     ):
         c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
         attach.detach_devices(c, disks, vfio)
+        attach.resize(c, cid, vm_size(ctx, sandbox_id, drop=cid))
     hostmount.safe_rmtree(d / "shared" / cid)
 
 

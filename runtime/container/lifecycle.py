@@ -6,8 +6,8 @@ lives in ``create`` (it is the long one), ``state``/``list`` in ``state`` (they 
 gRPC). ``run`` is create + start and, in the foreground, wait + delete.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{errors,
-vm_pb2, container.{create, ids, shim, spec, state, hooks}, resources.{attach, sizing},
-sandbox.{client, launcher}}.
+vm_pb2, container.{create, ids, shim, spec, state, hooks}, pod.resources,
+resources.{attach, sizing}, sandbox.{client, launcher}}.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from cocoon.runtime.container.hooks import run_hooks
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.state import ContainerState, Ctx, Status, pid_alive, wait_gone
 from cocoon.runtime.errors import CocoonError, LifecycleError, SandboxError, StateError
+from cocoon.runtime.pod.resources import in_pod, vm_size
 from cocoon.runtime.resources import attach, sizing
 from cocoon.runtime.sandbox import launcher as sandbox
 from cocoon.runtime.sandbox.client import Client, rpc_error
@@ -128,8 +129,7 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
             # The sandbox's teardown undoes the network too, if DetachNetwork did not.
             create_mod.teardown_sandbox(ctx, st.sandbox_id)
         else:  # a pod's container: the pod's VM and its other containers stay
-            d = sandbox.sandbox_dir(ctx.root, st.sandbox_id)
-            create_mod.leave_sandbox(ctx, d, cid, st.disks, st.vfio)
+            create_mod.leave_sandbox(ctx, st.sandbox_id, cid, st.disks, st.vfio)
         if st.netns_owned:
             create_mod.remove_netns(Path(st.netns))
         st.status = Status.STOPPED.value
@@ -243,8 +243,12 @@ def update(ctx: Ctx, cid: str, resources: dict[str, Any]) -> None:
         if st.effective is Status.STOPPED:
             raise LifecycleError(f"cannot update container {cid}: it is stopped")
         merged = sizing.merge(st.resources, resources)
-        new, old = sizing.size_for(ctx.cfg, merged), sizing.size_for(ctx.cfg, st.resources)
-        attach.check_fits(ctx.cfg, new)
+        if in_pod(ctx, st.sandbox_id):  # the pod's VM, by this container's difference
+            old = vm_size(ctx, st.sandbox_id)
+            new = vm_size(ctx, st.sandbox_id, drop=cid, add=merged)
+        else:
+            new, old = sizing.size_for(ctx.cfg, merged), sizing.size_for(ctx.cfg, st.resources)
+            attach.check_fits(ctx.cfg, new)
         grows = new.vcpus > old.vcpus or new.memory_mib > old.memory_mib
         with _client(ctx, st) as c:
             if grows:

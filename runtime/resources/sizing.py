@@ -88,7 +88,8 @@ def boot_size(cfg: Config) -> Size:
     return Size(cfg.hypervisor.default_vcpus, cfg.hypervisor.default_memory_mib)
 
 
-def size_for(cfg: Config, resources: dict[str, Any] | None) -> Size:
+def asked(resources: dict[str, Any] | None) -> Size:
+    """What the resources ask for in particular: vCPUs (0: none) and MiB of memory limit."""
     res = resources or {}
     if not isinstance(res, dict):
         raise SizingError("linux.resources must be an object")
@@ -96,11 +97,37 @@ def size_for(cfg: Config, resources: dict[str, Any] | None) -> Size:
     mem = res.get("memory") or {}
     if not isinstance(cpu, dict) or not isinstance(mem, dict):
         raise SizingError("linux.resources.cpu and .memory must be objects")
-    h = cfg.hypervisor
-    vcpus = max(vcpus_for(cpu) or h.default_vcpus, h.default_vcpus)
     limit = memory_limit(mem)
-    memory = h.default_memory_mib + (math.ceil(limit / MIB) if limit else 0)
-    return Size(vcpus, memory)
+    return Size(vcpus_for(cpu) or 0, math.ceil(limit / MIB) if limit else 0)
+
+
+def size_for(cfg: Config, resources: dict[str, Any] | None) -> Size:
+    """The VM of one container: the boot size, grown to its CPUs, plus its memory limit."""
+    return pod_size(cfg, [resources])
+
+
+def pod_size(cfg: Config, every: list[dict[str, Any] | None]) -> Size:
+    """The VM of a pod, as Kata sizes it: the boot vCPUs grown to the sum of its containers'
+    CPUs, and the base memory plus the sum of their memory limits."""
+    h = cfg.hypervisor
+    sizes = [asked(res) for res in every]
+    return Size(
+        max(sum(s.vcpus for s in sizes), h.default_vcpus),
+        h.default_memory_mib + sum(s.memory_mib for s in sizes),
+    )
+
+
+def clamp(cfg: Config, size: Size, host_cpus: int, host_memory_mib: int) -> tuple[Size, str]:
+    """``size`` within what the VM can ever hold, and a warning when it was not (a pod's
+    limits above the host's are accepted, as runc and Kubernetes accept them)."""
+    max_vcpus, max_memory = cfg.hypervisor.ceilings(host_cpus, host_memory_mib)
+    out = Size(min(size.vcpus, max_vcpus), min(size.memory_mib, max_memory))
+    if out == size:
+        return out, ""
+    return out, (
+        f"the pod asks for {size.vcpus} CPUs and {size.memory_mib} MiB; its VM holds at most "
+        f"{max_vcpus} and {max_memory} MiB: sized to {out.vcpus} CPUs and {out.memory_mib} MiB"
+    )
 
 
 def check_fits(cfg: Config, size: Size, host_cpus: int, host_memory_mib: int) -> None:

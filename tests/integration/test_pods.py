@@ -6,6 +6,7 @@ and UTS namespaces, and its PID namespace when the pod asks for one."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,41 @@ def test_a_pods_container_is_not_a_sandbox_to_join(
     assert cli.ok("list", "-q").split() == ["m1", "p1"]
     cli.ok("delete", "--force", sid)  # takes m1 with it
     assert cli.ok("list", "-q").split() == []
+
+
+def with_resources(b: Path, resources: dict[str, Any]) -> Path:
+    spec = json.loads((b / "config.json").read_text())
+    spec["linux"]["resources"].update(resources)
+    (b / "config.json").write_text(json.dumps(spec))
+    return b
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs a host with 2 CPUs or more")
+def test_the_pods_vm_grows_and_shrinks_with_its_containers(
+    cli: Cli, tmp_path: Path, pod: tuple[str, int]
+) -> None:
+    sid, spid = pod
+    cpus0, mem0 = cli.sees(sid)
+    big = {"cpu": {"quota": 200000, "period": 100000}, "memory": {"limit": 256 << 20}}
+    b = with_resources(member_bundle(tmp_path, "m", sid, spid, ["sleep", "1000"]), big)
+    assert cli.create("m", b).returncode == 0, cli.last_error()
+    cli.ok("start", "m")
+    cpus1, mem1 = cli.sees(sid)
+    assert (cpus0, cpus1) == (1, 2) and mem1 >= mem0 + 256 - 16, (mem0, mem1)
+    assert cli.ok("exec", "m", "cat", "/sys/fs/cgroup/memory.max").strip() == str(256 << 20)
+    cli.ok("delete", "--force", "m")
+    cpus2, mem2 = cli.sees(sid)
+    assert cpus2 == 1 and mem2 <= mem0 + 16, (mem0, mem2)
+    cli.ok("delete", "--force", sid)
+
+
+def test_a_pod_beyond_the_vm_is_clamped_not_refused(
+    cli: Cli, tmp_path: Path, pod: tuple[str, int]
+) -> None:
+    sid, spid = pod
+    huge = {"cpu": {"quota": 6400000, "period": 100000}}  # 64 CPUs
+    b = with_resources(member_bundle(tmp_path, "m", sid, spid, ["sleep", "1000"]), huge)
+    assert cli.create("m", b).returncode == 0, cli.last_error()
+    log = cli.log.read_text()
+    assert "asks for 64 CPUs" in log and "sized to" in log, log
+    cli.ok("delete", "--force", sid)

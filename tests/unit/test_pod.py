@@ -128,3 +128,29 @@ def test_sandbox_ns_paths_keeps_only_paths() -> None:
         {"type": "ipc", "path": ""},
     ]
     assert sandbox_ns_paths(nss) == {"network": "/var/run/netns/cni-1"}
+
+
+def test_a_pods_vm_holds_the_sum_of_its_containers() -> None:
+    from cocoon.runtime.config import Config
+    from cocoon.runtime.resources import sizing
+
+    cfg = Config()  # 1 vCPU, 256 MiB at boot
+    half_cpu = {"cpu": {"quota": 50000, "period": 100000}, "memory": {"limit": 128 << 20}}
+    two_cpus = {"cpu": {"quota": 200000, "period": 100000}}
+    assert sizing.pod_size(cfg, [None]) == sizing.boot_size(cfg)
+    assert sizing.pod_size(cfg, [None, half_cpu]) == sizing.Size(1, 256 + 128)
+    assert sizing.pod_size(cfg, [None, half_cpu, half_cpu, two_cpus]) == sizing.Size(4, 512)
+    # One container alone: the same rule as before pods (max of its CPUs and the boot's).
+    assert sizing.pod_size(cfg, [two_cpus]) == sizing.size_for(cfg, two_cpus) == sizing.Size(2, 256)
+
+
+def test_a_pod_beyond_the_ceilings_is_clamped_with_a_warning() -> None:
+    from cocoon.runtime.config import Config
+    from cocoon.runtime.resources import sizing
+
+    cfg = Config()
+    size, warning = sizing.clamp(cfg, sizing.Size(64, 1 << 20), host_cpus=2, host_memory_mib=4096)
+    max_vcpus, max_memory = cfg.hypervisor.ceilings(2, 4096)
+    assert size == sizing.Size(max_vcpus, max_memory)
+    assert "asks for 64 CPUs" in warning and f"sized to {max_vcpus} CPUs" in warning
+    assert sizing.clamp(cfg, sizing.Size(1, 256), 2, 4096) == (sizing.Size(1, 256), "")
