@@ -377,7 +377,10 @@ class Containerd:
         return run([CTR, "--address", self.address, *args], timeout=timeout, input=input)
 
 
-def containerd_config(base: Path) -> Path:
+def containerd_config(base: Path, cri: Sequence[str] = ()) -> Path:
+    """A private containerd's config.toml: its own root, state and sockets under ``base``.
+    Without ``cri`` (the CRI plugin's tables, tests/integration/cri.py) the CRI plugin is off:
+    it wants a CNI set-up and a sandbox image, and the ctr/docker/podman tests need neither."""
     conf = base / "config.toml"
     conf.write_text(
         "\n".join(
@@ -385,9 +388,7 @@ def containerd_config(base: Path) -> Path:
                 "version = 2",
                 f'root = "{base}/root"',
                 f'state = "{base}/state"',
-                # CRI wants a CNI set-up, a sandbox image from a registry and CAP_SYS_RESOURCE
-                # for oom_score_adj: these tests drive containerd through ctr only.
-                'disabled_plugins = ["io.containerd.grpc.v1.cri"]',
+                *([] if cri else ['disabled_plugins = ["io.containerd.grpc.v1.cri"]']),
                 "[grpc]",
                 f'  address = "{base}/containerd.sock"',
                 "[ttrpc]",
@@ -396,6 +397,7 @@ def containerd_config(base: Path) -> Path:
                 f'  address = "{base}/debug.sock"',
                 "[metrics]",
                 '  address = ""',
+                *cri,
                 "",
             ]
         )

@@ -92,47 +92,32 @@ def cri_config(base: Path) -> Path:
     )
     cri = '[plugins."io.containerd.grpc.v1.cri"]'
     runtimes = '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes'
-    conf = base / "config.toml"
-    conf.write_text(
-        "\n".join(
-            [
-                "version = 2",
-                f'root = "{base}/root"',
-                f'state = "{base}/state"',
-                "[grpc]",
-                f'  address = "{base}/containerd.sock"',
-                "[ttrpc]",
-                f'  address = "{base}/containerd.sock.ttrpc"',
-                "[debug]",
-                f'  address = "{base}/debug.sock"',
-                "[metrics]",
-                '  address = ""',
-                cri,
-                f'  sandbox_image = "{PAUSE_IMAGE}"',
-                # containerd gives the pause container oom_score_adj -998, which needs
-                # CAP_SYS_RESOURCE that these hosts lack (runc fails): keep it at ours.
-                "  restrict_oom_score_adj = true",
-                "  netns_mounts_under_state_dir = true",
-                f"{cri[:-1]}.containerd]",
-                '  default_runtime_name = "runc"',
-                f"{runtimes}.runc]",
-                '  runtime_type = "io.containerd.runc.v2"',
-                f"{runtimes}.runc.options]",
-                f'  BinaryName = "{C.RUNC}"',
-                f'  Root = "{base}/runc"',
-                f"{runtimes}.cocoon]",
-                '  runtime_type = "io.containerd.runc.v2"',
-                f"{runtimes}.cocoon.options]",
-                f'  BinaryName = "{C.COCOON}"',
-                f'  Root = "{base}/cocoon"',
-                f"{cri[:-1]}.cni]",
-                '  bin_dir = "/usr/lib/cni"',
-                f'  conf_dir = "{cni}"',
-                "",
-            ]
-        )
+    return C.containerd_config(
+        base,
+        [
+            cri,
+            f'  sandbox_image = "{PAUSE_IMAGE}"',
+            # containerd gives the pause container oom_score_adj -998, which needs
+            # CAP_SYS_RESOURCE that these hosts lack (runc fails): keep it at ours.
+            "  restrict_oom_score_adj = true",
+            "  netns_mounts_under_state_dir = true",
+            f"{cri[:-1]}.containerd]",
+            '  default_runtime_name = "runc"',
+            f"{runtimes}.runc]",
+            '  runtime_type = "io.containerd.runc.v2"',
+            f"{runtimes}.runc.options]",
+            f'  BinaryName = "{C.RUNC}"',
+            f'  Root = "{base}/runc"',
+            f"{runtimes}.cocoon]",
+            '  runtime_type = "io.containerd.runc.v2"',
+            f"{runtimes}.cocoon.options]",
+            f'  BinaryName = "{C.COCOON}"',
+            f'  Root = "{base}/cocoon"',
+            f"{cri[:-1]}.cni]",
+            '  bin_dir = "/usr/lib/cni"',
+            f'  conf_dir = "{cni}"',
+        ],
     )
-    return conf
 
 
 def import_images(ctd: C.Containerd, work: Path) -> None:
