@@ -341,11 +341,9 @@ def leave_sandbox(ctx: Ctx, sandbox_id: str, cid: str, disks: list[str], vfio: l
     effort: it may be gone already), its devices unplugged, what it asked for given back, its
     share unmounted."""
     d = sandbox.sandbox_dir(ctx.root, sandbox_id)
-    with (
-        contextlib.suppress(CocoonError, grpc.RpcError),
-        Client(d, ctx.cfg.agent.request_timeout_s) as c,
-    ):
-        c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
+    with contextlib.suppress(CocoonError), Client(d, ctx.cfg.agent.request_timeout_s) as c:
+        with contextlib.suppress(grpc.RpcError):  # a create that failed early made none
+            c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
         attach.detach_devices(c, disks, vfio)
         attach.resize(c, cid, vm_size(ctx, sandbox_id, drop=cid))
     hostmount.safe_rmtree(d / "shared" / cid)

@@ -218,3 +218,19 @@ def test_a_pod_beyond_the_vm_is_clamped_not_refused(
     log = cli.log.read_text()
     assert "asks for 64 CPUs" in log and "sized to" in log, log
     cli.ok("delete", "--force", sid)
+
+
+def test_a_member_whose_create_fails_leaves_the_pod_as_it_was(
+    cli: Cli, tmp_path: Path, pod: tuple[str, int]
+) -> None:
+    sid, spid = pod
+    before = cli.sees(sid)
+    b = member_bundle(tmp_path, "m", sid, spid, ["/no/such/program"])
+    b = with_resources(b, {"memory": {"limit": 256 << 20}})
+    r = cli.create("m", b)
+    assert r.returncode == 1
+    assert "/no/such/program" in cli.last_error()
+    assert cli.ok("list", "-q").split() == [sid]
+    assert cli.sees(sid)[1] <= before[1] + 16, "the VM gave back what the member asked for"
+    assert list((cli.root / "sandboxes").glob("*/shared/m")) == [], "its share left behind"
+    cli.ok("delete", "--force", sid)
