@@ -28,12 +28,11 @@ from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.container import create as create_mod
 from cocoon.runtime.container import shim as shimmod
 from cocoon.runtime.container import spec as specmod
-from cocoon.runtime.container import state as statemod
 from cocoon.runtime.container.hooks import run_hooks
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.state import ContainerState, Ctx, Status, pid_alive, wait_gone
 from cocoon.runtime.errors import CocoonError, LifecycleError, SandboxError, StateError
-from cocoon.runtime.pod.resources import in_pod, vm_size
+from cocoon.runtime.pod.resources import in_pod, members, vm_size
 from cocoon.runtime.resources import attach, sizing
 from cocoon.runtime.sandbox import launcher as sandbox
 from cocoon.runtime.sandbox.client import Client, rpc_error
@@ -103,9 +102,8 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
         if not eff.can_delete and not force:
             raise LifecycleError(f"cannot delete container {cid} that is not stopped: {eff.value}")
         if st.owns_sandbox:  # a pod's containers go before its sandbox (and their VM) does
-            for member in statemod.list_states(ctx):
-                if member.sandbox_id == st.sandbox_id and not member.owns_sandbox:
-                    delete(ctx, member.id, force=True)
+            for member in members(ctx, st.sandbox_id):
+                delete(ctx, member.id, force=True)
         if eff is not Status.STOPPED:
             with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
                 if eff is Status.PAUSED:

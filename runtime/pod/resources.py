@@ -16,7 +16,7 @@ import logging
 import os
 from typing import Any
 
-from cocoon.runtime.container.state import Ctx, list_states
+from cocoon.runtime.container.state import ContainerState, Ctx, list_states
 from cocoon.runtime.resources import sizing
 from cocoon.runtime.sandbox.launcher import host_memory_mib
 
@@ -29,7 +29,7 @@ def vm_size(
     """The size of VM ``sandbox_id`` for the containers in it, without ``drop`` and with a
     container whose resources are ``add``, clamped (with a warning) to the VM's ceilings."""
     every: list[dict[str, Any] | None] = [
-        st.resources for st in list_states(ctx) if st.sandbox_id == sandbox_id and st.id != drop
+        st.resources for st in in_vm(ctx, sandbox_id) if st.id != drop
     ]
     if add is not None:
         every.append(add)
@@ -41,6 +41,16 @@ def vm_size(
     return size
 
 
+def in_vm(ctx: Ctx, sandbox_id: str) -> list[ContainerState]:
+    """Every container in VM ``sandbox_id``: the one that booted it and the pod's others."""
+    return [st for st in list_states(ctx) if st.sandbox_id == sandbox_id]
+
+
+def members(ctx: Ctx, sandbox_id: str) -> list[ContainerState]:
+    """The containers that joined VM ``sandbox_id`` (a pod's, besides its sandbox)."""
+    return [st for st in in_vm(ctx, sandbox_id) if not st.owns_sandbox]
+
+
 def in_pod(ctx: Ctx, sandbox_id: str) -> bool:
     """Whether VM ``sandbox_id`` holds more than the container that booted it."""
-    return any(st.sandbox_id == sandbox_id and st.id != sandbox_id for st in list_states(ctx))
+    return bool(members(ctx, sandbox_id))
