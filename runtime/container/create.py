@@ -6,7 +6,8 @@ The steps, in order:
 2. reserve the id in the state store.
 3. ``_own_netns``: a spec that asks for a new network namespace without a path gets one made
    by cocoon (bound under <root>/netns/), removed again on delete.
-4. ``_sandbox``: the VM. A container alone, or a pod's sandbox container, boots one; a pod's
+4. ``_sandbox``: the VM. A container alone, or a pod's sandbox container, boots one (its
+   processes under the parent of the container's cgroupsPath on the host); a pod's
    container (pod.membership: its annotations name its sandbox) goes into its pod's running
    VM, its namespaces mapped to the sandbox container's in the guest, its network the pod's
    (attached once, at the sandbox's create).
@@ -22,8 +23,8 @@ Any failure undoes all of it (``_undo``: a VM booted for it is stopped; a pod's 
 leaves its pod's VM as it found it), and the id is free again.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{config,
-errors, vm_pb2, monitor.launch, pod, container.{hooks, ids, shim, spec, state}, resources,
-sandbox.{client, hostmount, launcher}, network.netns (lazily)}.
+errors, vm_pb2, monitor.{hostcgroup, launch}, pod, container.{hooks, ids, shim, spec, state},
+resources, sandbox.{client, hostmount, launcher}, network.netns (lazily)}.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container.hooks import run_hooks
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.state import ContainerState, Ctx, Status
-from cocoon.runtime.errors import CocoonError, LifecycleError, StateError
+from cocoon.runtime.errors import CocoonError, LifecycleError, SpecError, StateError
+from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor.launch import MONITOR_SOCK
 from cocoon.runtime.pod.membership import (
     Membership,
@@ -78,6 +80,7 @@ class _Plan:
     volumes: list[devmod.BlockDevice]
     groups: list[devmod.VfioGroup]
     net: NetworkConfig
+    cgroups_path: str  # the spec's: the VM booted for it runs under its parent on the host
     has_netns: bool
     netns: str  # the spec's path; "" when cocoon makes the namespace
     pod: Membership
@@ -176,6 +179,7 @@ def _check(
             cid, bundle.spec, override=ctx.cfg.hypervisor.vfio_driver_override
         ),
         net=with_annotations(ctx.cfg, bundle.annotations).network,
+        cgroups_path=_cgroups_path(bundle),
         has_netns=has_netns,
         netns=netns,
         pod=pod,
@@ -192,6 +196,15 @@ def _check(
     if netns and not os.path.exists(netns):
         raise LifecycleError(f"network namespace {netns} does not exist")
     return plan
+
+
+def _cgroups_path(bundle: specmod.Bundle) -> str:
+    path = str((bundle.spec.get("linux") or {}).get("cgroupsPath") or "")
+    try:
+        hostcgroup.pod_cgroup(path)
+    except hostcgroup.CgroupError as exc:
+        raise SpecError(f"{bundle.path / 'config.json'}: {exc}") from None
+    return path
 
 
 def _pod_sandbox(ctx: Ctx, cid: str, bundle: specmod.Bundle, sid: str) -> ContainerState:
@@ -240,6 +253,7 @@ def _sandbox(ctx: Ctx, plan: _Plan) -> Path:
         log_file=ctx.log_file,
         log_format=ctx.log_format,
         debug=ctx.debug,
+        cgroups_path=plan.cgroups_path,
     )
     return sb.dir
 

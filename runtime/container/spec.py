@@ -144,6 +144,9 @@ def _check_namespaces(cfg: Path, linux: Any) -> None:
     if linux is None:
         return
     _need(isinstance(linux, dict), f"{cfg}: linux must be an object")
+    _need(
+        isinstance(linux.get("cgroupsPath", ""), str), f"{cfg}: linux.cgroupsPath must be a string"
+    )
     nss = linux.get("namespaces") or []
     _need(isinstance(nss, list), f"{cfg}: linux.namespaces must be a list")
     seen: set[str] = set()

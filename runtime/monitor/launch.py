@@ -10,7 +10,7 @@ May import: the standard library only.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,17 @@ class VmLimits:
 
 
 @dataclass(frozen=True)
+class HostCgroup:
+    """Where the sandbox's processes run on the host (monitor.hostcgroup): the cgroup to join in
+    each hierarchy, the monitor's own cgroup there to go back to, and the cgroups made for it
+    (parents first), removed when the sandbox ends. Empty: the caller's cgroups, untouched."""
+
+    join: list[str] = field(default_factory=list)
+    home: list[str] = field(default_factory=list)
+    made: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class LaunchSpec:
     sandbox_id: str
     state_dir: str
@@ -56,6 +67,7 @@ class LaunchSpec:
     log_file: str = ""
     log_format: str = "text"
     debug: bool = False
+    cgroup: HostCgroup = field(default_factory=HostCgroup)
 
     @property
     def dir(self) -> Path:
@@ -69,7 +81,8 @@ class LaunchSpec:
     @classmethod
     def read(cls, path: Path) -> LaunchSpec:
         raw = json.loads(path.read_text())
-        return cls(**(raw | {"limits": VmLimits.from_dict(raw["limits"])}))
+        cgroup = HostCgroup(**raw.get("cgroup", {}))
+        return cls(**(raw | {"limits": VmLimits.from_dict(raw["limits"]), "cgroup": cgroup}))
 
 
 # File names inside a sandbox state directory (QEMU's own are in qemu_argv.SandboxPaths).

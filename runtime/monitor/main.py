@@ -8,7 +8,7 @@ start tears everything down and removes the state directory before reporting; so
 of a sandbox (SIGTERM, a Shutdown call, or QEMU's death), orderly or not.
 
 May import: the standard library, qemu.qmp (QMPError), cocoon.runtime.{fds, logs, errors},
-cocoon.runtime.monitor.{forward, launch, service, vm}.
+cocoon.runtime.monitor.{forward, hostcgroup, launch, service, vm}.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from qemu.qmp.error import QMPError
 
 from cocoon.runtime import fds, logs
 from cocoon.runtime.errors import StartError
-from cocoon.runtime.monitor import forward, service
+from cocoon.runtime.monitor import forward, hostcgroup, service
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.vm import Vm, remove_state_dir
 
@@ -62,6 +62,7 @@ async def amain(spec: L.LaunchSpec, ready_fd: int) -> int:
         log.error("sandbox %s failed to start: %s", spec.sandbox_id, exc)
         await vm.teardown()
         remove_state_dir(spec.dir)
+        hostcgroup.leave(spec.cgroup, os.getpid())
         report(ready_fd, {"ok": False, "error": str(exc), "details": details})
         return 1
     report(ready_fd, {"ok": True, "boot_seconds": vm.boot_seconds, "pid": os.getpid()})
@@ -73,6 +74,7 @@ async def amain(spec: L.LaunchSpec, ready_fd: int) -> int:
         await vm.stop(spec.shutdown_timeout_s)
     await vm.teardown()
     remove_state_dir(spec.dir)
+    hostcgroup.leave(spec.cgroup, os.getpid())
     return 0
 
 
@@ -87,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     # Everything at info level also goes to the state dir's monitor.log via stderr.
     logging.getLogger().handlers[-1].setLevel(logging.DEBUG if spec.debug else logging.INFO)
     (spec.dir / L.MONITOR_PID).write_text(f"{os.getpid()}\n")
+    try:  # first, so that QEMU and virtiofsd are born in the sandbox's host cgroup
+        hostcgroup.join(spec.cgroup, os.getpid())
+    except hostcgroup.CgroupError as exc:
+        report(args.ready_fd, {"ok": False, "error": str(exc), "details": ""})
+        return 1
     return asyncio.run(amain(spec, args.ready_fd))
 
 

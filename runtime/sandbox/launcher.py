@@ -7,7 +7,7 @@ it), and waits for the monitor's one-line ready report (``client.Client`` then r
 are gone.
 
 May import: the standard library, grpc, cocoon.guest_image, cocoon.runtime.{config, errors,
-vm_pb2, monitor.launch, container.ids, container.state, network.record (lazily)},
+vm_pb2, monitor.{hostcgroup, launch}, container.ids, container.state, network.record (lazily)},
 cocoon.runtime.sandbox.{client, hostmount, probe, qemu_argv}.
 """
 
@@ -34,6 +34,7 @@ from cocoon.runtime.config import Config
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.state import pid_alive, wait_gone
 from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
+from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.sandbox import client as client_mod
 from cocoon.runtime.sandbox import hostmount, probe, qemu_argv
@@ -143,7 +144,10 @@ def start(
     log_format: str = "text",
     debug: bool = False,
     build_output: object = None,
+    cgroups_path: str = "",
 ) -> Sandbox:
+    """Boots the sandbox; its processes run under the parent of ``cgroups_path`` on the host
+    (monitor.hostcgroup), when one is given."""
     d = sandbox_dir(root, sandbox_id)
     check_socket_room(d)
     files = guest_files(cfg, build_output)
@@ -153,12 +157,18 @@ def start(
         d.mkdir(mode=0o700)
     except FileExistsError:
         raise StateError(f"sandbox {sandbox_id} already exists ({d})") from None
+    hc = L.HostCgroup()
     try:
+        hc = hostcgroup.make(cgroups_path, sandbox_id)
         return _launch(
-            cfg, d, sandbox_id, files, accel, channel, seccomp, log_file, log_format, debug
+            cfg, d, sandbox_id, files, accel, channel, seccomp, log_file, log_format, debug, hc
         )
+    except hostcgroup.CgroupError as exc:
+        _remove_dir(d)
+        raise HostError(str(exc)) from None
     except BaseException:
         _remove_dir(d)
+        hostcgroup.remove(hc)  # the monitor never got to leave it (it removes it when it does)
         raise
 
 
@@ -173,6 +183,7 @@ def _launch(
     log_file: Path | None,
     log_format: str,
     debug: bool,
+    cgroup: L.HostCgroup,
 ) -> Sandbox:
     cid = random.randrange(3, 2**31) if channel == "vsock" else 0
     vm = qemu_argv.plan(
@@ -206,6 +217,7 @@ def _launch(
         log_format=log_format,
         debug=debug,
         limits=vm.limits,
+        cgroup=cgroup,
     )
     spec.write(d / L.LAUNCH_FILE)
     if cfg.hypervisor.shared_fs != "none":
@@ -353,4 +365,8 @@ def _force(d: Path, mpid: int | None) -> None:
     if mpid and pid_alive(mpid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(mpid, signal.SIGKILL)
+    cgroup = L.HostCgroup()
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        cgroup = L.LaunchSpec.read(d / L.LAUNCH_FILE).cgroup
     _kill_leftovers(d, None)
+    hostcgroup.remove(cgroup)  # a killed monitor did not leave it

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cocoon.runtime.container import busybox
-from tests.integration.procs import live_processes
+from tests.integration.procs import live_processes, sandbox_cgroups
 
 COCOON = "/usr/local/bin/cocoon"
 CONTAINERD = "/usr/bin/containerd"
@@ -167,6 +167,7 @@ def leaks(state_root: Path, *extra: Path) -> list[str]:
         d = state_root / sub
         if d.is_dir():
             found += [f"state {p}" for p in sorted(d.iterdir())]
+    found += [f"host cgroup {c}" for c in sandbox_cgroups()]
     return found
 
 

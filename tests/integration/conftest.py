@@ -1,6 +1,6 @@
 """Fixtures for tests that boot real guests: a private state root, the default configuration
-with no host files read, and a leak check after every test (processes, sockets, state dirs).
-On failure the sandbox's console and logs are attached to the report."""
+with no host files read, and a leak check after every test (processes, sockets, state dirs,
+host cgroups). On failure the sandbox's console and logs are attached to the report."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from cocoon.runtime import config as config_mod
 from cocoon.runtime.sandbox import launcher as sandbox
 from tests.integration.cli import Cli
-from tests.integration.procs import live_processes
+from tests.integration.procs import live_processes, sandbox_cgroups
 
 
 def processes_mentioning(needle: str) -> list[str]:
@@ -38,6 +38,7 @@ def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert not leaked, f"processes left behind: {leaked}"
     assert not left, f"state left behind: {left}"
     assert not mounts_under(root), f"mounts left behind: {mounts_under(root)}"
+    assert not sandbox_cgroups(), f"host cgroups left behind: {sandbox_cgroups()}"
 
 
 def mounts_under(d: Path) -> list[str]:

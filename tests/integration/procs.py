@@ -1,5 +1,5 @@
 """Live processes on the host, for leak checks: (pid, command line) of every process that is
-not a zombie, the test process itself excepted."""
+not a zombie, the test process itself excepted; and the host cgroups made for sandboxes."""
 
 from __future__ import annotations
 
@@ -19,3 +19,24 @@ def live_processes() -> Iterator[tuple[int, str]]:
             continue
         if state not in ("Z", "X"):
             yield int(pid), cmd
+
+
+def sandbox_cgroups(prefix: str = "cocoon-sandbox-") -> list[str]:
+    """Every host cgroup made for a sandbox (monitor.hostcgroup) that still exists, in any
+    hierarchy: none may outlive its sandbox."""
+    found: list[str] = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        post = line.partition(" - ")[2].split()
+        if post and post[0] in ("cgroup", "cgroup2"):
+            for d, subdirs, _ in os.walk(line.split()[4]):
+                found += [os.path.join(d, s) for s in subdirs if s.startswith(prefix)]
+    return found
+
+
+def cgroup_of(pid: int) -> dict[str, str]:
+    """``/proc/<pid>/cgroup`` as {controllers: path} ("" is the v2 hierarchy)."""
+    out: dict[str, str] = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, ctrls, path = line.split(":", 2)
+        out[ctrls] = path
+    return out

@@ -13,7 +13,9 @@ from typing import Any
 import pytest
 
 from cocoon.runtime.container import busybox
+from cocoon.runtime.monitor import hostcgroup
 from tests.integration.cli import Cli
+from tests.integration.procs import cgroup_of, live_processes, sandbox_cgroups
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 
@@ -234,3 +236,45 @@ def test_a_member_whose_create_fails_leaves_the_pod_as_it_was(
     assert cli.sees(sid)[1] <= before[1] + 16, "the VM gave back what the member asked for"
     assert list((cli.root / "sandboxes").glob("*/shared/m")) == [], "its share left behind"
     cli.ok("delete", "--force", sid)
+
+
+@pytest.mark.parametrize("caller_made", [True, False], ids=["kubelet-made", "none-made"])
+def test_the_pods_vm_runs_in_the_pods_host_cgroup(
+    cli: Cli, tmp_path: Path, caller_made: bool
+) -> None:
+    """QEMU, virtiofsd and the monitor run in <pod cgroup>/cocoon-sandbox-<id> in every
+    hierarchy (the pod cgroup: the parent of the sandbox's cgroupsPath); after the sandbox's
+    delete the pod cgroup is as the caller left it."""
+    top = f"/cocoon-test-{os.getpid()}"
+    pod_cg = f"{top}/pod-uid1"
+    points = [point for point, _ in hostcgroup.hierarchies()]
+    if caller_made:  # as a kubelet does before the pod's sandbox is created
+        for p in points:
+            (p / pod_cg.lstrip("/")).mkdir(parents=True)
+    try:
+        b = sandbox_bundle(tmp_path, "p1")
+        spec = json.loads((b / "config.json").read_text())
+        spec["linux"]["cgroupsPath"] = f"{pod_cg}/p1"
+        (b / "config.json").write_text(json.dumps(spec))
+        assert cli.create("p1", b).returncode == 0, cli.last_error()
+        spid = int(json.loads(cli.ok("state", "p1"))["pid"])
+        m = member_bundle(tmp_path, "m", "p1", spid, ["sleep", "1000"])
+        assert cli.create("m", m).returncode == 0, cli.last_error()
+        vm_procs = {
+            what: [pid for pid, cmd in live_processes() if what in cmd and str(cli.root) in cmd]
+            for what in ("qemu-system", "cocoon.runtime.monitor.main", "virtiofsd")
+        }
+        assert all(vm_procs.values()), vm_procs
+        for what, pids in vm_procs.items():
+            for pid in pids:
+                for ctrls, path in cgroup_of(pid).items():
+                    assert path == f"{pod_cg}/cocoon-sandbox-p1", (what, ctrls, path)
+        cli.ok("delete", "--force", "p1")
+        assert not sandbox_cgroups()
+        left = [p / pod_cg.lstrip("/") for p in points if (p / pod_cg.lstrip("/")).exists()]
+        assert len(left) == (len(points) if caller_made else 0), left
+    finally:
+        for p in points:
+            for d in (p / pod_cg.lstrip("/"), p / top.lstrip("/")):
+                if d.exists():
+                    d.rmdir()
