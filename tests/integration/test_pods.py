@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -278,3 +280,91 @@ def test_the_pods_vm_runs_in_the_pods_host_cgroup(
             for d in (p / pod_cg.lstrip("/"), p / top.lstrip("/")):
                 if d.exists():
                     d.rmdir()
+
+
+def test_pod_sysctls_hold_for_every_container_of_the_pod(cli: Cli, tmp_path: Path) -> None:
+    """The sandbox spec's linux.sysctl (net.* of the pod's network namespace, kernel.shm_* of
+    its IPC namespace) are what the pod's containers see."""
+    b = sandbox_bundle(tmp_path, "p1")
+    spec = json.loads((b / "config.json").read_text())
+    spec["linux"]["sysctl"] = {
+        "net.ipv4.ip_local_port_range": "30000 40000",
+        "kernel.shm_rmid_forced": "1",
+    }
+    (b / "config.json").write_text(json.dumps(spec))
+    assert cli.create("p1", b).returncode == 0, cli.last_error()
+    cli.ok("start", "p1")
+    spid = int(json.loads(cli.ok("state", "p1"))["pid"])
+    assert (
+        cli.create("m", member_bundle(tmp_path, "m", "p1", spid, ["sleep", "1000"])).returncode == 0
+    )
+    cli.ok("start", "m")
+    for cid in ("p1", "m"):
+        ports = cli.ok("exec", cid, "cat", "/proc/sys/net/ipv4/ip_local_port_range").split()
+        assert ports == ["30000", "40000"], (cid, ports)
+        assert cli.ok("exec", cid, "cat", "/proc/sys/kernel/shm_rmid_forced").strip() == "1"
+    cli.ok("delete", "--force", "p1")
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(32 << 20)
+    dev = subprocess.run(
+        ["losetup", "--find", "--show", str(img)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_members_block_device_is_its_own_and_leaves_with_it(
+    cli: Cli, tmp_path: Path, pod: tuple[str, int], loop_device: str
+) -> None:
+    sid, spid = pod
+    st = os.stat(loop_device)
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    b = member_bundle(tmp_path, "m", sid, spid, ["sleep", "1000"])
+    spec = json.loads((b / "config.json").read_text())
+    spec["linux"]["devices"] = [{"path": "/dev/xvdb", "type": "b", "major": major, "minor": minor}]
+    spec["linux"]["resources"]["devices"] = [
+        {"allow": False, "access": "rwm"},
+        {"allow": True, "type": "b", "major": major, "minor": minor, "access": "rwm"},
+    ]
+    (b / "config.json").write_text(json.dumps(spec))
+    disks_before = cli.ok("exec", sid, "ls", "/sys/block").split()
+    assert cli.create("m", b).returncode == 0, cli.last_error()
+    cli.ok("start", "m")
+    assert cli.ok("exec", "m", "stat", "-c", "%F", "/dev/xvdb").strip() == "block special file"
+    cli.ok("exec", "m", "sh", "-c", "echo from-member | dd of=/dev/xvdb bs=512 count=1 conv=sync")
+    # The sandbox container sees the guest's disks in sysfs, not the member's device node.
+    assert len(cli.ok("exec", sid, "ls", "/sys/block").split()) == len(disks_before) + 1
+    assert cli("exec", sid, "stat", "/dev/xvdb").returncode != 0
+    cli.ok("delete", "--force", "m")
+    assert cli.ok("exec", sid, "ls", "/sys/block").split() == disks_before, "unplugged"
+    with open(loop_device, "rb") as f:
+        assert f.read(11) == b"from-member"
+    cli.ok("delete", "--force", sid)
+
+
+def test_update_of_a_member_resizes_the_pods_vm_by_its_difference(
+    cli: Cli, tmp_path: Path, pod: tuple[str, int]
+) -> None:
+    sid, spid = pod
+    _, mem0 = cli.sees(sid)
+    b = with_resources(
+        member_bundle(tmp_path, "m", sid, spid, ["sleep", "1000"]),
+        {"memory": {"limit": 128 << 20}},
+    )
+    assert cli.create("m", b).returncode == 0, cli.last_error()
+    cli.ok("start", "m")
+    _, mem1 = cli.sees(sid)
+    cli.ok("update", "--memory", str(384 << 20), "m")
+    _, mem2 = cli.sees(sid)
+    assert mem2 >= mem1 + 256 - 16, (mem0, mem1, mem2)
+    assert cli.ok("exec", "m", "cat", "/sys/fs/cgroup/memory.max").strip() == str(384 << 20)
+    cli.ok("delete", "--force", "m")
+    assert cli.sees(sid)[1] <= mem0 + 16
+    cli.ok("delete", "--force", sid)
