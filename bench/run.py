@@ -14,6 +14,8 @@ measured alternately in the same run (cocoon, then runc or the floor, then cocoo
 5. how many idle sandboxes fit in a memory budget (bounded count, all cleaned up);
 6. hot-plug latencies (bench/hotplug.py); TCP throughput through tcfilter and macvtap next
    to a plain tap with the same guest (bench/net.py);
+7. pods (bench/pods.py): a running two-container pod and a running pod's second container vs
+   runc, and host PSS of a pod of 1 and 3 containers next to 1 and 3 separate VMs;
 and the Python import time of the CLI, monitor and shim (the agent's is in the guest stages).
 
     scripts/bench [--runs 5] [--json bench-results.json] [--budget-mib 2048] [--max-sandboxes 6]
@@ -320,6 +322,7 @@ def main() -> int:
         # 6: hot-plug, network throughput
         res["hotplug"] = sub_bench("hotplug.py", work, 600)
         res["network"] = sub_bench("net.py", work, 900)
+        res["pods"] = sub_bench("pods.py", work, 900)
 
     res["python_import_ms"] = {
         m: import_time_ms(m)
@@ -384,6 +387,11 @@ def report(r: dict[str, Any], why: str) -> None:
         ratio = net["ratio_over_plain_tap"].get(k)
         x = f"  {ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})" if ratio else ""
         print(f"   {k:36s} {_f(s, ' MB/s')}{x}")
+    print("\n7. pods (one VM per pod; CRI-style sandbox + containers):")
+    for k, s in r["pods"]["seconds"].items():
+        print(f"   {k:36s} {_f(s, 'x' if '/' in k else 's')}")
+    for k, v in r["pods"]["host_pss_mib"].items():
+        print(f"   {'host PSS, ' + k:36s} {v:8.1f} MiB")
     print("\nPython import time (ms): " + ", ".join(
         f"{m} {v:.0f}" for m, v in r["python_import_ms"].items()))  # fmt: skip
     print(f"wall time: {r['wall_seconds']:.0f}s")
