@@ -77,8 +77,8 @@ def hierarchies(proc: Path = Path("/proc/self")) -> list[tuple[Path, str]]:
     """Each mounted cgroup hierarchy once: (its mount point, this process's cgroup in it)."""
     own: list[tuple[set[str], str]] = []
     for line in (proc / "cgroup").read_text().splitlines():
-        _num, ctrls, path = line.split(":", 2)
-        own.append(({c for c in ctrls.split(",") if c}, path))
+        _num, ctrls, where = line.split(":", 2)
+        own.append(({c for c in ctrls.split(",") if c}, where))
     found: list[tuple[Path, str]] = []
     seen: set[str] = set()
     for line in (proc / "mountinfo").read_text().splitlines():
