@@ -56,6 +56,14 @@ NEEDS: dict[str, dict[str, str]] = {
         CTR: "containerd",
     },
     "podman": {PODMAN: "podman", CONMON: "conmon"},
+    # CRI-O itself, pinns and crictl are not Debian's (tests/integration/crio.py finds them).
+    "crio": {
+        CONMON: "conmon",
+        RUNC: "runc",
+        "/usr/lib/cni/bridge": "containernetworking-plugins",
+        "/usr/lib/cni/host-local": "containernetworking-plugins",
+        "/usr/lib/cni/loopback": "containernetworking-plugins",
+    },
 }
 # cocoon's own processes, as they appear in /proc/*/cmdline.
 COCOON_PROCESSES = ("qemu-system", "cocoon.runtime.monitor", "cocoon.shim", "virtiofsd")

@@ -11,10 +11,14 @@ one hosts.toml per registry) make it the mirror of docker.io and registry.k8s.io
 falls back to an image's own registry when the mirror lacks the image; the namespace has no
 route out, so such a pull fails there and sends nothing off the machine
 (tests/integration/test_cri_registry.py).
+
+The crictl side (``CriClient``), the registry and the CNI set-up are shared with CRI-O's
+(tests/integration/crio.py).
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import os
@@ -22,7 +26,7 @@ import shutil
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,14 +176,31 @@ def start_registry(base: Path, netns: Path, port: int = REGISTRY_PORT) -> Regist
     return Registry(base, netns, d, port)
 
 
-def fill_registry(reg: Registry, work: Path) -> None:
-    """The busybox image and a pause image (its command sleeps), each an OCI archive of one
-    busybox-static layer, pushed under their repository and tag (the mirror's view)."""
+def fill_registry(
+    reg: Registry,
+    work: Path,
+    images: Mapping[str, Sequence[str]] = IMAGES,
+    extra: Mapping[str, Mapping[str, str]] | None = None,
+) -> None:
+    """Each image of ``images`` (reference: command), by default the busybox image and a pause
+    image (its command sleeps), as an OCI archive of one busybox-static layer pushed under its
+    repository and tag (the mirror's view). ``extra`` adds executable files to one image's
+    layer (reference: {path in the rootfs: content}), e.g. CRI-O's ``/pause``."""
     work.mkdir(parents=True, exist_ok=True)
     layer = C.layer_tar(C.busybox_rootfs(work / "rootfs"), work / "layer.tar")
-    for ref, cmd in IMAGES.items():
+    for ref, cmd in images.items():
         _, repo, tag = split_ref(ref)
-        archive = C.oci_archive(layer, work / f"{repo.rsplit('/', 1)[-1]}.tar", ref, cmd)
+        short = repo.rsplit("/", 1)[-1]
+        files = (extra or {}).get(ref)
+        own = layer
+        if files:
+            rootfs = C.busybox_rootfs(work / f"rootfs-{short}")
+            for path, content in files.items():
+                f = rootfs / path.lstrip("/")
+                f.write_text(content)
+                f.chmod(0o755)
+            own = C.layer_tar(rootfs, work / f"layer-{short}.tar")
+        archive = C.oci_archive(own, work / f"{short}.tar", ref, cmd)
         reg.push(archive, repo, tag)
 
 
@@ -197,21 +218,43 @@ def registry_hosts(base: Path, mirror: str) -> Path:
 
 
 @dataclass
-class Cri:
-    ctd: C.Containerd
+class CriClient(abc.ABC):
+    """crictl against a CRI runtime's socket, run in the tests' network namespace (the
+    runtime's exec and attach streams come from its server on 127.0.0.1 there), and the
+    registry its images come from. containerd (``Cri``) and CRI-O (tests/integration/crio.py)
+    say where their socket, daemon, files and cocoon's state root are."""
+
     netns: Path
     crictl_path: str
     registry: Registry
 
     @property
+    @abc.abstractmethod
+    def base(self) -> Path:
+        """The directory of the runtime's private state; the tests' specs and files go here."""
+
+    @property
+    @abc.abstractmethod
+    def daemon(self) -> C.Daemon: ...
+
+    @property
+    @abc.abstractmethod
+    def socket(self) -> Path: ...
+
+    @property
+    @abc.abstractmethod
     def runtime_root(self) -> Path:
-        """cocoon's --root as the runc.v2 shim passes it for the CRI's k8s.io namespace."""
-        return self.ctd.base / "cocoon" / "k8s.io"
+        """cocoon's --root as the runtime passes it for the ``cocoon`` handler."""
+
+    @property
+    @abc.abstractmethod
+    def subnet(self) -> str:
+        """The pods' CNI subnet (host-local), only ever inside the tests' namespace."""
 
     def _argv(self, timeout: float) -> list[str | Path]:
-        self.ctd.daemon.check_alive()
-        sock = f"unix://{self.ctd.address}"
-        # In containerd's namespace: exec and attach stream from its server on 127.0.0.1 there.
+        self.daemon.check_alive()
+        sock = f"unix://{self.socket}"
+        # In the runtime's namespace: exec and attach stream from its server on 127.0.0.1 there.
         argv: list[str | Path] = [C.NSENTER, f"--net={self.netns}", self.crictl_path]
         return [*argv, "--runtime-endpoint", sock, "--image-endpoint", sock, "--timeout",
                 f"{int(timeout)}s"]  # fmt: skip
@@ -223,28 +266,60 @@ class Cri:
         """crictl under a pseudo-terminal (``exec -it`` wants one): exit status and output."""
         return C.run_pty([*self._argv(timeout), *args], timeout=timeout + 30)
 
+    def exec_tty(self, cid: str, *cmd: str) -> tuple[int, str]:
+        """``crictl exec -it``: exit status and what the terminal showed."""
+        return self.crictl_tty("exec", "-it", cid, *cmd)
+
     def ok(self, *args: str | Path, timeout: float = 240) -> str:
         r = self.crictl(*args, timeout=timeout)
-        assert r.returncode == 0, f"crictl {args}: {r.stderr}\n{self.ctd.daemon.log_tail(20)}"
+        assert r.returncode == 0, f"crictl {args}: {r.stderr}\n{self.daemon.log_tail(20)}"
         return r.stdout.strip()
 
     def write(self, name: str, doc: dict[str, Any]) -> Path:
-        path = self.ctd.base / "specs" / name
+        path = self.base / "specs" / name
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps(doc))
         return path
 
 
-def cri_config(base: Path, mirror: str) -> Path:
-    """containerd's config with the CRI plugin: two handlers, CNI under ``base``, images from
-    the registry at ``mirror`` (host:port)."""
+@dataclass
+class Cri(CriClient):
+    """containerd with the CRI plugin."""
+
+    ctd: C.Containerd
+
+    @property
+    def base(self) -> Path:
+        return self.ctd.base
+
+    @property
+    def daemon(self) -> C.Daemon:
+        return self.ctd.daemon
+
+    @property
+    def socket(self) -> Path:
+        return self.ctd.address
+
+    @property
+    def runtime_root(self) -> Path:
+        """cocoon's --root as the runc.v2 shim passes it for the CRI's k8s.io namespace."""
+        return self.ctd.base / "cocoon" / "k8s.io"
+
+    @property
+    def subnet(self) -> str:
+        return SUBNET
+
+
+def cni_config(base: Path, name: str, subnet: str) -> Path:
+    """A CNI config directory under ``base``: one network ``name`` (a bridge ``cni0`` and
+    host-local addresses from ``subnet``, kept under ``base``; plus loopback)."""
     cni = base / "cni"
     cni.mkdir(parents=True, exist_ok=True)
     (cni / "10-pods.conflist").write_text(
         json.dumps(
             {
                 "cniVersion": "0.4.0",
-                "name": "cocoon-pods",
+                "name": name,
                 "plugins": [
                     {
                         "type": "bridge",
@@ -253,7 +328,7 @@ def cri_config(base: Path, mirror: str) -> Path:
                         "ipMasq": False,
                         "ipam": {
                             "type": "host-local",
-                            "ranges": [[{"subnet": SUBNET}]],
+                            "ranges": [[{"subnet": subnet}]],
                             "dataDir": str(base / "ipam"),
                         },
                     },
@@ -262,6 +337,13 @@ def cri_config(base: Path, mirror: str) -> Path:
             }
         )
     )
+    return cni
+
+
+def cri_config(base: Path, mirror: str) -> Path:
+    """containerd's config with the CRI plugin: two handlers, CNI under ``base``, images from
+    the registry at ``mirror`` (host:port)."""
+    cni = cni_config(base, "cocoon-pods", SUBNET)
     cri = '[plugins."io.containerd.grpc.v1.cri"]'
     runtimes = '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes'
     return C.containerd_config(
@@ -314,7 +396,7 @@ def start_cri(base: Path, netns: Path, crictl: str) -> Cri:
     except BaseException:
         reg.daemon.stop()
         raise
-    cri = Cri(C.Containerd(base, d), netns, crictl, reg)
+    cri = Cri(netns=netns, crictl_path=crictl, registry=reg, ctd=C.Containerd(base, d))
     try:
         for ref in IMAGES:  # the pause image too: runp would pull it, but fail slower
             cri.ok("pull", ref)

@@ -12,6 +12,7 @@ made it)."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import time
@@ -26,7 +27,7 @@ from cocoon.agent.network import loopback_up
 from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.network import netns as N
 from tests.integration import callers as C
-from tests.integration.cri import BUSYBOX_IMAGE, Cri, cri_containerd, crictl_binary
+from tests.integration.cri import BUSYBOX_IMAGE, Cri, CriClient, cri_containerd, crictl_binary
 from tests.integration.procs import cgroup_of, live_processes, sandbox_cgroups
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.daemon("containerd")]
@@ -75,8 +76,8 @@ def kubelet_cgroup(name: str) -> Iterator[str]:
             d.parent.rmdir()
 
 
-def pod_config(cri: Cri, name: str, share_pid: bool, cgroup_parent: str) -> Path:
-    logs = cri.ctd.base / "logs" / name
+def pod_config(cri: CriClient, name: str, share_pid: bool, cgroup_parent: str) -> Path:
+    logs = cri.base / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
     linux = namespace_options(share_pid) | {"cgroup_parent": cgroup_parent, "sysctls": SYSCTLS}
     return cri.write(
@@ -97,7 +98,7 @@ def namespace_options(share_pid: bool) -> dict[str, Any]:
 
 
 def container_config(
-    cri: Cri, pod: str, name: str, command: list[str], share_pid: bool, empty_dir: Path
+    cri: CriClient, pod: str, name: str, command: list[str], share_pid: bool, empty_dir: Path
 ) -> Path:
     doc: dict[str, Any] = {
         "metadata": {"name": name},
@@ -114,7 +115,7 @@ def qemus_under(root: Path) -> int:
     return sum(1 for _, cmd in live_processes() if "qemu-system" in cmd and str(root) in cmd)
 
 
-def exec_until(cri: Cri, cid: str, *cmd: str, timeout: float = 60) -> str:
+def exec_until(cri: CriClient, cid: str, *cmd: str, timeout: float = 60) -> str:
     """``crictl exec`` until it succeeds: a server started by `start` may not listen yet."""
     end = time.monotonic() + timeout
     while True:
@@ -133,7 +134,7 @@ def vm_processes(root: Path) -> list[int]:
     ]
 
 
-def fetch_from_tests_namespace(cri: Cri, url: str) -> str:
+def fetch_from_tests_namespace(cri: CriClient, url: str) -> str:
     def get() -> str:
         with urllib.request.urlopen(url, timeout=10) as r:
             return str(r.read().decode())
@@ -151,8 +152,13 @@ def fetch_from_tests_namespace(cri: Cri, url: str) -> str:
 @pytest.mark.parametrize("share_pid", [False, True], ids=["own-pid", "shared-pid"])
 @pytest.mark.parametrize("handler", ["runc", "cocoon"])
 def test_a_pod_of_two_containers(cri: Cri, handler: str, share_pid: bool) -> None:
+    a_pod_of_two_containers(cri, handler, share_pid)
+
+
+def a_pod_of_two_containers(cri: CriClient, handler: str, share_pid: bool) -> None:
+    """The pod's life through the CRI (containerd's or CRI-O's), as a kubelet drives it."""
     name = f"{handler}-{'s' if share_pid else 'o'}"
-    empty_dir = cri.ctd.base / "emptydir" / name
+    empty_dir = cri.base / "emptydir" / name
     empty_dir.mkdir(parents=True)
     with kubelet_cgroup(name) as cgroup_parent:
         pod_json = pod_config(cri, name, share_pid, cgroup_parent)
@@ -172,7 +178,7 @@ def test_a_pod_of_two_containers(cri: Cri, handler: str, share_pid: bool) -> Non
 
 
 def check_pod(
-    cri: Cri,
+    cri: CriClient,
     handler: str,
     share_pid: bool,
     name: str,
@@ -215,14 +221,14 @@ def check_pod(
     assert cri.ok("exec", shell, "cat", "/scratch/note") == "from-web"
     assert (empty_dir / "note").read_text() == "from-web\n"
     # exec with a terminal: the process has one; without, it has none.
-    status, out = cri.crictl_tty("exec", "-it", shell, "tty")
+    status, out = cri.exec_tty(shell, "tty")
     assert status == 0 and "/dev/pts/" in out, (status, out)
     assert cri.crictl("exec", shell, "tty").stdout.strip() == "not a tty"
     # The container's stdout reaches the CRI log file.
     assert f"hello from {name}-host" in cri.ok("logs", shell)
     info = json.loads(cri.ok("inspectp", pod))
     ip = info["status"]["network"]["ip"]
-    assert ip.startswith("10.99.0."), info["status"]["network"]
+    assert ipaddress.ip_address(ip) in ipaddress.ip_network(cri.subnet), info["status"]["network"]
     assert "root:" in fetch_from_tests_namespace(cri, f"http://{ip}:8080/passwd")
 
     # One container stopped and removed while the other runs.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -368,3 +369,52 @@ def test_update_of_a_member_resizes_the_pods_vm_by_its_difference(
     cli.ok("delete", "--force", "m")
     assert cli.sees(sid)[1] <= mem0 + 16
     cli.ok("delete", "--force", sid)
+
+
+def test_each_container_of_a_pod_has_its_own_lifecycle(
+    cli: Cli, tmp_path: Path, pod: tuple[str, int]
+) -> None:
+    """pause/resume, ps, events --stats, kill and an exit status, per container, while the
+    pod's other containers run on."""
+    sid, spid = pod
+    count = (
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.1; done"
+    )
+    for cid, args in (("a", ["sh", "-c", count]), ("b", ["sleep", "1000"])):
+        assert cli.create(cid, member_bundle(tmp_path, cid, sid, spid, args)).returncode == 0
+        cli.ok("start", cid)
+
+    def status(cid: str) -> str:
+        return str(json.loads(cli.ok("state", cid))["status"])
+
+    cli.ok("pause", "a")
+    assert (status("a"), status("b"), status(sid)) == ("paused", "running", "running")
+    assert cli.ok("exec", "b", "echo", "b-runs").strip() == "b-runs"
+    cli.ok("resume", "a")
+    first = int(cli.ok("exec", "a", "cat", "/tmp/n"))
+    time.sleep(1)
+    assert int(cli.ok("exec", "a", "cat", "/tmp/n")) > first
+
+    pids_a = json.loads(cli.ok("ps", "--format", "json", "a"))
+    pids_b = json.loads(cli.ok("ps", "--format", "json", "b"))
+    assert pids_a and pids_b and not set(pids_a) & set(pids_b), (pids_a, pids_b)
+    for cid in ("a", "b"):
+        ev = json.loads(cli.ok("events", "--stats", cid))
+        assert ev["type"] == "stats" and ev["id"] == cid, ev
+        assert ev["data"]["memory"]["usage"]["usage"] > 0, ev
+
+    # A container that exits: its own status, through `run`, while the others run.
+    c = member_bundle(tmp_path, "c", sid, spid, ["sh", "-c", "exit 3"])
+    r = cli("run", "--bundle", str(c), "c", timeout=240)
+    assert r.returncode == 3, r.stderr
+    assert (status("a"), status("b")) == ("running", "running")
+    cli.ok("kill", "b", "KILL")  # TERM: sleep is its PID 1 and has no handler
+    end = time.monotonic() + 30
+    while status("b") != "stopped" and time.monotonic() < end:
+        time.sleep(0.2)
+    assert (status("b"), status("a"), status(sid)) == ("stopped", "running", "running")
+    cli.ok("delete", "b")
+    assert cli.ok("list", "-q").split() == ["a", sid]
+    assert sandboxes(cli) == [sid]
+    cli.ok("delete", "--force", sid)
+    assert cli.ok("list", "-q").split() == []
