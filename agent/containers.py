@@ -25,6 +25,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -335,9 +336,18 @@ class Manager:
             os.kill(p.pid, sig)
 
     def wait(self, cid: str, exec_id: str, alive: Callable[[], bool]) -> Process:
+        """The process once it has ended. The waiter is the process's shim on the host, whose
+        pid the caller holds as the process's own: a wait abandoned while the process runs
+        means the shim is gone (SIGKILLed, as conmon does on an exec probe's timeout), and the
+        process is killed with it, as that signal to the pid would kill it under runc."""
         p = self._process(cid, exec_id)
         while not p.done.wait(1.0):
             if not alive():
+                log.warning(
+                    "%s%s: its shim is gone; killed", cid, f" exec {exec_id}" if exec_id else ""
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
                 break
         return p
 

@@ -394,6 +394,44 @@ def test_exec_variants(rt: Rt, mkbundle: Callable[..., Path], tmp_path: Path) ->
     rt.ok("delete", "c1")
 
 
+def test_an_exec_dies_with_its_pid(rt: Rt, mkbundle: Callable[..., Path], tmp_path: Path) -> None:
+    """SIGKILL to the pid an exec's --pid-file names (conmon does it when a probe times out)
+    ends the process in the guest, as it would under runc, and the container runs on."""
+    pid = rt.create_ok("c1", mkbundle(["sleep", "1000"]))
+    rt.ok("start", "c1")
+    proc_file = tmp_path / "process.json"
+    proc_file.write_text(
+        json.dumps(
+            {
+                "args": ["sleep", "7777"],
+                "cwd": "/",
+                "env": ["PATH=/bin"],
+                "user": {"uid": 0, "gid": 0},
+            }
+        )
+    )
+    epid_file = tmp_path / "exec.pid"
+    # stdio on a file: the process (runc) or its shim (cocoon) keeps it open while it runs
+    with open(tmp_path / "exec.out", "wb") as out:
+        argv = [*rt.argv, "exec", "--process", str(proc_file), "--detach", "--pid-file"]
+        r = subprocess.run(
+            [*argv, str(epid_file), "c1"], stdin=subprocess.DEVNULL, stdout=out, stderr=out
+        )
+    assert r.returncode == 0, (tmp_path / "exec.out").read_text()
+    assert "sleep 7777" in rt.ok("exec", "c1", "ps", "-o", "args")
+    epid = int(epid_file.read_text())
+    os.kill(epid, signal.SIGKILL)
+    assert wait_pid(epid) == 128 + signal.SIGKILL
+    end = time.monotonic() + 30
+    while "sleep 7777" in rt.ok("exec", "c1", "ps", "-o", "args") and time.monotonic() < end:
+        time.sleep(0.5)
+    assert "sleep 7777" not in rt.ok("exec", "c1", "ps", "-o", "args")
+    assert rt.state("c1")["status"] == "running"
+    rt.ok("kill", "c1", "KILL")
+    wait_pid(pid)
+    rt.ok("delete", "c1")
+
+
 # ------------------------------------------------------------------------------- terminal
 def _console_listener(path: Path) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
