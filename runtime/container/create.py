@@ -212,7 +212,16 @@ def _pod_sandbox(ctx: Ctx, cid: str, bundle: specmod.Bundle, sid: str) -> Contai
     try:
         sst = ctx.store.load(sid)
     except StateError:
-        raise LifecycleError(f"container {cid}: its pod's sandbox {sid} does not exist") from None
+        hint = ""
+        if bundle.annotations.get("io.container.manager") == "cri-o":
+            hint = (
+                " (CRI-O creates no infra container for a pod that does not share its PID"
+                " namespace unless crio.conf sets drop_infra_ctr = false; cocoon boots the"
+                " pod's VM with it)"
+            )
+        raise LifecycleError(
+            f"container {cid}: its pod's sandbox {sid} does not exist{hint}"
+        ) from None
     # podman's pod infra container carries no sandbox annotation: any container whose create
     # booted its VM can be a pod's sandbox; one that joined another's VM cannot.
     if not sst.owns_sandbox:

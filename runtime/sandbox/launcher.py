@@ -336,8 +336,16 @@ def _is_our_qemu(pid: int, d: Path) -> bool:
 
 
 def list_sandboxes(root: Path) -> list[str]:
+    """The sandboxes' ids (a long id's directory has a shortened name: its launch file has
+    the id)."""
     d = root / "sandboxes"
-    return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    ids = []
+    for p in d.iterdir() if d.is_dir() else ():
+        try:
+            ids.append(str(json.loads((p / L.LAUNCH_FILE).read_text())["sandbox_id"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            ids.append(p.name)  # a launch not written yet, or one being removed
+    return sorted(ids)
 
 
 def stop(root: Path, sandbox_id: str, timeout: float = 10.0) -> str:

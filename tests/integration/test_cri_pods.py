@@ -197,6 +197,8 @@ def check_pod(
     cri.ok("start", shell)
     if handler == "cocoon":
         assert qemus_under(cri.runtime_root) == 1, "one VM for the pod"
+        listed = C.run([C.COCOON, "--root", cri.runtime_root, "sandbox", "list"], timeout=30)
+        assert listed.stdout.split() == [pod], listed  # docs/kubernetes.md's check
         cgroup = f"{pod_cgroup(name)}/cocoon-sandbox-{pod}"
         procs = vm_processes(cri.runtime_root)
         assert len(procs) >= 3, procs

@@ -130,6 +130,14 @@ def test_a_pods_containers_share_one_vm_and_its_namespaces(
     ("annotations", "error"),
     [
         ({CRI_TYPE: "container", CRI_SANDBOX: "nosuch"}, "its pod's sandbox nosuch does not exist"),
+        (
+            {
+                "io.kubernetes.cri-o.ContainerType": "container",
+                "io.kubernetes.cri-o.SandboxID": "dropped",
+                "io.container.manager": "cri-o",
+            },
+            "sandbox dropped does not exist (CRI-O creates no infra container",
+        ),
         ({CRI_TYPE: "container"}, "has no io.kubernetes.cri.sandbox-id annotation"),
         ({CRI_TYPE: "container", CRI_SANDBOX: "../x"}, "invalid sandbox id"),
         ({CRI_TYPE: "bogus", CRI_SANDBOX: "p1"}, "expected 'sandbox' or 'container'"),
@@ -138,7 +146,7 @@ def test_a_pods_containers_share_one_vm_and_its_namespaces(
             "would change the VM of the running pod p1",
         ),
     ],
-    ids=["no-sandbox", "no-id", "bad-id", "bad-type", "vm-annotation"],
+    ids=["no-sandbox", "crio-dropped-infra", "no-id", "bad-id", "bad-type", "vm-annotation"],
 )
 def test_a_container_that_cannot_join_is_refused_and_the_pod_untouched(
     cli: Cli, tmp_path: Path, pod: tuple[str, int], annotations: dict[str, str], error: str
