@@ -24,8 +24,11 @@ May import: the standard library, cocoon.runtime.monitor.launch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import signal
+import time
 from pathlib import Path
 
 from cocoon.runtime.monitor.launch import HostCgroup
@@ -172,20 +175,68 @@ def join(hc: HostCgroup, pid: int) -> None:
 
 
 def leave(hc: HostCgroup, pid: int) -> None:
-    """``pid`` back where it came from, then what ``make`` made removed."""
-    for d in hc.home:
-        with contextlib.suppress(OSError):
-            Path(d, "cgroup.procs").write_text(str(pid))
+    """``pid`` back where it came from, then what ``make`` made removed. Where it came from may
+    be gone (conmon's cgroup, removed by CRI-O when conmon died): then its nearest ancestor."""
+    for home in hc.home:
+        for d in (Path(home), *Path(home).parents):
+            if (d / "cgroup.procs").is_file() and _write_pid(d, pid):
+                break
     remove(hc)
 
 
-def remove(hc: HostCgroup) -> None:
-    """What ``make`` made, deepest first; a cgroup that still holds a process is left (logged)."""
+def _write_pid(d: Path, pid: int) -> bool:
+    try:
+        fd = os.open(d / "cgroup.procs", os.O_WRONLY)  # never O_CREAT: cgroupfs only
+    except OSError:
+        return False
+    try:
+        os.write(fd, str(pid).encode())
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove(hc: HostCgroup, settle_s: float = 5.0) -> None:
+    """What ``make`` made, deepest first. The sandbox's own cgroup holds nothing but the
+    sandbox's processes: any still in it (a virtiofsd still exiting, a QEMU whose monitor was
+    SIGKILLed) are killed first, as runc's destroy does, so that it can go. A parent it made
+    that now holds another pod's cgroup is left."""
+    for d in hc.join:
+        if Path(d).name.startswith(LEAF_PREFIX):
+            _kill_members(Path(d), settle_s)
     for d in reversed(hc.made):
+        deadline = time.monotonic() + (settle_s if d in hc.join else 0)
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as exc:  # EBUSY: an exiting task not yet gone from it
+                if exc.errno == errno.EBUSY and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                level = logging.WARNING if d in hc.join else logging.DEBUG
+                log.log(level, "host cgroup %s left: %s", d, exc)
+                break
+
+
+def _kill_members(d: Path, settle_s: float) -> None:
+    deadline = time.monotonic() + settle_s
+    while True:
         try:
-            os.rmdir(d)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:  # a parent it made may hold another pod's cgroup by now
-            level = logging.WARNING if d in hc.join else logging.DEBUG
-            log.log(level, "host cgroup %s left: %s", d, exc)
+            pids = [int(x) for x in (d / "cgroup.procs").read_text().split()]
+        except (OSError, ValueError):
+            return
+        pids = [p for p in pids if p != os.getpid()]
+        if not pids:
+            return
+        if time.monotonic() > deadline:
+            log.warning("host cgroup %s: processes %s did not go", d, pids)
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)

@@ -4,6 +4,8 @@ mounts (tests/integration/test_hostcgroup.py does it on the host's real cgroupfs
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,34 @@ def test_the_launch_file_carries_the_cgroup(tmp_path: Path) -> None:
     )
     spec.write(tmp_path / "launch.json")
     assert LaunchSpec.read(tmp_path / "launch.json").cgroup == hc
+
+
+def test_leave_goes_to_the_nearest_home_that_is_left(tmp_path: Path) -> None:
+    root, proc = fake_proc(tmp_path)
+    hc = H.make("/k/p/s", "s", proc)
+    gone = root / "memory" / "jobs" / "7" / "conmon-x"  # removed by its owner meanwhile
+    hc = HostCgroup(hc.join, [*hc.home[:1], str(gone), *hc.home[2:]], [])
+    for home in {*hc.home, str(gone.parent)} - {str(gone)}:  # a cgroupfs has it in every one
+        Path(home, "cgroup.procs").write_text("")
+    H.leave(hc, 4242)
+    assert (root / "memory" / "jobs" / "7" / "cgroup.procs").read_text() == "4242"
+    assert not gone.exists()
+
+
+def test_remove_kills_what_is_left_in_the_sandbox_cgroup_only(tmp_path: Path) -> None:
+    root, proc = fake_proc(tmp_path)
+    (root / "memory" / "k" / "p").mkdir(parents=True)
+    hc = H.make("/k/p/s", "s", proc)
+    left = subprocess.Popen(["sleep", "60"])
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        Path(hc.join[1], "cgroup.procs").write_text(f"{left.pid}\n")
+        # the pod cgroup is not the sandbox's: what is in it is never touched
+        (root / "memory" / "k" / "p" / "cgroup.procs").write_text(f"{bystander.pid}\n")
+        H.remove(hc, settle_s=0.2)
+        assert left.wait(5) == -signal.SIGKILL
+        assert bystander.poll() is None
+    finally:
+        for p in (left, bystander):
+            p.kill()
+            p.wait()
