@@ -26,13 +26,14 @@ import shutil
 import subprocess
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
+from cocoon.agent.network import loopback_up
 from cocoon.runtime.network import netns as N
 from tests.integration import callers as C
 
@@ -397,13 +398,42 @@ def start_cri(base: Path, netns: Path, crictl: str) -> Cri:
         reg.daemon.stop()
         raise
     cri = Cri(netns=netns, crictl_path=crictl, registry=reg, ctd=C.Containerd(base, d))
+    return pulled(cri, IMAGES, stop_cri)
+
+
+CriT = TypeVar("CriT", bound=CriClient)
+
+
+def pulled(client: CriT, images: Iterable[str], stop: Callable[[CriT], None]) -> CriT:
+    """``client`` once it has pulled ``images`` through the CRI (the pause image too: runp
+    would pull it, but fail slower); stopped if a pull fails."""
     try:
-        for ref in IMAGES:  # the pause image too: runp would pull it, but fail slower
-            cri.ok("pull", ref)
+        for ref in images:
+            client.ok("pull", ref)
     except BaseException:
-        stop_cri(cri)
+        stop(client)
         raise
-    return cri
+    return client
+
+
+@contextlib.contextmanager
+def cri_namespace(
+    tmp_path_factory: pytest.TempPathFactory, name: str
+) -> Iterator[tuple[Path, Path, str]]:
+    """A short base directory (sockets live under it), a network namespace of the tests' own
+    with lo up (the registry and the CRI's stream server are on its 127.0.0.1) and crictl:
+    (base, netns, crictl). Skips the caller's tests when there is no crictl."""
+    crictl = crictl_binary()
+    if not crictl:
+        pytest.skip("crictl is not on PATH nor in ../shared/tools (Debian 12 does not package it)")
+    base = tmp_path_factory.mktemp(name)
+    ns = base / "netns"
+    N.create_netns(ns)
+    try:
+        N.in_netns(str(ns), loopback_up)
+        yield base, ns, crictl
+    finally:
+        N.remove_netns(ns)
 
 
 def stop_cri(cri: Cri) -> None:

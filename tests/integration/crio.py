@@ -64,11 +64,8 @@ CNI_PLUGINS = Path("/usr/lib/cni")  # Debian's containernetworking-plugins
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 SHARED_TOOLS = R.REPO.parent / "shared" / "tools"
 
-# The runc handler's runtime: raises a negative oomScoreAdj to 0 (see the module's doc).
-OOM_WRAPPER = """#!/bin/sh
-# cocoon tests: runc cannot set a negative oom_score_adj without CAP_SYS_RESOURCE, which these
-# hosts lack; CRI-O gives the infra container -998. Raise it to 0, then run runc.
-bundle=. process= prev= verb=
+# The wrappers' parse of a runtime call: its verb, --bundle and --process (runc's grammar).
+PARSE_ARGS = """bundle= process= prev= verb=
 for a in "$@"; do
   case "$prev" in --bundle|-b) bundle=$a ;; --process|-p) process=$a ;; esac
   case "$a" in --bundle=*) bundle=${a#--bundle=} ;; --process=*) process=${a#--process=} ;; esac
@@ -78,6 +75,13 @@ for a in "$@"; do
   fi
   prev=$a
 done
+"""
+
+# The runc handler's runtime: raises a negative oomScoreAdj to 0 (see the module's doc).
+OOM_WRAPPER = """#!/bin/sh
+# cocoon tests: runc cannot set a negative oom_score_adj without CAP_SYS_RESOURCE, which these
+# hosts lack; CRI-O gives the infra container -998. Raise it to 0, then run runc.
+@PARSE@bundle=${bundle:-.}
 raise() { [ -f "$1" ] && sed -i 's/"oomScoreAdj": *-[0-9]*/"oomScoreAdj":0/' "$1"; }
 case "$verb" in
   create|run) raise "$bundle/config.json" ;;
@@ -92,17 +96,7 @@ LOG_WRAPPER = """#!/bin/sh
 log=@LOG@ dir=@DIR@ next=@NEXT@
 n=$(date +%H%M%S.%N)
 fd() { readlink "/proc/$$/fd/$1" 2>/dev/null || echo closed; }
-bundle= process= prev= verb=
-for a in "$@"; do
-  case "$prev" in --bundle|-b) bundle=$a ;; --process|-p) process=$a ;; esac
-  case "$a" in --bundle=*) bundle=${a#--bundle=} ;; --process=*) process=${a#--process=} ;; esac
-  if [ -z "$verb" ]; then
-    case "$prev" in --root|--log|--log-format|--criu) prev=$a; continue ;; esac
-    case "$a" in -*) ;; *) verb=$a ;; esac
-  fi
-  prev=$a
-done
-files=
+@PARSE@files=
 if [ "$verb" = create ] && [ -f "${bundle:-.}/config.json" ]; then
   cp "${bundle:-.}/config.json" "$dir/$n-config.json" && files="$files $n-config.json"
 fi
@@ -228,14 +222,15 @@ def write_wrappers(base: Path) -> Path:
     calls = base / "calls"
     calls.mkdir(parents=True, exist_ok=True)
     oom = base / "runc-oom"
-    oom.write_text(OOM_WRAPPER.replace("@RUNC@", C.RUNC))
+    oom.write_text(OOM_WRAPPER.replace("@PARSE@", PARSE_ARGS).replace("@RUNC@", C.RUNC))
     conmon = base / "conmon-log"
     conmon.write_text(
         MONITOR_WRAPPER.replace("@LOG@", str(calls / "calls.log")).replace("@CONMON@", C.CONMON)
     )
     logger = base / "runc-log"
     logger.write_text(
-        LOG_WRAPPER.replace("@LOG@", str(calls / "calls.log"))
+        LOG_WRAPPER.replace("@PARSE@", PARSE_ARGS)
+        .replace("@LOG@", str(calls / "calls.log"))
         .replace("@DIR@", str(calls))
         .replace("@NEXT@", str(oom))
     )
@@ -377,13 +372,7 @@ def start_crio(base: Path, netns: Path, crictl: str, crio: str, pinns: str) -> C
         cleanup(base)
         raise
     c = Crio(netns=netns, crictl_path=crictl, registry=reg, home=base, crio_daemon=d)
-    try:
-        for ref in IMAGES:  # the pause image too: runp would pull it, but fail slower
-            c.ok("pull", ref)
-    except BaseException:
-        stop_crio(c)
-        raise
-    return c
+    return R.pulled(c, IMAGES, stop_crio)
 
 
 def mounts_under(path: Path) -> list[str]:

@@ -23,11 +23,10 @@ from typing import Any
 
 import pytest
 
-from cocoon.agent.network import loopback_up
 from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.network import netns as N
 from tests.integration import callers as C
-from tests.integration.cri import BUSYBOX_IMAGE, Cri, CriClient, cri_containerd, crictl_binary
+from tests.integration.cri import BUSYBOX_IMAGE, Cri, CriClient, cri_containerd, cri_namespace
 from tests.integration.procs import cgroup_of, live_processes, sandbox_cgroups
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.daemon("containerd")]
@@ -35,19 +34,12 @@ pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.daemon("containerd
 
 @pytest.fixture(scope="module")
 def cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cri]:
-    crictl = crictl_binary()
-    if not crictl:
-        pytest.skip("crictl is not on PATH nor in ../shared/tools (Debian 12 does not package it)")
-    base = tmp_path_factory.mktemp("cri")  # short: shim sockets live under it
-    ns = base / "netns"
-    N.create_netns(ns)
-    N.in_netns(str(ns), loopback_up)  # crictl reaches containerd's stream server on 127.0.0.1
-    try:
-        with cri_containerd(base / "c", ns, crictl) as c:
-            yield c
-            C.assert_no_leaks(c.runtime_root)
-    finally:
-        N.remove_netns(ns)
+    with (
+        cri_namespace(tmp_path_factory, "cri") as (base, ns, crictl),
+        cri_containerd(base / "c", ns, crictl) as c,
+    ):
+        yield c
+        C.assert_no_leaks(c.runtime_root)
 
 
 SYSCTLS = {"net.ipv4.ip_local_port_range": "30000 40000", "kernel.shm_rmid_forced": "1"}
@@ -134,7 +126,7 @@ def vm_processes(root: Path) -> list[int]:
     ]
 
 
-def fetch_from_tests_namespace(cri: CriClient, url: str) -> str:
+def fetch_from_cri_namespace(cri: CriClient, url: str) -> str:
     def get() -> str:
         with urllib.request.urlopen(url, timeout=10) as r:
             return str(r.read().decode())
@@ -231,7 +223,7 @@ def check_pod(
     info = json.loads(cri.ok("inspectp", pod))
     ip = info["status"]["network"]["ip"]
     assert ipaddress.ip_address(ip) in ipaddress.ip_network(cri.subnet), info["status"]["network"]
-    assert "root:" in fetch_from_tests_namespace(cri, f"http://{ip}:8080/passwd")
+    assert "root:" in fetch_from_cri_namespace(cri, f"http://{ip}:8080/passwd")
 
     # One container stopped and removed while the other runs.
     cri.ok("stop", web)

@@ -12,10 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from cocoon.agent.network import loopback_up
-from cocoon.runtime.network import netns as N
 from tests.integration import callers as C
-from tests.integration.cri import IMAGES, SUBNET, Cri, cri_containerd, crictl_binary, split_ref
+from tests.integration.cri import IMAGES, SUBNET, Cri, cri_containerd, cri_namespace, split_ref
 
 pytestmark = [pytest.mark.root, pytest.mark.daemon("containerd")]
 IP = "/usr/bin/ip"
@@ -28,18 +26,11 @@ INSIDE = [
 
 @pytest.fixture(scope="module")
 def cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cri]:
-    crictl = crictl_binary()
-    if not crictl:
-        pytest.skip("crictl is not on PATH nor in ../shared/tools (Debian 12 does not package it)")
-    base = tmp_path_factory.mktemp("cri")  # short: shim sockets live under it
-    ns = base / "netns"
-    N.create_netns(ns)
-    N.in_netns(str(ns), loopback_up)  # the registry and containerd's stream server: 127.0.0.1
-    try:
-        with cri_containerd(base / "c", ns, crictl) as c:
-            yield c
-    finally:
-        N.remove_netns(ns)
+    with (
+        cri_namespace(tmp_path_factory, "cri") as (base, ns, crictl),
+        cri_containerd(base / "c", ns, crictl) as c,
+    ):
+        yield c
 
 
 def routes(cri: Cri, family: str) -> list[dict[str, str]]:

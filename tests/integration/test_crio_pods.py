@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
-from cocoon.agent.network import loopback_up
 from cocoon.runtime.network import netns as N
 from tests.integration import callers as C
-from tests.integration.cri import crictl_binary
+from tests.integration.cri import cri_namespace
 from tests.integration.crio import Crio, crio_in
 from tests.integration.procs import live_processes, sandbox_cgroups
 from tests.integration.test_cri_pods import (
@@ -37,19 +36,13 @@ pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.daemon("crio")]
 
 @pytest.fixture(scope="module")
 def cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crio]:
-    crictl = crictl_binary()
-    if not crictl:
-        pytest.skip("crictl is not on PATH nor in ../shared/tools (Debian 12 does not package it)")
-    base = tmp_path_factory.mktemp("crio")  # short: conmon's attach sockets live under it
-    ns = base / "netns"
-    N.create_netns(ns)
-    N.in_netns(str(ns), loopback_up)  # crictl reaches CRI-O's stream server on 127.0.0.1
-    try:
-        with crio_in(base / "c", ns, crictl) as c:
-            yield c
-            C.assert_no_leaks(c.runtime_root)
-    finally:
-        N.remove_netns(ns)
+    # a short base: conmon's attach sockets live under it
+    with (
+        cri_namespace(tmp_path_factory, "crio") as (base, ns, crictl),
+        crio_in(base / "c", ns, crictl) as c,
+    ):
+        yield c
+        C.assert_no_leaks(c.runtime_root)
 
 
 @pytest.mark.parametrize("share_pid", [False, True], ids=["own-pid", "shared-pid"])
