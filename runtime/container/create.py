@@ -66,6 +66,7 @@ from cocoon.runtime.sandbox import launcher as sandbox
 from cocoon.runtime.sandbox.client import Client, rpc_error
 
 log = logging.getLogger("cocoon")
+LATER_HOOKS = ("poststart", "poststop")  # run by start and delete, from the state
 
 
 @dataclass
@@ -330,6 +331,7 @@ def _state(plan: _Plan, pid: int, netns: str, netns_owned: bool) -> ContainerSta
         netns_owned=netns_owned,
         ns_paths={} if plan.member else sandbox_ns_paths(namespaces),
         guest_network=plan.guest_network,
+        hooks={k: plan.bundle.hooks(k) for k in LATER_HOOKS if plan.bundle.hooks(k)},
     )
 
 

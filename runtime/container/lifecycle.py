@@ -64,15 +64,16 @@ def start(ctx: Ctx, cid: str) -> None:
                 raise rpc_error(f"start {cid}", exc) from exc
         st.status = Status.RUNNING.value
         store.save(st)
-    bundle = specmod.load_bundle(Path(st.bundle))
-    run_hooks("poststart", bundle.hooks("poststart"), st.oci())
+    run_hooks("poststart", st.hooks.get("poststart", []), st.oci())
 
 
 # ---------------------------------------------------------------------------------- kill
 def kill(ctx: Ctx, cid: str, sig: int, all_processes: bool) -> None:
     st = ctx.store.load(validate_id(cid))
     if not st.effective.can_kill:
-        return  # runc: killing a stopped container is not an error for the callers
+        if all_processes:  # containerd sends `kill --all` after every exit: 0, as runc
+            return
+        raise LifecycleError("container not running")  # runc's words: callers match them
     with _client(ctx, st) as c:
         try:
             c.agent.SignalProcess(
@@ -131,11 +132,8 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
         if st.netns_owned:
             create_mod.remove_netns(Path(st.netns))
         st.status = Status.STOPPED.value
-        try:
-            bundle = specmod.load_bundle(Path(st.bundle))
-            run_hooks("poststop", bundle.hooks("poststop"), st.oci())
-        except CocoonError:
-            pass  # a bundle removed before delete does not block the delete
+        with contextlib.suppress(CocoonError):  # poststop failures are logged, not fatal
+            run_hooks("poststop", st.hooks.get("poststop", []), st.oci())
     store.remove(cid)
 
 

@@ -110,6 +110,9 @@ class ContainerState:
     # whether its network namespace is the guest's own (the NICs stand for it).
     ns_paths: dict[str, str] = field(default_factory=dict)
     guest_network: bool = False
+    # The spec's poststart and poststop hooks as create read them: config.json edited or removed
+    # after create changes nothing (the runtime spec's rule; runc keeps its own copy too).
+    hooks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def owns_sandbox(self) -> bool:

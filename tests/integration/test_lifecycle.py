@@ -265,16 +265,39 @@ def test_create_start_state_kill_delete(rt: Rt, mkbundle: Callable[..., Path]) -
     rt.ok("kill", "c1", "9")
     assert wait_pid(pid) == 137
     rt.wait_status("c1", "stopped")
-    # kill --all of a stopped container: 0 (containerd sends it after every exit); cocoon
-    # accepts the plain form too, where runc 1.1 says "container not running".
+    # kill --all of a stopped container: 0 (containerd sends it after every exit); the plain
+    # form is an error, as the runtime spec says ("container not running", runc's words).
     rt.ok("kill", "--all", "c1", "KILL")
-    if rt.name == "cocoon":
-        rt.ok("kill", "c1", "KILL")
+    r = rt("kill", "c1", "KILL")
+    assert r.returncode == 1 and "container not running" in r.stderr, r.stderr
+    rt.error_logged("container not running")
     rt.ok("delete", "c1")
     r = rt("state", "c1")
     assert r.returncode == 1
     rt.error_logged("c1")
     rt.ok("delete", "--force", "c1")  # a missing container with --force: 0
+
+
+def test_config_json_changed_after_create_changes_nothing(
+    rt: Rt, mkbundle: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Every verb after create works from what create read: config.json replaced, then removed,
+    changes neither start (its poststart hook still runs) nor delete."""
+    b = mkbundle(sh("echo started; exec sleep 1000"))
+    spec = json.loads((b / "config.json").read_text())
+    marker = tmp_path / "poststart-ran"
+    spec["hooks"] = {"poststart": [{"path": "/bin/sh", "args": ["sh", "-c", f"touch {marker}"]}]}
+    (b / "config.json").write_text(json.dumps(spec))
+    pid = rt.create_ok("c1", b)
+    (b / "config.json").write_text(json.dumps({"ociVersion": "1.0.0"}))
+    rt.ok("start", "c1")
+    rt.wait_output("c1", "started")
+    assert marker.exists(), "the poststart hook create read"
+    rt.ok("kill", "c1", "KILL")
+    wait_pid(pid)
+    rt.wait_status("c1", "stopped")
+    (b / "config.json").unlink()
+    rt.ok("delete", "c1")
 
 
 def test_sigterm_to_the_reported_pid_reaches_the_workload(
