@@ -300,6 +300,24 @@ def test_config_json_changed_after_create_changes_nothing(
     rt.ok("delete", "c1")
 
 
+def test_a_new_network_namespace_has_lo_up(rt: Rt, mkbundle: Callable[..., Path]) -> None:
+    """A container in a new network namespace with nothing to bridge still has lo up (runc
+    brings it up), and reaches itself on 127.0.0.1."""
+    b = mkbundle(
+        sh(
+            "cat /sys/class/net/lo/flags; httpd -p 127.0.0.1:8080 -h /etc; "
+            "wget -q -O - http://127.0.0.1:8080/hostname && echo fetched"
+        )
+    )
+    spec = json.loads((b / "config.json").read_text())
+    assert {"type": "network"} in spec["linux"]["namespaces"]
+    r = rt("run", "--bundle", str(b), "c1")
+    assert r.returncode == 0, r.stderr
+    flags = int(r.stdout.split()[0], 16)
+    assert flags & 0x1, f"lo is down: flags {flags:#x}"  # IFF_UP
+    assert r.stdout.rstrip().endswith("fetched"), r.stdout
+
+
 def test_sigterm_to_the_reported_pid_reaches_the_workload(
     rt: Rt, mkbundle: Callable[..., Path]
 ) -> None:
