@@ -2,11 +2,11 @@
 
 ``Vm.start()`` brings the VM up in order: virtiofsd (if the share is virtio-fs), QEMU, the
 QMP connection, the agent channel, an agent health check and an API-hash check, each step
-failing at once with QEMU's reason if QEMU exits meanwhile. Once running it watches QEMU (an
-unexpected exit is an event and ends the sandbox), fans QMP events out to the event
-subscribers and to hot-plug's waiters, and serialises QMP commands. ``stop()`` shuts down in
-order (agent DestroySandbox, QMP quit, SIGKILL); ``teardown()`` releases everything, and
-``remove_state_dir()`` removes the state directory.
+failing at once with QEMU's reason if QEMU exits meanwhile. Once running it watches QEMU and
+virtiofsd (an unexpected exit of either is an event and ends the sandbox), fans QMP events
+out to the event subscribers and to hot-plug's waiters, and serialises QMP commands.
+``stop()`` shuts down in order (agent DestroySandbox, QMP quit, SIGKILL); ``teardown()``
+releases everything, and ``remove_state_dir()`` removes the state directory.
 
 May import: the standard library, grpc, qemu.qmp, cocoon.agent (api_hash),
 cocoon.runtime.{vm_pb2, errors}, cocoon.runtime.sandbox.hostmount,
@@ -119,6 +119,8 @@ class Vm:
         self.boot_seconds = time.monotonic() - self.t_spawn
         self.state = "running"
         self.tasks.append(asyncio.create_task(self._qmp_events()))
+        if self.virtiofsd is not None:
+            self.tasks.append(asyncio.create_task(self._watch_virtiofsd()))
 
     async def serve(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         """Serves ``handlers`` on the monitor's socket (stopped by ``teardown``)."""
@@ -244,6 +246,22 @@ class Vm:
             log.error("sandbox %s: %s", self.spec.sandbox_id, detail)
             self.state = "stopped"
             self.publish("qemu-exited", detail, {"status": rc})
+            await asyncio.sleep(0.3)  # let event subscribers read it
+            self.done.set()
+
+    async def _watch_virtiofsd(self) -> None:
+        """virtiofsd serves the containers' root filesystems: a VM without it is of no use
+        (every exec and file access would hang), so its death stops the sandbox, as Kata does."""
+        assert self.virtiofsd is not None
+        rc = await self.virtiofsd.wait()
+        if self.state == "running" and self.stop_task is None:
+            detail = f"virtiofsd {describe_exit(rc)} unexpectedly: the shared filesystem is gone"
+            log.error("sandbox %s: %s; stopping it", self.spec.sandbox_id, detail)
+            self.state = "stopped"
+            self.publish("virtiofsd-exited", detail, {"status": rc})
+            if self.qemu is not None and not self.qemu_exit.done():
+                with contextlib.suppress(ProcessLookupError):
+                    self.qemu.kill()
             await asyncio.sleep(0.3)  # let event subscribers read it
             self.done.set()
 

@@ -1,7 +1,9 @@
-"""A real guest under a real monitor: boot, ask the agent, stop; QEMU killed under it."""
+"""A real guest under a real monitor: boot, ask the agent, stop; QEMU or virtiofsd killed
+under it."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -15,7 +17,10 @@ from cocoon.agent import agent_pb2 as apb
 from cocoon.agent import api_hash
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import Config
+from cocoon.runtime.container import busybox
 from cocoon.runtime.sandbox import launcher as sandbox
+from tests.integration.cli import Cli
+from tests.integration.procs import live_processes
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 MIB = 1024 * 1024
@@ -95,3 +100,33 @@ def test_qemu_killed_is_reported_and_cleaned_up(
     # A stop afterwards is a clear error, not a hang.
     with pytest.raises(Exception, match="does not exist"):
         sandbox.stop(state_root, "kill1")
+
+
+def test_virtiofsd_killed_stops_the_sandbox_and_its_container(cli: Cli, tmp_path: Path) -> None:
+    """virtiofsd SIGKILLed under a running container: the monitor ends the sandbox, `state`
+    says stopped, exec fails at once (no hang), delete cleans everything."""
+    b = busybox.make_bundle(tmp_path / "b", ["sleep", "1000"])
+    assert cli.create("c1", b).returncode == 0, cli.last_error()
+    cli.ok("start", "c1")
+    d = sandbox.sandbox_dir(cli.root, "c1")
+    monitor = int((d / "monitor.pid").read_text())
+    vfs = [
+        pid
+        for pid, cmd in live_processes()
+        if "virtiofsd" in cmd.split(" ", 1)[0] and str(d) in cmd and parent_of(pid) == monitor
+    ]
+    assert len(vfs) == 1, vfs
+    os.kill(vfs[0], signal.SIGKILL)
+    end = time.monotonic() + 60
+    while json.loads(cli.ok("state", "c1"))["status"] != "stopped":
+        assert time.monotonic() < end, "still not stopped"
+        time.sleep(0.5)
+    t = time.monotonic()
+    r = cli("exec", "c1", "true", timeout=60)
+    assert r.returncode == 1 and time.monotonic() - t < 30, r
+    cli.ok("delete", "c1")
+    assert not d.exists()
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
