@@ -56,7 +56,10 @@ def _check_block(path: str, what: str) -> None:
         raise DeviceError(f"{what} {path} is not a block device")
 
 
-def _host_block(entry: dict[str, Any], where: str, sysfs: Path, dev: Path) -> str:
+def _host_block(entry: dict[str, Any], where: str, sysfs: Path, dev: Path) -> str | None:
+    """The host device a linux.devices entry names, or None when its major:minor is on no
+    host device: then it is only a node for the container, made by crun in the guest as runc
+    makes it (the runtime spec: the runtime creates the device nodes the entries list)."""
     major, minor = entry.get("major"), entry.get("minor")
     if isinstance(major, int) and isinstance(minor, int):
         uevent = sysfs / "dev/block" / f"{major}:{minor}" / "uevent"
@@ -65,9 +68,7 @@ def _host_block(entry: dict[str, Any], where: str, sysfs: Path, dev: Path) -> st
                 line.split("=", 1) for line in uevent.read_text().splitlines() if "=" in line
             )
         except OSError:
-            raise DeviceError(
-                f"{where}: no block device {major}:{minor} on this host ({entry.get('path')})"
-            ) from None
+            return None
         name = fields.get("DEVNAME")
         if not name:
             raise DeviceError(f"{where}: block device {major}:{minor} has no name in {uevent}")
@@ -86,6 +87,8 @@ def block_devices(
         if entry.get("type") != "b":
             continue
         host = _host_block(entry, where, sysfs, dev)
+        if host is None:
+            continue  # a node only: the guest spec keeps the entry for crun to make
         _check_block(host, f"{where}: host device")
         out.append(BlockDevice(i, entry["path"], host, _disk_id(cid, "d", i)))
     return out

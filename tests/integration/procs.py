@@ -22,15 +22,27 @@ def live_processes() -> Iterator[tuple[int, str]]:
 
 
 def sandbox_cgroups(prefix: str = "cocoon-sandbox-") -> list[str]:
-    """Every host cgroup made for a sandbox (monitor.hostcgroup) that still exists, in any
-    hierarchy: none may outlive its sandbox."""
+    """Every host cgroup made for a sandbox (monitor.hostcgroup) that is left empty, in any
+    hierarchy: none may outlive its sandbox. One that holds processes belongs to a sandbox that
+    still runs (a leaked process is the process checks' to find), maybe another test run's."""
     found: list[str] = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         post = line.partition(" - ")[2].split()
         if post and post[0] in ("cgroup", "cgroup2"):
             for d, subdirs, _ in os.walk(line.split()[4]):
-                found += [os.path.join(d, s) for s in subdirs if s.startswith(prefix)]
+                found += [
+                    os.path.join(d, s)
+                    for s in subdirs
+                    if s.startswith(prefix) and not _procs(os.path.join(d, s))
+                ]
     return found
+
+
+def _procs(cgroup: str) -> str:
+    try:
+        return Path(cgroup, "cgroup.procs").read_text().strip()
+    except OSError:
+        return ""
 
 
 def cgroup_of(pid: int) -> dict[str, str]:

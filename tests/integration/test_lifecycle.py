@@ -318,6 +318,20 @@ def test_a_new_network_namespace_has_lo_up(rt: Rt, mkbundle: Callable[..., Path]
     assert r.stdout.rstrip().endswith("fetched"), r.stdout
 
 
+def test_a_device_node_no_host_device_backs_is_made(rt: Rt, mkbundle: Callable[..., Path]) -> None:
+    """linux.devices lists nodes the runtime makes: one whose major:minor is on no host device
+    is made in the container all the same (runc mknods it)."""
+    b = mkbundle(sh("stat -c '%F %t:%T %a' /dev/made"))
+    spec = json.loads((b / "config.json").read_text())
+    spec["linux"]["devices"] = [
+        {"path": "/dev/made", "type": "b", "major": 8, "minor": 666, "fileMode": 0o640}
+    ]
+    (b / "config.json").write_text(json.dumps(spec))
+    r = rt("run", "--bundle", str(b), "c1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "block special file 8:29a 640", r.stdout
+
+
 def test_sigterm_to_the_reported_pid_reaches_the_workload(
     rt: Rt, mkbundle: Callable[..., Path]
 ) -> None:
