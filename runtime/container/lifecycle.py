@@ -132,8 +132,7 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
         if st.netns_owned:
             create_mod.remove_netns(Path(st.netns))
         st.status = Status.STOPPED.value
-        with contextlib.suppress(CocoonError):  # poststop failures are logged, not fatal
-            run_hooks("poststop", st.hooks.get("poststop", []), st.oci())
+        run_hooks("poststop", st.hooks.get("poststop", []), st.oci())  # failures: logged
     store.remove(cid)
 
 

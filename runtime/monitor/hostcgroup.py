@@ -59,8 +59,7 @@ def pod_cgroup(cgroups_path: str) -> str | None:
         return systemd_slice_path(parts[0]) if parts[0] else "/system.slice"
     if any(p in (".", "..") for p in cgroups_path.split("/")):
         raise CgroupError(f"cgroupsPath {cgroups_path!r}: '.' and '..' are not allowed")
-    parent = os.path.dirname("/" + cgroups_path.strip("/"))
-    return parent
+    return os.path.dirname("/" + cgroups_path.strip("/"))
 
 
 def systemd_slice_path(name: str) -> str:
@@ -90,19 +89,14 @@ def hierarchies(proc: Path = Path("/proc/self")) -> list[tuple[Path, str]]:
         if len(fields) < 5 or len(tail) < 3 or tail[0] not in ("cgroup", "cgroup2"):
             continue
         mount_root, point = fields[3], _unescape(fields[4])
-        if tail[0] == "cgroup2":
-            key, wanted = "", set[str]()
-        else:
-            opts = set(tail[2].split(","))
-            matches = [c for c, _ in own if c and c <= opts]
-            if not matches:
-                continue
-            wanted = matches[0]
-            key = ",".join(sorted(wanted))
-        if key in seen:
+        opts = set(tail[2].split(","))
+        # v2: this process's line with no controllers; v1: the one whose controllers it mounts
+        mine = [(c, p) for c, p in own if (not c if tail[0] == "cgroup2" else c and c <= opts)]
+        if not mine:
             continue
-        path = next((p for c, p in own if c == wanted), None)
-        if path is None:
+        key = ",".join(sorted(mine[0][0]))
+        path = mine[0][1]
+        if key in seen:
             continue
         seen.add(key)
         if mount_root != "/" and path.startswith(mount_root):
@@ -128,17 +122,15 @@ def make(cgroups_path: str, sandbox_id: str, proc: Path = Path("/proc/self")) ->
     try:
         for point, own in hierarchies(proc):
             target = point / rel
-            missing = [p for p in (*reversed(target.parents), target) if _inside(p, point)]
-            for d in missing:
-                if d.is_dir() and d != target:
-                    continue
+            chain = [p for p in (*reversed(target.parents), target) if _inside(p, point)]
+            for d in chain:  # parents first; one that exists is the caller's (or a pod's)
                 try:
                     d.mkdir()
                 except FileExistsError:
-                    if d != target:
+                    if d != target:  # a stale leaf of its own is still made by it
                         continue
                 made.append(str(d))
-            _fill_cpusets(point, target)
+            _fill_cpusets(point, chain)
             join.append(str(target))
             home.append(str(point / own.lstrip("/")))
     except OSError as exc:
@@ -151,14 +143,13 @@ def _inside(p: Path, point: Path) -> bool:
     return p != point and point in p.parents
 
 
-def _fill_cpusets(point: Path, target: Path) -> None:
-    """A v1 cpuset cgroup with no CPUs or memory nodes takes no process: each one from the
-    hierarchy's root down to ``target`` that is empty takes its parent's, as runc does."""
+def _fill_cpusets(point: Path, chain: list[Path]) -> None:
+    """A v1 cpuset cgroup with no CPUs or memory nodes takes no process: each one on ``chain``
+    (below the hierarchy's root, parents first) that is empty takes its parent's, as runc
+    does."""
     if (point / "cgroup.controllers").exists():  # v2: an empty cpuset means the parent's
         return
-    for d in (*reversed(target.parents), target):
-        if not _inside(d, point):
-            continue
+    for d in chain:
         for name in CPUSET_FILES:
             f, up = d / name, d.parent / name
             if up.exists() and (not f.exists() or not f.read_text().strip()):

@@ -241,29 +241,29 @@ class Vm:
         assert self.qemu is not None
         rc = await self.qemu.wait()
         self.qemu_exit.set_result(rc)
-        if self.state in ("running",) and self.stop_task is None:
-            detail = f"QEMU {describe_exit(rc)} unexpectedly"
-            log.error("sandbox %s: %s", self.spec.sandbox_id, detail)
-            self.state = "stopped"
-            self.publish("qemu-exited", detail, {"status": rc})
-            await asyncio.sleep(0.3)  # let event subscribers read it
-            self.done.set()
+        await self._ended_unexpectedly("qemu-exited", f"QEMU {describe_exit(rc)} unexpectedly", rc)
 
     async def _watch_virtiofsd(self) -> None:
         """virtiofsd serves the containers' root filesystems: a VM without it is of no use
         (every exec and file access would hang), so its death stops the sandbox, as Kata does."""
         assert self.virtiofsd is not None
         rc = await self.virtiofsd.wait()
-        if self.state == "running" and self.stop_task is None:
-            detail = f"virtiofsd {describe_exit(rc)} unexpectedly: the shared filesystem is gone"
-            log.error("sandbox %s: %s; stopping it", self.spec.sandbox_id, detail)
-            self.state = "stopped"
-            self.publish("virtiofsd-exited", detail, {"status": rc})
-            if self.qemu is not None and not self.qemu_exit.done():
-                with contextlib.suppress(ProcessLookupError):
-                    self.qemu.kill()
-            await asyncio.sleep(0.3)  # let event subscribers read it
-            self.done.set()
+        detail = f"virtiofsd {describe_exit(rc)} unexpectedly: the shared filesystem is gone"
+        await self._ended_unexpectedly("virtiofsd-exited", detail, rc)
+
+    async def _ended_unexpectedly(self, kind: str, detail: str, rc: int) -> None:
+        """A process the sandbox needs exited outside an orderly stop: an event, QEMU killed
+        (if it is not the one that exited), and the sandbox done."""
+        if self.state != "running" or self.stop_task is not None:
+            return
+        log.error("sandbox %s: %s", self.spec.sandbox_id, detail)
+        self.state = "stopped"
+        self.publish(kind, detail, {"status": rc})
+        if self.qemu is not None and not self.qemu_exit.done():
+            with contextlib.suppress(ProcessLookupError):
+                self.qemu.kill()
+        await asyncio.sleep(0.3)  # let event subscribers read it
+        self.done.set()
 
     async def _qmp_events(self) -> None:
         with contextlib.suppress(QMPError, asyncio.CancelledError):

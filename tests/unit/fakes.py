@@ -1,5 +1,6 @@
 """Fakes shared by the unit tests: a QEMU that answers hot-plug's QMP commands, an agent that
-answers the monitor's agent calls, the VM's limits as the launcher writes them, and a libc
+answers the monitor's agent calls, the VM's limits and launch file as the launcher writes
+them, and a libc
 that records what the host and the agent ask of the kernel."""
 
 from __future__ import annotations
@@ -8,9 +9,10 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from cocoon.runtime.monitor.launch import VmLimits
+from cocoon.runtime.monitor.launch import LaunchSpec, VmLimits
 
 MIB = 1024 * 1024
 
@@ -21,6 +23,26 @@ def limits(**kw: Any) -> VmLimits:
         vcpus=1, max_vcpus=4, memory_mib=256, max_memory_mib=2048, memory_slots=2, root_ports=2
     )
     return VmLimits(**(base | kw))
+
+
+def launch_spec(state_dir: Path, **kw: Any) -> LaunchSpec:
+    """A launch file for sandbox "sb1" with small limits (``limits()``); ``kw`` replaces
+    fields."""
+    base: dict[str, Any] = dict(
+        sandbox_id="sb1",
+        state_dir=str(state_dir),
+        argv=["qemu-system-x86_64"],
+        accel="tcg",
+        channel="virtio-serial",
+        vsock_cid=0,
+        shared_fs="virtio-fs",
+        virtiofsd="virtiofsd",
+        ready_timeout_s=30.0,
+        request_timeout_s=10.0,
+        shutdown_timeout_s=7.0,
+        limits=limits(),
+    )
+    return LaunchSpec(**(base | kw))
 
 
 class FakeQemu:

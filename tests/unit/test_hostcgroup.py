@@ -12,6 +12,7 @@ import pytest
 
 from cocoon.runtime.monitor import hostcgroup as H
 from cocoon.runtime.monitor.launch import HostCgroup, LaunchSpec
+from tests.unit.fakes import launch_spec
 
 
 @pytest.mark.parametrize(
@@ -156,25 +157,8 @@ def test_join_writes_the_pid_into_every_hierarchy(tmp_path: Path) -> None:
 
 
 def test_the_launch_file_carries_the_cgroup(tmp_path: Path) -> None:
-    from tests.unit.fakes import limits
-
     hc = HostCgroup(join=["/a"], home=["/"], made=["/a"])
-    spec = LaunchSpec(
-        sandbox_id="s",
-        state_dir=str(tmp_path),
-        argv=["qemu"],
-        accel="tcg",
-        channel="serial",
-        vsock_cid=0,
-        shared_fs="virtio-fs",
-        virtiofsd="/usr/libexec/virtiofsd",
-        ready_timeout_s=1,
-        request_timeout_s=1,
-        shutdown_timeout_s=1,
-        limits=limits(),
-        cgroup=hc,
-    )
-    spec.write(tmp_path / "launch.json")
+    launch_spec(tmp_path, cgroup=hc).write(tmp_path / "launch.json")
     assert LaunchSpec.read(tmp_path / "launch.json").cgroup == hc
 
 

@@ -21,7 +21,7 @@ from cocoon.runtime import vm_pb2_grpc as vpbg
 from cocoon.runtime.errors import ErrorKind, HotplugError, NetworkError
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor import service
-from tests.unit.fakes import MIB, FakeAgent, FakeQemu, limits, no_event
+from tests.unit.fakes import MIB, FakeAgent, FakeQemu, launch_spec, limits, no_event
 
 S = grpc.StatusCode
 
@@ -62,20 +62,7 @@ class Rig:
         self.qemu = qemu or FakeQemu()
         self.agent = FakeAgent(self.qemu)
         self.vm = FakeVm()
-        self.spec = L.LaunchSpec(
-            sandbox_id="sb1",
-            state_dir=str(state_dir),
-            argv=["qemu-system-x86_64"],
-            accel="tcg",
-            channel="virtio-serial",
-            vsock_cid=0,
-            shared_fs="virtio-fs",
-            virtiofsd="virtiofsd",
-            ready_timeout_s=30.0,
-            request_timeout_s=10.0,
-            shutdown_timeout_s=7.0,
-            limits=limits(**kw),
-        )
+        self.spec = launch_spec(state_dir, limits=limits(**kw))
         self.svc = service.Service(
             self.spec,
             self.vm,
