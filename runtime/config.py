@@ -101,12 +101,18 @@ class NetworkConfig:
 
 
 @dataclass(frozen=True)
+class FactoryConfig:
+    pool_size: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    factory: FactoryConfig = field(default_factory=FactoryConfig)
 
 
 @dataclass(frozen=True)
@@ -117,6 +123,7 @@ class LoadedConfig:
     sources: tuple[Path, ...]
 
 
+POOL_SIZE_MAX = 64  # pooled idle VMs; what the host's memory allows is checked at fill time
 DEFAULT_CONFIG_PATH = Path("/etc/cocoon/configuration.toml")
 DEFAULT_DROPIN_DIR = Path("/etc/cocoon/config.d")
 ENV_CONFIG = "COCOON_CONFIG"
@@ -312,6 +319,7 @@ def validate(cfg: Config, origins: Mapping[str, Path] | None = None) -> None:
     at_least("hypervisor.tcg_tb_size_mib", h.tcg_tb_size_mib, 0)
     at_least("hypervisor.msize_9p", h.msize_9p, 4096)
     at_least("network.queues", cfg.network.queues, 0, 8)
+    at_least("factory.pool_size", cfg.factory.pool_size, 0, POOL_SIZE_MAX)
 
     for table in _FIELDS:
         section = getattr(cfg, table)

@@ -43,3 +43,10 @@ def setup(log_file: Path | None, fmt: str, debug: bool, stderr: bool = True) -> 
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO, handlers=handlers, force=True
     )
+
+
+def setup_monitor(log_file: Path | None, fmt: str, debug: bool) -> None:
+    """A monitor's logging: the caller's log file, and everything at info level (debug with
+    ``debug``) on stderr, which is the state dir's monitor.log."""
+    setup(log_file, fmt, debug)
+    logging.getLogger().handlers[-1].setLevel(logging.DEBUG if debug else logging.INFO)

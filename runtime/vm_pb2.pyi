@@ -73,6 +73,28 @@ class AttachVfioResponse(_message.Message):
     guest_paths: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, guest_paths: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class ClaimRequest(_message.Message):
+    __slots__ = ["alias", "cgroup_json", "debug", "log_file", "log_format", "nice", "sandbox_id"]
+    ALIAS_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_JSON_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_FIELD_NUMBER: _ClassVar[int]
+    LOG_FILE_FIELD_NUMBER: _ClassVar[int]
+    LOG_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    NICE_FIELD_NUMBER: _ClassVar[int]
+    SANDBOX_ID_FIELD_NUMBER: _ClassVar[int]
+    alias: str
+    cgroup_json: str
+    debug: bool
+    log_file: str
+    log_format: str
+    nice: int
+    sandbox_id: str
+    def __init__(self, sandbox_id: _Optional[str] = ..., alias: _Optional[str] = ..., cgroup_json: _Optional[str] = ..., log_file: _Optional[str] = ..., log_format: _Optional[str] = ..., debug: bool = ..., nice: _Optional[int] = ...) -> None: ...
+
+class ClaimResponse(_message.Message):
+    __slots__ = []
+    def __init__(self) -> None: ...
+
 class DetachDiskRequest(_message.Message):
     __slots__ = ["id"]
     ID_FIELD_NUMBER: _ClassVar[int]

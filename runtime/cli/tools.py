@@ -1,8 +1,9 @@
-"""cocoon's own verbs (not runc's): check, env, image, sandbox, demo.
+"""cocoon's own verbs (not runc's): check, env, image, sandbox, pool, demo.
 
 ``check`` says what this host can do, ``env`` prints the resolved configuration as TOML,
 ``image build|show`` the guest image, ``sandbox start|stop|status|details|list`` one VM under
-a monitor without containers, and ``demo`` runs the embedded busybox bundle in a new VM.
+a monitor without containers, ``pool status|fill|drain`` the pre-booted VMs, and ``demo``
+runs the embedded busybox bundle in a new VM.
 Each verb imports what it needs when it runs (the image builder, grpc, the lifecycle), so the
 CLI's other verbs do not pay for them.
 
@@ -44,6 +45,13 @@ def add_parsers(sub: Any) -> None:
         x.add_argument("id")
     sb.add_parser("list")
 
+    pool_p = sub.add_parser("pool", help="the pool of pre-booted VMs ([factory] pool_size)")
+    pool = pool_p.add_subparsers(dest="pool_verb", parser_class=type(pool_p), required=True)
+    pool.add_parser("status", help="the pooled VMs, as JSON")
+    f = pool.add_parser("fill", help="boot VMs until the pool holds pool_size (stale ones go)")
+    f.add_argument("--background", type=float, default=0.0, help=argparse.SUPPRESS)
+    pool.add_parser("drain", help="stop every pooled VM no sandbox has claimed")
+
     demo = sub.add_parser("demo", help="run a busybox container in a VM (the default bundle)")
     demo.add_argument("command", nargs=argparse.REMAINDER, help="what to run (default: a greeting)")
 
@@ -67,8 +75,32 @@ def cmd_check(args: argparse.Namespace) -> int:
         img = image_build.GuestImage.load(image_build.image_dir(Path(cfg.image.cache_dir)))
         kvm_probe = probe.kvm_prober(cfg, host, img.kernel, img.floor_initrd)
     checks = hostcheck.run_checks(cfg, host, image_probe, kvm_probe)
+    checks.append(_pool_check(cfg, Path(args.root)))
     print(hostcheck.format_checks(checks))
     return hostcheck.exit_code(checks)
+
+
+def _pool_check(cfg: config_mod.Config, root: Path) -> Any:
+    """The pool's line of ``check``: how many VMs wait, and whether the host can hold them."""
+    from cocoon.runtime.sandbox import hostcheck, launcher, pool
+
+    size = cfg.factory.pool_size
+    st = pool.status(cfg, root)
+    detail = f"{st['ready']} ready, {st['booting']} booting of pool_size {size} in {root}"
+    if st["stale"]:
+        detail += f", {st['stale']} stale (the next fill removes them)"
+    accel = "tcg" if cfg.hypervisor.accel == "tcg" else "kvm"
+    try:
+        pool.check_size(cfg, accel)
+    except CocoonError as exc:
+        return hostcheck.Check("pool", False, True, detail, str(exc))
+    cost = pool.vm_cost_mib(cfg, accel)
+    meaning = (
+        f"create claims a pre-booted VM (~{cost} MiB each, host {launcher.host_memory_mib()} MiB)"
+        if size
+        else "no pool: every sandbox boots its VM (factory.pool_size)"
+    )
+    return hostcheck.Check("pool", True, False, detail, meaning)
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -154,6 +186,25 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pool(args: argparse.Namespace) -> int:
+    from cocoon.runtime.sandbox import pool
+
+    root = Path(args.root)
+    cfg = load_config(args)
+    if args.pool_verb == "status":
+        print(json.dumps(pool.status(cfg, root), indent=1))
+    elif args.pool_verb == "drain":
+        print(json.dumps({"stopped": pool.drain(root)}))
+    elif args.background:
+        pool.background_fill(cfg, root, args.background)
+    else:
+        counts = pool.fill(cfg, root)
+        print(json.dumps(counts))
+        if counts["failed"]:
+            raise CocoonError(f"pool fill: a VM failed to boot (see {args.log or 'the log'})")
+    return 0
+
+
 DEMO_SCRIPT = (
     'echo "hello from a container inside a cocoon VM"; '
     'echo "  guest kernel: $(uname -r)"; echo "  CPUs: $(nproc)"; '
@@ -200,5 +251,6 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "env": cmd_env,
     "image": cmd_image,
     "sandbox": cmd_sandbox,
+    "pool": cmd_pool,
     "demo": cmd_demo,
 }

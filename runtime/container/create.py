@@ -24,7 +24,7 @@ leaves its pod's VM as it found it), and the id is free again.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{config,
 errors, vm_pb2, monitor.{hostcgroup, launch}, pod, container.{hooks, ids, shim, spec, state},
-resources, sandbox.{client, hostmount, launcher}, network.netns (lazily)}.
+resources, sandbox.{client, hostmount, launcher, pool}, network.netns (lazily)}.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ from cocoon.runtime.pod.membership import (
 from cocoon.runtime.pod.resources import vm_size
 from cocoon.runtime.resources import attach, sizing
 from cocoon.runtime.resources import devices as devmod
-from cocoon.runtime.sandbox import hostmount
+from cocoon.runtime.sandbox import hostmount, pool
 from cocoon.runtime.sandbox import launcher as sandbox
 from cocoon.runtime.sandbox.client import Client, rpc_error
 
@@ -253,10 +253,11 @@ def _own_netns(ctx: Ctx, plan: _Plan, made: _Made) -> str:
 
 
 def _sandbox(ctx: Ctx, plan: _Plan) -> Path:
-    """The VM the container goes into: its pod's (running), or one booted for it."""
+    """The VM the container goes into: its pod's (running), or one of its own (from the pool,
+    or booted for it)."""
     if plan.member:
         return sandbox.sandbox_dir(ctx.root, plan.sandbox_id)
-    sb = sandbox.start(
+    sb = pool.start(
         ctx.cfg,
         ctx.root,
         plan.cid,

@@ -139,6 +139,21 @@ def make(cgroups_path: str, sandbox_id: str, proc: Path = Path("/proc/self")) ->
     return HostCgroup(join, home, made)
 
 
+def here(proc: Path = Path("/proc/self")) -> HostCgroup:
+    """The calling process's own cgroup in every hierarchy, to join; nothing made."""
+    own = [str(point / cg.lstrip("/")) for point, cg in hierarchies(proc)]
+    return HostCgroup(own, list(own), [])
+
+
+def members(hc: HostCgroup) -> set[int]:
+    """The processes in the sandbox's cgroup, in any hierarchy."""
+    pids: set[int] = set()
+    for d in hc.join:
+        with contextlib.suppress(OSError, ValueError):
+            pids.update(int(x) for x in Path(d, "cgroup.procs").read_text().split())
+    return pids
+
+
 def _inside(p: Path, point: Path) -> bool:
     return p != point and point in p.parents
 

@@ -68,6 +68,10 @@ class LaunchSpec:
     log_format: str = "text"
     debug: bool = False
     cgroup: HostCgroup = field(default_factory=HostCgroup)
+    # A pooled VM (sandbox.pool): the key of what it was booted from (empty: booted for its
+    # sandbox), and once claimed the sandboxes/<name> link that names it.
+    pool_key: str = ""
+    alias: str = ""
 
     @property
     def dir(self) -> Path:
@@ -95,3 +99,5 @@ QEMU_LOG = "qemu.log"
 MONITOR_LOG = "monitor.log"
 VIRTIOFSD_LOG = "virtiofsd.log"
 NETWORK_RECORD = "network.json"  # what networking made in the netns (runtime.network)
+POOL_READY = "ready"  # a pooled VM's marker: booted, agent answering, free to claim
+POOL_CLAIMED = "claimed"  # what a claim renames POOL_READY to (atomic); holds the claimer's pid

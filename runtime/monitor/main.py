@@ -61,10 +61,11 @@ async def amain(spec: L.LaunchSpec, ready_fd: int) -> int:
         details = vm.diagnostics()
         log.error("sandbox %s failed to start: %s", spec.sandbox_id, exc)
         await vm.teardown()
-        remove_state_dir(spec.dir)
-        hostcgroup.leave(spec.cgroup, os.getpid())
+        end(vm.spec)
         report(ready_fd, {"ok": False, "error": str(exc), "details": details})
         return 1
+    if spec.pool_key:  # a pooled VM: free to claim from now on (sandbox.pool)
+        (spec.dir / L.POOL_READY).write_text(f"{os.getpid()}\n")
     report(ready_fd, {"ok": True, "boot_seconds": vm.boot_seconds, "pid": os.getpid()})
 
     sig_wait = asyncio.create_task(stop_signal.wait())
@@ -73,9 +74,19 @@ async def amain(spec: L.LaunchSpec, ready_fd: int) -> int:
     if stop_signal.is_set():
         await vm.stop(spec.shutdown_timeout_s)
     await vm.teardown()
-    remove_state_dir(spec.dir)
-    hostcgroup.leave(spec.cgroup, os.getpid())
+    end(vm.spec)  # a claimed pooled VM's spec is its sandbox's now
     return 0
+
+
+def end(spec: L.LaunchSpec) -> None:
+    """The state directory removed, with the link that named it (a claimed pooled VM), and the
+    monitor out of the sandbox's host cgroup."""
+    remove_state_dir(spec.dir)
+    alias = Path(spec.alias) if spec.alias else None
+    if alias is not None and alias.is_symlink() and not alias.exists():
+        with contextlib.suppress(FileNotFoundError):
+            alias.unlink()
+    hostcgroup.leave(spec.cgroup, os.getpid())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     fds.close_inherited({args.ready_fd})
     spec = L.LaunchSpec.read(args.launch)
-    logs.setup(Path(spec.log_file) if spec.log_file else None, spec.log_format, spec.debug)
-    # Everything at info level also goes to the state dir's monitor.log via stderr.
-    logging.getLogger().handlers[-1].setLevel(logging.DEBUG if spec.debug else logging.INFO)
+    logs.setup_monitor(Path(spec.log_file) if spec.log_file else None, spec.log_format, spec.debug)
     (spec.dir / L.MONITOR_PID).write_text(f"{os.getpid()}\n")
     try:  # first, so that QEMU and virtiofsd are born in the sandbox's host cgroup
         hostcgroup.join(spec.cgroup, os.getpid())

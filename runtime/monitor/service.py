@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import stat
@@ -71,6 +72,7 @@ class VmControl(Protocol):
     @property
     def qemu_pid(self) -> int: ...
     async def stop(self, timeout: float) -> str: ...
+    async def claim(self, spec: L.LaunchSpec, nice: int) -> None: ...
 
 
 class Agent(hotplug.GuestAgent, netattach.NetAgent, Protocol):
@@ -236,6 +238,34 @@ async def detach_network(svc: Service, req: vpb.DetachNetworkRequest) -> vpb.Det
     return vpb.DetachNetworkResponse()
 
 
+# ---------------------------------------------------------------------- the pool
+async def claim(svc: Service, req: vpb.ClaimRequest) -> vpb.ClaimResponse:
+    spec = svc.spec
+    if not spec.pool_key or spec.alias:
+        what = "was not booted for the pool" if not spec.pool_key else "is claimed already"
+        raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"VM {spec.sandbox_id} {what}")
+    svc.running()
+    try:
+        cgroup = L.HostCgroup(**json.loads(req.cgroup_json or "{}"))
+    except (ValueError, TypeError) as exc:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"cgroup_json: {exc}") from exc
+    new = dataclasses.replace(
+        spec,
+        sandbox_id=req.sandbox_id,
+        alias=req.alias,
+        cgroup=cgroup,
+        log_file=req.log_file,
+        log_format=req.log_format or "text",
+        debug=req.debug,
+    )
+    try:
+        await svc.vm.claim(new, req.nice)
+    except OSError as exc:  # a cgroup that cannot be joined, a launch file not written
+        raise Refused(grpc.StatusCode.ABORTED, f"claiming VM {spec.sandbox_id}: {exc}") from exc
+    svc.spec = new
+    return vpb.ClaimResponse()
+
+
 # ---------------------------------------------------------------------- the table
 Handler = Callable[[Service, Any], Awaitable[Any]]
 
@@ -251,6 +281,7 @@ TABLE: dict[str, Handler] = {
     "DetachVfio": detach_vfio,
     "AttachNetwork": attach_network,
     "DetachNetwork": detach_network,
+    "Claim": claim,
 }
 
 

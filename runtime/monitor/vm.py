@@ -5,13 +5,14 @@ QMP connection, the agent channel, an agent health check and an API-hash check, 
 failing at once with QEMU's reason if QEMU exits meanwhile. Once running it watches QEMU and
 virtiofsd (an unexpected exit of either is an event and ends the sandbox), fans QMP events
 out to the event subscribers and to hot-plug's waiters, and serialises QMP commands.
+``claim()`` hands a pooled VM to its sandbox (host cgroup, nice level, log, launch file).
 ``stop()`` shuts down in order (agent DestroySandbox, QMP quit, SIGKILL); ``teardown()``
 releases everything, and ``remove_state_dir()`` removes the state directory.
 
 May import: the standard library, grpc, qemu.qmp, cocoon.agent (api_hash),
-cocoon.runtime.{vm_pb2, errors}, cocoon.runtime.sandbox.hostmount,
+cocoon.runtime.{vm_pb2, errors, logs}, cocoon.runtime.sandbox.hostmount,
 cocoon.runtime.network.record (lazily, only when a network was attached),
-cocoon.runtime.monitor.{agentcalls, channel, launch}.
+cocoon.runtime.monitor.{agentcalls, channel, hostcgroup, launch}.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -32,8 +34,10 @@ from qemu.qmp import QMPClient
 from qemu.qmp.error import QMPError
 
 from cocoon.agent import api_hash
+from cocoon.runtime import logs
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.errors import ChannelError, HostError, StartError
+from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.agentcalls import AgentCalls
 from cocoon.runtime.monitor.channel import SerialMuxHost, VsockRelay
@@ -298,6 +302,40 @@ class Vm:
         async with self.qmp_lock:
             self.qmp.send_fd_scm(fd)
             await self.qmp.execute("getfd", {"fdname": name})
+
+    # ------------------------------------------------------------------ pool
+    def host_pids(self) -> list[int]:
+        """The sandbox's host processes: the monitor, QEMU, virtiofsd (whose sandbox is a
+        child of its own), and whatever else is in its host cgroup."""
+        procs = (self.qemu, self.virtiofsd)
+        pids = {os.getpid(), *(p.pid for p in procs if p is not None and p.returncode is None)}
+        pids.update(hostcgroup.members(self.spec.cgroup))
+        return sorted(pids)
+
+    async def claim(self, spec: L.LaunchSpec, nice: int) -> None:
+        """A pooled VM becomes ``spec``'s sandbox: its processes move to the sandbox's host
+        cgroup (the pool's is removed) at the claimer's nice level, the monitor logs where the
+        claimer logs, and the launch file says whose it is."""
+        old = self.spec
+        pids = self.host_pids()
+        for pid in pids:
+            try:
+                hostcgroup.join(spec.cgroup, pid)
+            except hostcgroup.CgroupError:
+                if Path(f"/proc/{pid}").exists():
+                    raise
+        for pid in pids:
+            with contextlib.suppress(OSError):  # a process that just ended
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    with contextlib.suppress(OSError):
+                        os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
+        await asyncio.to_thread(hostcgroup.remove, old.cgroup)
+        self.spec = spec
+        spec.write(self.dir / L.LAUNCH_FILE)
+        log_file = Path(spec.log_file) if spec.log_file else None
+        logs.setup_monitor(log_file, spec.log_format, spec.debug)
+        log.info("pooled VM %s claimed by sandbox %s", old.sandbox_id, spec.sandbox_id)
+        self.publish("claimed", spec.sandbox_id)
 
     # ------------------------------------------------------------------ stop
     async def stop(self, timeout: float) -> str:

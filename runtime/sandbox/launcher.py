@@ -14,6 +14,7 @@ cocoon.runtime.sandbox.{client, hostmount, probe, qemu_argv}.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -47,12 +48,20 @@ LONGEST_SOCKET = "agent-port.sock"
 MAX_DIR_NAME = 24
 
 
-def sandbox_dir(root: Path, sandbox_id: str) -> Path:
+def sandbox_path(root: Path, sandbox_id: str) -> Path:
+    """The sandbox's name in ``<root>/sandboxes``: its state directory, or for a VM claimed
+    from the pool a link to the pooled VM's directory."""
     validate_id(sandbox_id, "sandbox")
     name = sandbox_id
     if len(name) > MAX_DIR_NAME:
         name = "h-" + hashlib.sha256(sandbox_id.encode()).hexdigest()[: MAX_DIR_NAME - 2]
     return root.absolute() / "sandboxes" / name
+
+
+def sandbox_dir(root: Path, sandbox_id: str) -> Path:
+    """The sandbox's state directory (a pooled VM's link resolved)."""
+    p = sandbox_path(root, sandbox_id)
+    return Path(os.path.realpath(p)) if p.is_symlink() else p
 
 
 def check_socket_room(d: Path) -> None:
@@ -122,6 +131,23 @@ def resolve_host(cfg: Config, files: GuestFiles) -> tuple[str, str, str, bool]:
     return accel, why, channel, seccomp
 
 
+@dataclass(frozen=True)
+class HostFacts:
+    """What a boot needs that depends on the host, not on the sandbox: the guest files, the
+    accelerator, the agent channel and whether QEMU's seccomp sandbox is on."""
+
+    files: GuestFiles
+    accel: str
+    channel: str
+    seccomp: bool
+
+
+def host_facts(cfg: Config, build_output: object = None) -> HostFacts:
+    files = guest_files(cfg, build_output)
+    accel, _why, channel, seccomp = resolve_host(cfg, files)
+    return HostFacts(files, accel, channel, seccomp)
+
+
 @dataclass
 class Sandbox:
     sandbox_id: str
@@ -130,6 +156,7 @@ class Sandbox:
     boot_seconds: float
     accel: str
     process: subprocess.Popen[bytes] | None = None
+    pooled: bool = False  # claimed from the pool (sandbox.pool), not booted for it
 
     def client(self, timeout: float = 30.0) -> client_mod.Client:
         return client_mod.Client(self.dir, timeout)
@@ -145,13 +172,30 @@ def start(
     debug: bool = False,
     build_output: object = None,
     cgroups_path: str = "",
+    host: HostFacts | None = None,
 ) -> Sandbox:
     """Boots the sandbox; its processes run under the parent of ``cgroups_path`` on the host
     (monitor.hostcgroup), when one is given."""
-    d = sandbox_dir(root, sandbox_id)
+    d = sandbox_path(root, sandbox_id)
     check_socket_room(d)
-    files = guest_files(cfg, build_output)
-    accel, _why, channel, seccomp = resolve_host(cfg, files)
+    host = host or host_facts(cfg, build_output)
+    if d.is_symlink() and not d.exists():  # a claimed pooled VM's link left by a crash
+        d.unlink()
+    return boot(cfg, d, sandbox_id, host, log_file, log_format, debug, cgroups_path)
+
+
+def boot(
+    cfg: Config,
+    d: Path,
+    sandbox_id: str,
+    host: HostFacts,
+    log_file: Path | None = None,
+    log_format: str = "text",
+    debug: bool = False,
+    cgroups_path: str = "",
+    pool_key: str = "",
+) -> Sandbox:
+    """A VM booted in the new state directory ``d`` (an existing one is an error)."""
     d.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     try:
         d.mkdir(mode=0o700)
@@ -160,9 +204,11 @@ def start(
     hc = L.HostCgroup()
     try:
         hc = hostcgroup.make(cgroups_path, sandbox_id)
-        return _launch(
-            cfg, d, sandbox_id, files, accel, channel, seccomp, log_file, log_format, debug, hc
+        spec = launch_spec(cfg, d, sandbox_id, host, hc, pool_key=pool_key)
+        spec = dataclasses.replace(
+            spec, log_file=str(log_file) if log_file else "", log_format=log_format, debug=debug
         )
+        return _launch(cfg, spec, host)
     except hostcgroup.CgroupError as exc:
         _remove_dir(d)
         raise HostError(str(exc)) from None
@@ -172,20 +218,20 @@ def start(
         raise
 
 
-def _launch(
+def launch_spec(
     cfg: Config,
     d: Path,
     sandbox_id: str,
-    files: GuestFiles,
-    accel: str,
-    channel: str,
-    seccomp: bool,
-    log_file: Path | None,
-    log_format: str,
-    debug: bool,
+    host: HostFacts,
     cgroup: L.HostCgroup,
-) -> Sandbox:
-    cid = random.randrange(3, 2**31) if channel == "vsock" else 0
+    *,
+    vsock_cid: int | None = None,
+    pool_key: str = "",
+) -> L.LaunchSpec:
+    """What the monitor is told: QEMU's argv for this host and configuration, and the rest."""
+    if vsock_cid is None:
+        vsock_cid = random.randrange(3, 2**31) if host.channel == "vsock" else 0
+    files = host.files
     vm = qemu_argv.plan(
         cfg,
         sandbox_id=sandbox_id,
@@ -194,34 +240,36 @@ def _launch(
         initrd=files.initrd,
         rootfs_image=files.rootfs,
         rootfs_size=files.rootfs.stat().st_size,
-        accel=accel,
-        channel=channel,
-        seccomp=seccomp,
+        accel=host.accel,
+        channel=host.channel,
+        seccomp=host.seccomp,
         host_cpus=os.cpu_count() or 1,
         host_memory_mib=host_memory_mib(),
-        vsock_cid=cid,
+        vsock_cid=vsock_cid,
     )
-    spec = L.LaunchSpec(
+    return L.LaunchSpec(
         sandbox_id=sandbox_id,
         state_dir=str(d),
         argv=qemu_argv.build_argv(vm),
-        accel=accel,
-        channel=channel,
-        vsock_cid=cid,
+        accel=host.accel,
+        channel=host.channel,
+        vsock_cid=vsock_cid,
         shared_fs=cfg.hypervisor.shared_fs,
         virtiofsd=cfg.hypervisor.virtiofsd_path,
         ready_timeout_s=cfg.agent.ready_timeout_s,
         request_timeout_s=cfg.agent.request_timeout_s,
         shutdown_timeout_s=cfg.runtime.shutdown_timeout_s,
-        log_file=str(log_file) if log_file else "",
-        log_format=log_format,
-        debug=debug,
         limits=vm.limits,
         cgroup=cgroup,
+        pool_key=pool_key,
     )
+
+
+def _launch(cfg: Config, spec: L.LaunchSpec, host: HostFacts) -> Sandbox:
+    d, sandbox_id = spec.dir, spec.sandbox_id
     spec.write(d / L.LAUNCH_FILE)
     if cfg.hypervisor.shared_fs != "none":
-        hostmount.make_shared(vm.paths.share_dir)
+        hostmount.make_shared(d / "shared")
     rfd, wfd = os.pipe()
     try:
         with open(d / L.MONITOR_LOG, "wb") as mlog:
@@ -256,7 +304,7 @@ def _launch(
             d,
             proc.pid,
             float(report["boot_seconds"]),  # type: ignore[arg-type]
-            accel,
+            host.accel,
             proc,
         )
     # Failed: the monitor cleaned up after itself; make sure, whatever happened to it.
@@ -341,6 +389,8 @@ def list_sandboxes(root: Path) -> list[str]:
     d = root / "sandboxes"
     ids = []
     for p in d.iterdir() if d.is_dir() else ():
+        if p.is_symlink() and not p.exists():
+            continue  # a claimed pooled VM's link, its VM gone
         try:
             ids.append(str(json.loads((p / L.LAUNCH_FILE).read_text())["sandbox_id"]))
         except (OSError, ValueError, KeyError, TypeError):
@@ -353,6 +403,11 @@ def stop(root: Path, sandbox_id: str, timeout: float = 10.0) -> str:
     d = sandbox_dir(root, sandbox_id)
     if not d.exists():
         raise StateError(f"sandbox {sandbox_id} does not exist")
+    return stop_dir(d, timeout)
+
+
+def stop_dir(d: Path, timeout: float = 10.0) -> str:
+    """``stop`` of the sandbox whose state directory is ``d``."""
     mpid = _pid_in(d, L.MONITOR_PID)
     how = "unknown"
     try:
@@ -373,8 +428,12 @@ def _force(d: Path, mpid: int | None) -> None:
     if mpid and pid_alive(mpid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(mpid, signal.SIGKILL)
-    cgroup = L.HostCgroup()
+    cgroup, alias = L.HostCgroup(), ""
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-        cgroup = L.LaunchSpec.read(d / L.LAUNCH_FILE).cgroup
+        spec = L.LaunchSpec.read(d / L.LAUNCH_FILE)
+        cgroup, alias = spec.cgroup, spec.alias
     _kill_leftovers(d, None)
     hostcgroup.remove(cgroup)  # a killed monitor did not leave it
+    if alias and Path(alias).is_symlink() and not Path(alias).exists():
+        with contextlib.suppress(FileNotFoundError):
+            Path(alias).unlink()

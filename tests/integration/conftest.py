@@ -32,8 +32,13 @@ def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     leaked = processes_mentioning(str(root))
     left = [
         str(p)
-        for sub in ("sandboxes", "containers", "netns")
-        for p in sorted((root / sub).glob("*"))
+        for sub, pattern in (
+            ("sandboxes", "*"),
+            ("containers", "*"),
+            ("netns", "*"),
+            ("pool", "p-*"),
+        )
+        for p in sorted((root / sub).glob(pattern))
     ]
     assert not leaked, f"processes left behind: {leaked}"
     assert not left, f"state left behind: {left}"

@@ -12,6 +12,7 @@ from cocoon.runtime import config
 from cocoon.runtime.config import (
     AgentConfig,
     Config,
+    FactoryConfig,
     HypervisorConfig,
     ImageConfig,
     NetworkConfig,
@@ -29,6 +30,7 @@ SECTIONS = {
     "image": ImageConfig,
     "runtime": RuntimeConfig,
     "network": NetworkConfig,
+    "factory": FactoryConfig,
 }
 
 
@@ -187,7 +189,7 @@ def test_error_in_dropin_names_the_dropin(tmp_path: Path) -> None:
 
 def test_unknown_table(tmp_path: Path) -> None:
     msg = error_of(tmp_path, "[foo]\nx = 1\n")
-    assert msg.endswith('unknown table "foo" (known: agent, hypervisor, image, network, runtime)')
+    assert msg.endswith('unknown table "foo" (known: agent, factory, hypervisor, image, network, runtime)')
 
 
 def test_top_level_key_is_an_unknown_table(tmp_path: Path) -> None:
@@ -446,3 +448,11 @@ def test_bad_annotations_are_one_clear_error(name: str, value: str, msg: str) ->
     with pytest.raises(ConfigError, match=msg) as info:
         with_annotations(Config(), {name: value})
     assert name in str(info.value)
+
+
+@pytest.mark.parametrize("value", [-1, 65, 10**9])
+def test_pool_size_out_of_range_is_refused(tmp_path: Path, value: int) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f"[factory]\npool_size = {value}\n")
+    with pytest.raises(ConfigError, match=r"factory\.pool_size: must be between 0 and 64"):
+        load(f)

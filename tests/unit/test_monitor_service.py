@@ -6,6 +6,7 @@ socket (the descriptor-built handler)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -44,6 +45,11 @@ class FakeVm:
         self.stopped_with.append(timeout)
         self.state = "stopped"
         return "agent"
+
+    async def claim(self, spec: L.LaunchSpec, nice: int) -> None:
+        if spec.cgroup.join == ["/unjoinable"]:
+            raise OSError(13, "Permission denied")
+        self.claimed = (spec, nice)
 
 
 class Aborted(Exception):
@@ -91,7 +97,7 @@ def rig(tmp_path: Path) -> Rig:
 # ----------------------------------------------------------------------------- the table
 def test_the_table_serves_every_rpc_of_vm_proto_and_nothing_else() -> None:
     assert set(service.TABLE) == {m.name for m in service.SERVICE.methods}
-    assert len(service.TABLE) == 11
+    assert len(service.TABLE) == 12
 
 
 def test_every_error_kind_has_its_status() -> None:
@@ -323,3 +329,59 @@ async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
     while not cond():
         assert loop.time() < end, "condition not reached"
         await asyncio.sleep(0.01)
+
+
+# ----------------------------------------------------------------------------- pool claims
+def claim_request(**kw: Any) -> vpb.ClaimRequest:
+    base: dict[str, Any] = dict(
+        sandbox_id="web",
+        alias="/run/x/sandboxes/web",
+        cgroup_json=json.dumps({"join": ["/sys/fs/cgroup/pod/x"], "home": [], "made": []}),
+        log_file="/b/log.json",
+        log_format="json",
+        nice=0,
+    )
+    return vpb.ClaimRequest(**(base | kw))
+
+
+def pooled_rig(tmp_path: Path) -> Rig:
+    r = Rig(tmp_path)
+    r.svc.spec = dataclasses.replace(r.spec, sandbox_id="p-1", pool_key="k1")
+    return r
+
+
+def test_claim_makes_a_pooled_vm_the_sandboxs(tmp_path: Path) -> None:
+    r = pooled_rig(tmp_path)
+    r.rpc("Claim", claim_request(nice=3))
+    spec, nice = r.vm.claimed
+    assert (spec.sandbox_id, spec.alias, spec.log_file, spec.log_format, nice) == (
+        "web",
+        "/run/x/sandboxes/web",
+        "/b/log.json",
+        "json",
+        3,
+    )
+    assert spec.cgroup.join == ["/sys/fs/cgroup/pod/x"] and spec.pool_key == "k1"
+    assert r.svc.spec is spec
+    assert r.rpc("Status", vpb.StatusRequest()).sandbox_id == "web"
+    again = r.refused("Claim", claim_request(sandbox_id="other"))
+    assert again.code == S.FAILED_PRECONDITION and "claimed already" in again.details
+
+
+def test_claim_of_a_vm_not_booted_for_the_pool_is_refused(rig: Rig) -> None:
+    err = rig.refused("Claim", claim_request())
+    assert err.code == S.FAILED_PRECONDITION and "not booted for the pool" in err.details
+    assert not hasattr(rig.vm, "claimed")
+
+
+def test_claim_with_bad_cgroup_or_stopped_vm_is_refused(tmp_path: Path) -> None:
+    r = pooled_rig(tmp_path)
+    bad = r.refused("Claim", claim_request(cgroup_json="{not json"))
+    assert bad.code == S.INVALID_ARGUMENT and "cgroup_json" in bad.details
+    bad = r.refused("Claim", claim_request(cgroup_json=json.dumps({"joinn": []})))
+    assert bad.code == S.INVALID_ARGUMENT
+    denied = r.refused("Claim", claim_request(cgroup_json=json.dumps({"join": ["/unjoinable"]})))
+    assert denied.code == S.ABORTED and "Permission denied" in denied.details
+    assert r.svc.spec.sandbox_id == "p-1"  # nothing changed
+    r.vm.state = "stopped"
+    assert r.refused("Claim", claim_request()).code == S.FAILED_PRECONDITION

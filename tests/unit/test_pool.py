@@ -1,0 +1,146 @@
+"""The pool's bookkeeping without VMs (cocoon.runtime.sandbox.pool): the atomic claim step
+under a race of processes, what state each kind of entry directory is in, which entries a fill
+removes, the pool's key, and the host-memory ceiling."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cocoon.runtime.config import Config, FactoryConfig, HypervisorConfig
+from cocoon.runtime.errors import HostError
+from cocoon.runtime.monitor import launch as L
+from cocoon.runtime.sandbox import launcher, pool
+from tests.unit.fakes import launch_spec
+
+
+def entry_dir(root: Path, vmid: str, *, ready: bool = True, monitor_pid: int | None = None) -> Path:
+    """A pooled VM's directory as its monitor leaves it (this test process stands for the
+    monitor unless told)."""
+    d = pool.pool_root(root) / vmid
+    d.mkdir(parents=True)
+    launch_spec(d, sandbox_id=vmid, pool_key="k1").write(d / L.LAUNCH_FILE)
+    (d / L.MONITOR_PID).write_text(f"{monitor_pid or os.getpid()}\n")
+    (d / L.MONITOR_SOCK).touch()
+    if ready:
+        (d / L.POOL_READY).write_text("1\n")
+    return d
+
+
+def _race(dirs: list[str], q: multiprocessing.Queue[tuple[int, list[str]]]) -> None:
+    won = [d for d in dirs if pool.take(Path(d))]
+    q.put((os.getpid(), won))
+
+
+def test_concurrent_takes_never_get_the_same_vm(tmp_path: Path) -> None:
+    dirs = [str(entry_dir(tmp_path, f"p-{i}")) for i in range(3)]
+    ctx = multiprocessing.get_context("fork")
+    q: multiprocessing.Queue[tuple[int, list[str]]] = ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(dirs, q)) for _ in range(20)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(10)
+    won = [d for _, w in results for d in w]
+    assert sorted(won) == sorted(dirs)  # each VM taken exactly once
+    for pid, w in results:
+        for d in w:
+            assert (Path(d) / L.POOL_CLAIMED).read_text() == f"{pid}\n"
+            assert not (Path(d) / L.POOL_READY).exists()
+
+
+def test_give_back_makes_it_ready_again(tmp_path: Path) -> None:
+    d = entry_dir(tmp_path, "p-a")
+    assert pool.take(d) and not pool.take(d)
+    pool.give_back(d)
+    assert pool.take(d)
+
+
+def test_entry_states(tmp_path: Path) -> None:
+    entry_dir(tmp_path, "p-ready")
+    entry_dir(tmp_path, "p-booting", ready=False)
+    entry_dir(tmp_path, "p-dead", monitor_pid=2**22 + 1)  # above pid_max: never alive
+    corrupt = pool.pool_root(tmp_path) / "p-corrupt"
+    corrupt.mkdir()
+    (corrupt / L.LAUNCH_FILE).write_text("{not json")
+    nomonitor = pool.pool_root(tmp_path) / "p-nomonitor"
+    nomonitor.mkdir()
+    launch_spec(nomonitor, pool_key="k1").write(nomonitor / L.LAUNCH_FILE)
+    claimed = entry_dir(tmp_path, "p-claimed")
+    pool.take(claimed)
+    (pool.pool_root(tmp_path) / "fill.lock").touch()  # files beside the entries are not VMs
+    states = {e.vmid: e.state for e in pool.entries(tmp_path)}
+    assert states == {
+        "p-ready": "ready",
+        "p-booting": "booting",
+        "p-dead": "dead",
+        "p-corrupt": "corrupt",
+        "p-nomonitor": "booting",
+        "p-claimed": "claimed",
+    }
+    st = pool.status(Config(), tmp_path)
+    assert (st["ready"], st["booting"], st["stale"], st["claimed"]) == (1, 2, 2, [])
+
+
+def test_what_a_fill_removes(tmp_path: Path) -> None:
+    def entry(vmid: str, **kw: Any) -> pool.Entry:
+        return dataclasses.replace(pool.Entry(vmid, tmp_path / vmid, "ready", "k1"), **kw)
+
+    assert pool.stale(entry("a"), "k1") == ""
+    assert "another configuration" in pool.stale(entry("a"), "k2")
+    assert pool.stale(entry("a", state="dead"), "k1") == "dead"
+    assert pool.stale(entry("a", state="corrupt"), "k1") == "corrupt"
+    assert "half-booted" in pool.stale(entry("a", state="booting"), "k1")
+    # claimed by a sandbox: its VM now, whatever its key
+    assert pool.stale(entry("a", state="claimed", sandbox_id="web"), "k2") == ""
+    # claimed by a process that died before linking it: an orphan, once it had time
+    d = tmp_path / "b"
+    d.mkdir()
+    (d / L.POOL_CLAIMED).write_text(f"{2**22 + 1}\n")
+    orphan = pool.Entry("b", d, "claimed", "k1", since=time.time() - 60)
+    assert "died before using it" in pool.stale(orphan, "k1")
+    assert pool.stale(dataclasses.replace(orphan, since=time.time()), "k1") == ""
+    (d / L.POOL_CLAIMED).write_text(f"{os.getpid()}\n")  # the claimer is alive: its own
+    assert pool.stale(orphan, "k1") == ""
+
+
+def _facts(tmp_path: Path) -> launcher.HostFacts:
+    files: list[Path] = []
+    for name in ("vmlinuz", "initrd.img", "rootfs.img"):
+        (tmp_path / name).write_bytes(b"x" * 4096)
+        files.append(tmp_path / name)
+    return launcher.HostFacts(
+        launcher.GuestFiles(files[0], files[1], files[2], None), "tcg", "virtio-serial", True
+    )
+
+
+def test_key_names_the_vm_not_the_sandbox(tmp_path: Path) -> None:
+    host = _facts(tmp_path)
+    cfg = Config()
+    k = pool.key(cfg, host)
+    assert k == pool.key(cfg, host)  # no sandbox name, path or random CID in it
+    bigger = dataclasses.replace(cfg, hypervisor=HypervisorConfig(default_memory_mib=512))
+    assert pool.key(bigger, host) != k
+    assert pool.key(cfg, dataclasses.replace(host, accel="kvm")) != k
+    assert pool.key(dataclasses.replace(cfg, factory=FactoryConfig(pool_size=3)), host) == k
+    os.utime(host.files.rootfs, ns=(1, 1))  # a rebuilt image in place
+    assert pool.key(cfg, host) != k
+
+
+def test_a_pool_may_take_half_the_hosts_memory() -> None:
+    cfg = dataclasses.replace(Config(), factory=FactoryConfig(pool_size=8))
+    cost = pool.vm_cost_mib(cfg, "tcg")
+    assert cost == 256 + 64 + pool.QEMU_OVERHEAD_MIB
+    pool.check_size(cfg, "tcg", host_mib=8 * cost * 2)
+    with pytest.raises(HostError) as info:
+        pool.check_size(cfg, "tcg", host_mib=4096)
+    msg = str(info.value)
+    assert f"8 idle VMs of ~{cost} MiB = {8 * cost} MiB" in msg
+    assert "this host has 4096 MiB" in msg and f"pool_size to {2048 // cost} or less" in msg
