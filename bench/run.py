@@ -16,6 +16,8 @@ measured alternately in the same run (cocoon, then runc or the floor, then cocoo
    to a plain tap with the same guest (bench/net.py);
 7. pods (bench/pods.py): a running two-container pod and a running pod's second container vs
    runc, and host PSS of a pod of 1 and 3 containers next to 1 and 3 separate VMs;
+8. the pool (bench/pool.py): a warm ``run`` from the pool against ``crun run`` inside a booted
+   guest (the in-guest floor), against runc and against a cold run, and an idle pooled VM's PSS;
 and the Python import time of the CLI, monitor and shim (the agent's is in the guest stages).
 
     scripts/bench [--runs 5] [--json bench-results.json] [--budget-mib 2048] [--max-sandboxes 6]
@@ -323,6 +325,7 @@ def main() -> int:
         res["hotplug"] = sub_bench("hotplug.py", work, 600)
         res["network"] = sub_bench("net.py", work, 900)
         res["pods"] = sub_bench("pods.py", work, 900)
+        res["pool"] = sub_bench("pool.py", work, 900)
 
     res["python_import_ms"] = {
         m: import_time_ms(m)
@@ -392,6 +395,11 @@ def report(r: dict[str, Any], why: str) -> None:
         print(f"   {k:36s} {_f(s, 'x' if '/' in k else 's')}")
     for k, v in r["pods"]["host_pss_mib"].items():
         print(f"   {'host PSS, ' + k:36s} {v:8.1f} MiB")
+    print("\n8. the pool of pre-booted VMs (pool_size 1):")
+    for k, s in r["pool"]["rows"].items():
+        print(f"   {k:36s} {_f(s, 'x' if '/' in k else 's')}")
+    for k, v in r["pool"]["pooled_vm_pss_mib"].items():
+        print(f"   {'idle pooled VM PSS, ' + k:36s} {v:8.1f} MiB")
     print("\nPython import time (ms): " + ", ".join(
         f"{m} {v:.0f}" for m, v in r["python_import_ms"].items()))  # fmt: skip
     print(f"wall time: {r['wall_seconds']:.0f}s")
