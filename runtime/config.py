@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -426,10 +427,11 @@ def with_annotations(cfg: Config, annotations: Mapping[str, str]) -> Config:
         tp = _FIELDS[table][key]
         value: object = raw
         if tp is int:
-            try:
-                value = int(raw, 10)
-            except ValueError:
-                raise ConfigError(f"annotation {name}: expected an integer, got {raw!r}") from None
+            # ASCII digits only: int() would take spaces, "_", "+" and other scripts' digits
+            if not re.fullmatch(r"0|[1-9][0-9]{0,8}", raw):
+                shown = raw if len(raw) <= 64 else raw[:64] + "..."
+                raise ConfigError(f"annotation {name}: expected an integer, got {shown!r}")
+            value = int(raw)
         try:
             values.setdefault(table, {})[key] = _convert(value, tp)
         except _Mismatch as e:

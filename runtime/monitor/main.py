@@ -48,9 +48,9 @@ async def start(vm: Vm) -> None:
     await vm.serve([service.handler(svc), forward.handlers(lambda: vm.agent)])
 
 
-async def amain(spec: L.LaunchSpec, ready_fd: int) -> int:
+async def amain(spec: L.LaunchSpec, ready_fd: int, umask: int = 0o022) -> int:
     loop = asyncio.get_running_loop()
-    vm = Vm(spec)
+    vm = Vm(spec, umask)
     stop_signal = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_signal.set)
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-fd", type=int, default=-1)
     args = ap.parse_args(argv)
     fds.close_inherited({args.ready_fd})
+    umask = os.umask(0o077)  # sockets, logs and files of the state dir are the owner's only
     spec = L.LaunchSpec.read(args.launch)
     logs.setup_monitor(Path(spec.log_file) if spec.log_file else None, spec.log_format, spec.debug)
     (spec.dir / L.MONITOR_PID).write_text(f"{os.getpid()}\n")
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except hostcgroup.CgroupError as exc:
         report(args.ready_fd, {"ok": False, "error": str(exc), "details": ""})
         return 1
-    return asyncio.run(amain(spec, args.ready_fd))
+    return asyncio.run(amain(spec, args.ready_fd, umask))
 
 
 if __name__ == "__main__":

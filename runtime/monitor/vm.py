@@ -71,8 +71,9 @@ def remove_state_dir(d: Path) -> None:
 
 
 class Vm:
-    def __init__(self, spec: L.LaunchSpec) -> None:
+    def __init__(self, spec: L.LaunchSpec, umask: int = 0o022) -> None:
         self.spec = spec
+        self.umask = umask  # the caller's, for virtiofsd (the guest's files); ours is 077
         self.dir = spec.dir
         self.state = "booting"  # "running", "stopping", "stopped"
         self.qemu: asyncio.subprocess.Process | None = None
@@ -125,6 +126,10 @@ class Vm:
         self.tasks.append(asyncio.create_task(self._qmp_events()))
         if self.virtiofsd is not None:
             self.tasks.append(asyncio.create_task(self._watch_virtiofsd()))
+        self.tasks.append(asyncio.create_task(self._watch_link()))
+        for sock in self.dir.glob("*.sock"):  # made 0700 under umask 077: no use for x
+            with contextlib.suppress(OSError):
+                sock.chmod(0o600)
 
     async def serve(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         """Serves ``handlers`` on the monitor's socket (stopped by ``teardown``)."""
@@ -133,6 +138,7 @@ class Vm:
         sock = self.dir / L.MONITOR_SOCK
         self.server.add_insecure_port(f"unix:{sock}")
         await self.server.start()
+        sock.chmod(0o600)
 
     async def _race(self, coro: Any, what: str) -> None:
         """Runs ``coro`` but fails at once, with QEMU's reason, if QEMU exits meanwhile."""
@@ -153,7 +159,9 @@ class Vm:
             f"QEMU {describe_exit(self.qemu_exit.result())} before the {what} was ready"
         )
 
-    async def _spawn(self, argv: list[str], log_name: str, what: str) -> asyncio.subprocess.Process:
+    async def _spawn(
+        self, argv: list[str], log_name: str, what: str, umask: int = -1
+    ) -> asyncio.subprocess.Process:
         """Starts a helper in its own session with stdout/stderr in a state-dir log file."""
         out = open(self.dir / log_name, "wb")  # noqa: SIM115 - handed to the child
         try:
@@ -163,6 +171,7 @@ class Vm:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
+                umask=umask,
             )
         except OSError as exc:
             raise StartError(f"cannot run {what} {argv[0]}: {exc.strerror}") from exc
@@ -184,6 +193,7 @@ class Vm:
             ],
             L.VIRTIOFSD_LOG,
             "virtiofsd",
+            umask=self.umask,  # it makes the guest's files: the guest's modes, not our 077
         )
         for _ in range(500):
             if sock.exists():
@@ -254,6 +264,18 @@ class Vm:
         rc = await self.virtiofsd.wait()
         detail = f"virtiofsd {describe_exit(rc)} unexpectedly: the shared filesystem is gone"
         await self._ended_unexpectedly("virtiofsd-exited", detail, rc)
+
+    async def _watch_link(self) -> None:
+        """The agent's channel is gone for good (the port closed, or the guest sent what the
+        mux cannot parse): nothing can reach the containers, so the sandbox ends. QEMU's own
+        exit closes the port too: then its watcher tells that story."""
+        assert self.link is not None
+        await self.link.lost.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.qemu_exit), 1.0)
+            return
+        detail = "the agent's channel was lost (the port closed or the guest broke the protocol)"
+        await self._ended_unexpectedly("agent-lost", detail, 0)
 
     async def _ended_unexpectedly(self, kind: str, detail: str, rc: int) -> None:
         """A process the sandbox needs exited outside an orderly stop: an event, QEMU killed
