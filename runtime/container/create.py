@@ -23,8 +23,8 @@ Any failure undoes all of it (``_undo``: a VM booted for it is stopped; a pod's 
 leaves its pod's VM as it found it), and the id is free again.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{config,
-errors, vm_pb2, monitor.{hostcgroup, launch}, pod, container.{hooks, ids, shim, spec, state},
-resources, sandbox.{client, hostmount, launcher, pool}, network.netns (lazily)}.
+errors, faults, vm_pb2, monitor.{hostcgroup, launch}, pod, container.{hooks, ids, shim, spec,
+state}, resources, sandbox.{client, hostmount, launcher, pool}, network.netns (lazily)}.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from pathlib import Path
 import grpc
 
 from cocoon.agent import agent_pb2 as apb
+from cocoon.runtime import faults
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import ANNOTATION_PREFIX, NetworkConfig, with_annotations
 from cocoon.runtime.container import shim as shimmod
@@ -131,10 +132,13 @@ def create(
     try:
         netns = _own_netns(ctx, plan, made)
         made.sandbox_dir = d = _sandbox(ctx, plan)
+        faults.point("create:booted", d)
         with Client(d, timeout) as c:
             devices, sources = _prepare_guest(ctx, c, plan, d)
             _create_in_guest(c, plan, devices, sources)
+        faults.point("create:in-guest", d)
         made.shim = shimmod.spawn(d, cid, "", plan.bundle.terminal, console_socket, netns)
+        faults.point("create:shim", d, made.shim.pid)
         st = _state(plan, made.shim.pid, netns, made.owned_netns is not None)
         run_hooks("prestart", plan.bundle.hooks("prestart"), st.oci())
         run_hooks("createRuntime", plan.bundle.hooks("createRuntime"), st.oci())

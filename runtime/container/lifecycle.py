@@ -6,7 +6,7 @@ lives in ``create`` (it is the long one), ``state``/``list`` in ``state`` (they 
 gRPC). ``run`` is create + start and, in the foreground, wait + delete.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{errors,
-vm_pb2, container.{create, ids, shim, spec, state, hooks}, pod.resources,
+faults, vm_pb2, container.{create, ids, shim, spec, state, hooks}, pod.resources,
 resources.{attach, sizing}, sandbox.{client, launcher}}.
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from cocoon.agent import agent_pb2 as apb
+from cocoon.runtime import faults
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.container import create as create_mod
 from cocoon.runtime.container import shim as shimmod
@@ -36,6 +37,10 @@ from cocoon.runtime.pod.resources import in_pod, members, vm_size
 from cocoon.runtime.resources import attach, sizing
 from cocoon.runtime.sandbox import launcher as sandbox
 from cocoon.runtime.sandbox.client import Client, rpc_error
+
+
+def _dir(ctx: Ctx, st: ContainerState) -> Path:
+    return sandbox.sandbox_dir(ctx.root, st.sandbox_id)
 
 
 @contextlib.contextmanager
@@ -57,6 +62,7 @@ def start(ctx: Ctx, cid: str) -> None:
         eff = st.effective
         if not eff.can_start:
             raise LifecycleError(f"cannot start container {cid} in status {eff.value}")
+        faults.point("start:before", _dir(ctx, st), st.pid)
         with _client(ctx, st) as c:
             try:
                 c.agent.StartContainer(apb.StartContainerRequest(container_id=cid), timeout=120)
@@ -97,7 +103,16 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
             store.remove(cid)
             return
         raise StateError(f"container {cid} does not exist")
-    with store.locked(cid):
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(store.locked(cid))
+            gone = not store.exists(cid)  # a concurrent delete removed it while we waited
+        except StateError:
+            gone = True
+        if gone:
+            if force:
+                return
+            raise StateError(f"container {cid} does not exist")
         st = store.load(cid)
         eff = st.effective
         if not eff.can_delete and not force:
@@ -115,6 +130,7 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
                     apb.SignalProcessRequest(container_id=cid, signal=9, all=True), timeout=30
                 )
             wait_gone(st.pid, 15)
+        faults.point("delete:killed", _dir(ctx, st), st.pid)
         for pid in [st.pid, *st.exec_pids.values()]:
             if pid_alive(pid) and shimmod.is_shim(pid, cid):
                 with contextlib.suppress(ProcessLookupError):
@@ -169,6 +185,7 @@ def exec_process(
             raise rpc_error(f"exec in {cid}", exc) from exc
     d = sandbox.sandbox_dir(ctx.root, st.sandbox_id)
     shim = shimmod.spawn(d, cid, exec_id, terminal, console_socket)
+    faults.point("exec:started", d, shim.pid)
     with store.locked(cid):
         st = store.load(cid)
         st.exec_pids = {k: v for k, v in st.exec_pids.items() if pid_alive(v)}
@@ -248,6 +265,7 @@ def update(ctx: Ctx, cid: str, resources: dict[str, Any]) -> None:
         with _client(ctx, st) as c:
             if grows:
                 attach.resize(c, cid, new)
+            faults.point("update:resized", _dir(ctx, st), st.pid)
             try:
                 c.agent.UpdateContainer(
                     apb.UpdateContainerRequest(

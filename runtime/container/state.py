@@ -188,9 +188,11 @@ class Store:
     @contextlib.contextmanager
     def locked(self, cid: str) -> Iterator[None]:
         d = self.path(cid)
-        if not d.is_dir():
-            raise StateError(f"container {cid} does not exist")
-        with open(d / "lock", "a") as f:
+        try:
+            f = open(d / "lock", "a")  # noqa: SIM115 - held for the block
+        except FileNotFoundError:
+            raise StateError(f"container {cid} does not exist") from None
+        with f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
