@@ -108,12 +108,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CocoonError as exc:
         _report(args or _global_flags(argv), exc)
         return 1
-    except KeyboardInterrupt:
-        return 130
     except BrokenPipeError:  # stdout's reader went away (`cocoon pool status | head`)
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # the host said no where nothing expected it (ENOSPC, EMFILE...)
+        if args is not None and args.debug:
+            log.exception("unexpected host error")
+        where = f" ({exc.filename})" if exc.filename else ""
+        _report(args or _global_flags(argv), CocoonError(f"{exc.strerror or exc}{where}"))
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

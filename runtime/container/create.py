@@ -47,7 +47,7 @@ from cocoon.runtime.container import shim as shimmod
 from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container.hooks import run_hooks
 from cocoon.runtime.container.ids import validate_id
-from cocoon.runtime.container.state import ContainerState, Ctx, Status
+from cocoon.runtime.container.state import ContainerState, Ctx, Status, start_time
 from cocoon.runtime.errors import CocoonError, LifecycleError, SpecError, StateError
 from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor.launch import MONITOR_SOCK
@@ -327,6 +327,7 @@ def _state(plan: _Plan, pid: int, netns: str, netns_owned: bool) -> ContainerSta
         sandbox_id=plan.sandbox_id,
         status=Status.CREATED.value,
         pid=pid,
+        pid_start=start_time(pid),
         annotations=plan.bundle.annotations,
         terminal=plan.bundle.terminal,
         resources=plan.resources,

@@ -63,6 +63,15 @@ class Status(enum.Enum):
         return self is Status.STOPPED
 
 
+def start_time(pid: int) -> int:
+    """When ``pid`` started, in clock ticks since boot (0 if it does not exist): with the pid,
+    what names one process across pid reuse, as runc records it."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def pid_alive(pid: int) -> bool:
     """True if pid exists and is not a zombie."""
     if pid <= 0:
@@ -113,6 +122,7 @@ class ContainerState:
     # The spec's poststart and poststop hooks as create read them: config.json edited or removed
     # after create changes nothing (the runtime spec's rule; runc keeps its own copy too).
     hooks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    pid_start: int = 0  # start_time(pid) at create: a reused pid (a reboot) is not ours
 
     @property
     def owns_sandbox(self) -> bool:
@@ -122,9 +132,15 @@ class ContainerState:
     @property
     def effective(self) -> Status:
         st = Status(self.status)
-        if st in (Status.CREATED, Status.RUNNING, Status.PAUSED) and not pid_alive(self.pid):
+        if st in (Status.CREATED, Status.RUNNING, Status.PAUSED) and not self.pid_is_ours():
             return Status.STOPPED
         return st
+
+    def pid_is_ours(self) -> bool:
+        """The recorded pid is still the process create started (alive, same start time)."""
+        if not pid_alive(self.pid):
+            return False
+        return not self.pid_start or start_time(self.pid) == self.pid_start
 
     def oci(self) -> dict[str, Any]:
         st = self.effective
@@ -182,8 +198,14 @@ class Store:
     def save(self, st: ContainerState) -> None:
         d = self.path(st.id)
         tmp = d / "state.json.tmp"
-        tmp.write_text(json.dumps(asdict(st), indent=1))
-        os.replace(tmp, d / "state.json")
+        try:
+            tmp.write_text(json.dumps(asdict(st), indent=1))
+            os.replace(tmp, d / "state.json")
+        except OSError as exc:  # a full or read-only state filesystem
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            why = exc.strerror or str(exc)
+            raise StateError(f"saving the state of container {st.id}: {why}") from None
 
     @contextlib.contextmanager
     def locked(self, cid: str) -> Iterator[None]:

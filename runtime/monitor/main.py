@@ -96,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     fds.close_inherited({args.ready_fd})
     umask = os.umask(0o077)  # sockets, logs and files of the state dir are the owner's only
+    try:
+        return _main(args, umask)
+    except OSError as exc:  # before the VM is up (a full state filesystem, EMFILE...)
+        report(args.ready_fd, {"ok": False, "error": f"monitor: {exc}", "details": ""})
+        return 1
+
+
+def _main(args: argparse.Namespace, umask: int) -> int:
     spec = L.LaunchSpec.read(args.launch)
     logs.setup_monitor(Path(spec.log_file) if spec.log_file else None, spec.log_format, spec.debug)
     (spec.dir / L.MONITOR_PID).write_text(f"{os.getpid()}\n")

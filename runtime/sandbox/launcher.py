@@ -375,6 +375,18 @@ def _kill_leftovers(d: Path, proc: subprocess.Popen[bytes] | None) -> None:
     _remove_dir(d)
 
 
+def our_monitor(d: Path) -> int | None:
+    """The pid in monitor.pid if it is still this sandbox's monitor (after a host reboot the
+    file may name another process, which must never be waited for or killed)."""
+    pid = _pid_in(d, L.MONITOR_PID)
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid else b""
+    except OSError:
+        return None
+    ours = b"cocoon.runtime.monitor.main" in cmdline and str(d).encode() in cmdline
+    return pid if ours else None
+
+
 def _is_our_qemu(pid: int, d: Path) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -408,7 +420,7 @@ def stop(root: Path, sandbox_id: str, timeout: float = 10.0) -> str:
 
 def stop_dir(d: Path, timeout: float = 10.0) -> str:
     """``stop`` of the sandbox whose state directory is ``d``."""
-    mpid = _pid_in(d, L.MONITOR_PID)
+    mpid = our_monitor(d)
     how = "unknown"
     try:
         with client_mod.Client(d) as c:

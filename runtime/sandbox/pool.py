@@ -96,7 +96,7 @@ def _entry(d: Path) -> Entry:
     mpid = _int_in(d / L.MONITOR_PID)
     if not mpid:  # a fill is booting it (or died doing so: a fill holding the lock decides)
         return Entry(d.name, d, "booting", spec.pool_key, since=_mtime(d))
-    if not pid_alive(mpid):
+    if not pid_alive(mpid) or launcher.our_monitor(d) is None:  # gone, or a reboot's leftover
         return Entry(d.name, d, "dead", spec.pool_key, "", mpid, _mtime(d))
     if (d / L.POOL_READY).exists():
         return Entry(d.name, d, "ready", spec.pool_key, "", mpid, _mtime(d / L.POOL_READY))

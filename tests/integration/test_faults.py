@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +24,10 @@ import pytest
 
 from cocoon.runtime import faults
 from cocoon.runtime.container import busybox
+from cocoon.runtime.monitor import launch as L
+from cocoon.runtime.sandbox import launcher
 from tests.integration.cli import Cli
+from tests.integration.procs import live_processes
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.soak]
 
@@ -98,3 +102,85 @@ def test_a_process_killed_at_each_step_leaves_a_truthful_state_and_nothing_behin
     assert r.returncode == 0, r.stderr
     assert status_of(cli, "f1") is None
     # the state_root fixture checks processes, mounts, state dirs and host cgroups
+
+
+# ------------------------------------------------------------------ the host itself fails
+
+
+def test_a_full_state_filesystem_is_one_error(tmp_path: Path) -> None:
+    """--root on a 1 MiB tmpfs filled to 4 KiB free, then to 24 KiB free (the VM boots, a
+    later write fails): one error, exit 1, nothing of the container left."""
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(root)], check=True)
+    try:
+        cli = Cli(root, tmp_path)
+        b = busybox.make_bundle(tmp_path / "b", ["sleep", "100000"])
+        for free_kib in (4, 24):
+            fill = root / "fill"
+            fill.unlink(missing_ok=True)
+            fill.write_bytes(b"\0" * ((1024 - free_kib) * 1024))
+            r = cli.create("full", b)
+            assert r.returncode == 1, r.stderr
+            assert "No space left on device" in r.stderr and "Traceback" not in r.stderr
+            assert "No space left on device" in cli.last_error()
+            assert not list((root / "containers").iterdir())
+            assert not list((root / "sandboxes").iterdir())
+        deadline = time.monotonic() + 15
+        while any(str(root) in cmd for _, cmd in live_processes()):
+            assert time.monotonic() < deadline, "processes of the full root left"
+            time.sleep(0.1)
+    finally:
+        subprocess.run(["umount", str(root)], check=True)
+
+
+@pytest.mark.parametrize("nofile", [8, 16, 24])
+def test_too_many_open_files_is_one_error(cli: Cli, tmp_path: Path, nofile: int) -> None:
+    """The CLI (and so QEMU, its grandchild) with a tiny RLIMIT_NOFILE: each step that runs out
+    of descriptors fails the create with one error and undoes it."""
+    b = busybox.make_bundle(tmp_path / "b", ["sleep", "100000"])
+    r = subprocess.run(
+        ["prlimit", f"--nofile={nofile}", *cli.argv, "create", "--bundle", str(b), "em"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("cocoon: ")
+    assert cli.ok("list", "-q").split() == []
+
+
+def test_stale_state_after_a_host_reboot_never_touches_other_processes(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A reboot simulated: every process of a running container's sandbox SIGKILLed (nothing
+    of it gets to clean up), and its pid files then naming live processes that are not ours.
+    state says stopped, kill is refused, delete --force cleans up: none of the other
+    processes is signalled or waited for."""
+    assert (
+        cli.create("rb", busybox.make_bundle(tmp_path / "b", ["sleep", "100000"])).returncode == 0
+    )
+    cli.ok("start", "rb")
+    d = launcher.sandbox_dir(cli.root, "rb")
+    st_file = cli.root / "containers" / "rb" / "state.json"
+    st = json.loads(st_file.read_text())
+    ours = [st["pid"], int((d / L.MONITOR_PID).read_text()), int((d / L.QEMU_PID).read_text())]
+    ours += faults.victims("virtiofsd", d, 0)
+    for pid in ours:
+        os.kill(pid, signal.SIGKILL)
+    others = [subprocess.Popen(["sleep", "1000"]) for _ in range(3)]
+    try:
+        st["pid"] = others[0].pid
+        st_file.write_text(json.dumps(st))
+        (d / L.MONITOR_PID).write_text(f"{others[1].pid}\n")
+        (d / L.QEMU_PID).write_text(f"{others[2].pid}\n")
+        assert status_of(cli, "rb") == "stopped"
+        r = cli("kill", "rb", "KILL")
+        assert r.returncode == 1 and "container not running" in r.stderr, r.stderr
+        t = time.monotonic()
+        cli.ok("delete", "--force", "rb")
+        assert time.monotonic() - t < 15  # no wait on a pid that is not ours
+        assert status_of(cli, "rb") is None
+        assert all(p.poll() is None for p in others), "a process that was not ours was killed"
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()

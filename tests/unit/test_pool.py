@@ -7,7 +7,10 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +22,33 @@ from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.sandbox import launcher, pool
 from tests.unit.fakes import launch_spec
 
+MONITORS: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_fake_monitors() -> Iterator[None]:
+    yield
+    while MONITORS:
+        p = MONITORS.pop()
+        p.kill()
+        p.wait()
+
+
+def fake_monitor(d: Path) -> int:
+    """A process whose command line is a monitor's for ``d`` (what launcher.our_monitor
+    looks for)."""
+    argv = [sys.executable, "-c", "import time; time.sleep(120)", "-m"]
+    p = subprocess.Popen([*argv, "cocoon.runtime.monitor.main", "--launch", str(d / L.LAUNCH_FILE)])
+    MONITORS.append(p)
+    return p.pid
+
 
 def entry_dir(root: Path, vmid: str, *, ready: bool = True, monitor_pid: int | None = None) -> Path:
-    """A pooled VM's directory as its monitor leaves it (this test process stands for the
-    monitor unless told)."""
+    """A pooled VM's directory as its monitor leaves it (a fake monitor unless told)."""
     d = pool.pool_root(root) / vmid
     d.mkdir(parents=True)
     launch_spec(d, sandbox_id=vmid, pool_key="k1").write(d / L.LAUNCH_FILE)
-    (d / L.MONITOR_PID).write_text(f"{monitor_pid or os.getpid()}\n")
+    (d / L.MONITOR_PID).write_text(f"{monitor_pid or fake_monitor(d)}\n")
     (d / L.MONITOR_SOCK).touch()
     if ready:
         (d / L.POOL_READY).write_text("1\n")
@@ -67,6 +89,7 @@ def test_entry_states(tmp_path: Path) -> None:
     entry_dir(tmp_path, "p-ready")
     entry_dir(tmp_path, "p-booting", ready=False)
     entry_dir(tmp_path, "p-dead", monitor_pid=2**22 + 1)  # above pid_max: never alive
+    entry_dir(tmp_path, "p-rebooted", monitor_pid=os.getpid())  # alive, but not its monitor
     corrupt = pool.pool_root(tmp_path) / "p-corrupt"
     corrupt.mkdir()
     (corrupt / L.LAUNCH_FILE).write_text("{not json")
@@ -81,12 +104,13 @@ def test_entry_states(tmp_path: Path) -> None:
         "p-ready": "ready",
         "p-booting": "booting",
         "p-dead": "dead",
+        "p-rebooted": "dead",
         "p-corrupt": "corrupt",
         "p-nomonitor": "booting",
         "p-claimed": "claimed",
     }
     st = pool.status(Config(), tmp_path)
-    assert (st["ready"], st["booting"], st["stale"], st["claimed"]) == (1, 2, 2, [])
+    assert (st["ready"], st["booting"], st["stale"], st["claimed"]) == (1, 2, 3, [])
 
 
 def test_what_a_fill_removes(tmp_path: Path) -> None:

@@ -488,7 +488,7 @@ def test_a_crash_before_rename_keeps_the_previous_state(
 
     monkeypatch.setattr(os, "replace", crash)
     st.status = S.RUNNING.value
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(StateError, match="saving the state of container c1: simulated crash"):
         store.save(st)
     monkeypatch.undo()
     assert store.load("c1").status == "created"
@@ -598,3 +598,18 @@ def test_a_locker_in_another_process_is_refused_without_blocking(store: Store) -
         held = subprocess.run([sys.executable, "-c", code, str(lock)], timeout=30)
     free = subprocess.run([sys.executable, "-c", code, str(lock)], timeout=30)
     assert (held.returncode, free.returncode) == (3, 0)
+
+
+def test_a_reused_pid_is_not_the_containers() -> None:
+    """After a reboot (or pid reuse) the recorded pid names another process: the start time
+    recorded at create tells them apart, as runc's does."""
+    from cocoon.runtime.container.state import ContainerState, start_time
+
+    me = os.getpid()
+    st = ContainerState("c", "/b", "/b/rootfs", "c", Status.RUNNING.value, pid=me)
+    assert st.effective is Status.RUNNING  # no start time recorded (an older state file)
+    st.pid_start = start_time(me)
+    assert st.pid_start > 0 and st.effective is Status.RUNNING
+    st.pid_start += 1
+    assert st.effective is Status.STOPPED and st.oci()["pid"] == 0
+    assert start_time(2**22 + 1) == 0
