@@ -242,7 +242,10 @@ def simple(ctx: Ctx, cid: str, verb: str) -> None:
                     )
             except grpc.RpcError as exc:
                 raise rpc_error(f"{verb} {cid}", exc) from exc
-        st.status = (Status.PAUSED if verb == "pause" else Status.RUNNING).value
+        if verb == "pause":  # a created container may be paused too, as under runc
+            st.paused_from, st.status = eff.value, Status.PAUSED.value
+        else:
+            st.status, st.paused_from = st.paused_from or Status.RUNNING.value, ""
         store.save(st)
 
 

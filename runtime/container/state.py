@@ -48,11 +48,11 @@ class Status(enum.Enum):
 
     @property
     def can_exec(self) -> bool:
-        return self is Status.RUNNING
+        return self in (Status.CREATED, Status.RUNNING)
 
     @property
     def can_pause(self) -> bool:
-        return self is Status.RUNNING
+        return self in (Status.CREATED, Status.RUNNING)
 
     @property
     def can_resume(self) -> bool:
@@ -60,7 +60,7 @@ class Status(enum.Enum):
 
     @property
     def can_delete(self) -> bool:
-        return self is Status.STOPPED
+        return self in (Status.CREATED, Status.STOPPED)
 
 
 def start_time(pid: int) -> int:
@@ -123,6 +123,7 @@ class ContainerState:
     # after create changes nothing (the runtime spec's rule; runc keeps its own copy too).
     hooks: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     pid_start: int = 0  # start_time(pid) at create: a reused pid (a reboot) is not ours
+    paused_from: str = ""  # the status pause found (created or running): resume goes back to it
 
     @property
     def owns_sandbox(self) -> bool:

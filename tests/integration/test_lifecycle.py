@@ -392,6 +392,31 @@ def test_pause_resume(rt: Rt, mkbundle: Callable[..., Path]) -> None:
     rt.ok("delete", "c1")
 
 
+def test_a_created_container_takes_exec_pause_and_delete(
+    rt: Rt, mkbundle: Callable[..., Path]
+) -> None:
+    """As runc: exec into a created container (its workload not started), pause and resume it
+    (back to created), and delete it without --force (killed and destroyed)."""
+    b = mkbundle(["sh", "-c", "echo started; sleep 1000"])
+    pid = rt.create_ok("c1", b)
+    assert rt.ok("exec", "c1", "echo", "in-created") == "in-created\n"
+    rt.ok("pause", "c1")
+    assert rt.state("c1")["status"] == "paused"
+    rt.ok("resume", "c1")
+    assert rt.state("c1")["status"] == "created"
+    assert "started" not in rt.output("c1")
+    rt.ok("start", "c1")
+    rt.wait_output("c1", "started")
+    rt.ok("kill", "c1", "KILL")
+    wait_pid(pid)
+    rt.ok("delete", "c1")
+    pid = rt.create_ok("c2", b)
+    rt.ok("delete", "c2")  # created: no --force needed
+    assert "c2" not in rt.ids()
+    wait_pid(pid)
+    assert "started" not in rt.output("c2")
+
+
 def test_delete_force_running_and_paused(rt: Rt, mkbundle: Callable[..., Path]) -> None:
     b = mkbundle(["sleep", "1000"])
     rt.create_ok("c1", b)
