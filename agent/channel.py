@@ -68,6 +68,7 @@ class SerialMux:
         self._sessions: dict[int, socket.socket] = {}
         self._slock = threading.Lock()
         self._decoder = mux.Decoder(resync=True)
+        self._garbage = False  # a malformed frame was seen: only a HELLO is heard until one
 
     def _write(self, data: bytes) -> None:
         with self._wlock:
@@ -178,22 +179,33 @@ class SerialMux:
                         continue
                     raise
                 if data:
-                    try:
-                        frames = self._decoder.feed(data)
-                    except MuxProtocolError as exc:
-                        log.warning("dropping garbage on the port until the next HELLO: %s", exc)
-                        self._decoder = mux.Decoder(resync=True)
-                        continue
-                    # The host repeats HELLO until the agent answers, so a freshly started
-                    # agent finds many queued: answer only the last of a batch.
-                    hellos = [i for i, f in enumerate(frames) if f.type is mux.FrameType.HELLO]
-                    for i, frame in enumerate(frames):
-                        if frame.type is mux.FrameType.HELLO and i != hellos[-1]:
-                            continue
-                        self._handle(frame)
+                    self.on_data(data)
                     continue
             # POLLHUP without data: no host connected. The state is a level, so wait a bit.
             time.sleep(0.02)
+
+    def on_data(self, data: bytes) -> None:
+        """What the port delivered: decoded and handled. After a malformed frame everything
+        but a HELLO is dropped until one comes (the host's flush + HELLO resyncs), the HELLO
+        in the very chunk that held the garbage included."""
+        try:
+            frames = self._decoder.feed(data)
+        except MuxProtocolError as exc:
+            log.warning("dropping garbage on the port until the next HELLO: %s", exc)
+            self._decoder = mux.Decoder(resync=True)
+            self._garbage = True
+            frames = self._decoder.feed(data)  # resyncing: never raises
+        # The host repeats HELLO until the agent answers, so a freshly started agent finds
+        # many queued: answer only the last of a batch.
+        hellos = [i for i, f in enumerate(frames) if f.type is mux.FrameType.HELLO]
+        for i, frame in enumerate(frames):
+            if frame.type is mux.FrameType.HELLO:
+                if i != hellos[-1]:
+                    continue
+                self._garbage = False
+            elif self._garbage:
+                continue
+            self._handle(frame)
 
 
 def serve_vsock(target: str, port: int = VSOCK_PORT) -> None:

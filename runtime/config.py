@@ -411,16 +411,23 @@ ANNOTATION_PREFIX = "io.cocoon.config."
 ANNOTATABLE = ("network.model", "network.queues")
 
 
+def _bounded(text: str, limit: int = 64) -> str:
+    """``text`` for a one-line error: control characters escaped, at most ``limit`` shown."""
+    shown = text if len(text) <= limit else text[:limit] + "..."
+    return shown.encode("unicode_escape").decode("ascii") if not shown.isprintable() else shown
+
+
 def with_annotations(cfg: Config, annotations: Mapping[str, str]) -> Config:
     """``cfg`` with the sandbox's ``io.cocoon.config.*`` annotations applied (allowlist)."""
     values: dict[str, dict[str, object]] = {}
-    for name, raw in sorted(annotations.items()):
-        if not name.startswith(ANNOTATION_PREFIX):
+    for key_name, raw in sorted(annotations.items()):
+        if not key_name.startswith(ANNOTATION_PREFIX):
             continue
-        dotted = name[len(ANNOTATION_PREFIX) :]
+        name = _bounded(key_name)  # as shown in an error: escaped, cut short
+        dotted = key_name[len(ANNOTATION_PREFIX) :]
         if dotted not in ANNOTATABLE:
             raise ConfigError(
-                f"annotation {name}: {dotted} cannot be set by an annotation "
+                f"annotation {name}: {_bounded(dotted)} cannot be set by an annotation "
                 f"(allowed: {', '.join(ANNOTATABLE)})"
             )
         table, key = dotted.split(".", 1)

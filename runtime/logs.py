@@ -28,7 +28,7 @@ class JsonFormatter(logging.Formatter):
 def setup(log_file: Path | None, fmt: str, debug: bool, stderr: bool = True) -> None:
     handlers: list[logging.Handler] = []
     if log_file is not None:
-        fh = logging.FileHandler(log_file)
+        fh = logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
         fh.setFormatter(
             JsonFormatter()
             if fmt == "json"

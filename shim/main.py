@@ -1,11 +1,15 @@
 """The shim: one host process per container process; its pid stands for the workload.
 
 ``python -m cocoon.shim.main --sandbox-dir D --container ID [--exec-id E] [--terminal]
-[--console-socket S] [--ready-fd N] [--netns PATH]``
+[--console-socket S] [--ready-fd N] [--netns PATH] [--ns KIND=PATH|KIND]...``
 
 ``--netns``: the container's network namespace, which the shim joins first, so that its pid
 stands for the container there too (docker's libnetwork prestart hook finds the namespace
-through /proc/<pid>/ns/net).
+through /proc/<pid>/ns/net). ``--ns``: the IPC, UTS and cgroup namespaces the spec names by
+path (joined) or asks new (``KIND`` alone: unshared), so that /proc/<pid>/ns/* of the pid that
+stands for the container shows what runc's would (a pod's containers share the sandbox's).
+The mount namespace stays the host's (a copy would pin the share's and the netns' mounts), and
+a PID namespace cannot be entered by a running process.
 
 It inherits the caller's stdio (pipes, FIFOs, /dev/null) or, for a terminal, makes a host pty
 and sends its master over ``--console-socket`` (as runc does), then proxies to the agent's
@@ -153,7 +157,9 @@ class Shim:
     def wait(self) -> None:
         req = pb.WaitProcessRequest(container_id=self.cid, exec_id=self.exec_id)
         try:
-            self.status = self.agent.WaitProcess(req).status
+            status = self.agent.WaitProcess(req).status
+            # an exit status is 0..255; anything else from the guest is a failure, never 0
+            self.status = status if 0 <= status <= 255 else 255
         except grpc.RpcError as exc:
             print(f"cocoon-shim: {self.cid}: lost the workload: {exc.details()}", file=sys.stderr)
             self.status = 255
@@ -165,6 +171,28 @@ class Shim:
             self.agent.SignalProcess(req, timeout=30)
 
 
+NAMESPACES = {"ipc": libc.CLONE_NEWIPC, "uts": libc.CLONE_NEWUTS, "cgroup": libc.CLONE_NEWCGROUP}
+
+
+def enter_namespaces(entries: list[str]) -> None:
+    """``KIND=PATH``: joins the namespace at PATH; ``KIND``: a new one (unshare)."""
+    for entry in entries:
+        kind, _, path = entry.partition("=")
+        flag = NAMESPACES[kind]
+        if not path:
+            libc.unshare(flag)
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                libc.setns(fd, flag)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            what = f"joining the {kind} namespace: {exc.strerror}"
+            raise OSError(exc.errno, what, path) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cocoon-shim")
     ap.add_argument("--sandbox-dir", required=True)
@@ -174,10 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--console-socket")
     ap.add_argument("--ready-fd", type=int, default=-1)
     ap.add_argument("--netns", default="")
+    ap.add_argument("--ns", action="append", default=[])
     args = ap.parse_args(argv)
     close_inherited({args.ready_fd})
-    if args.netns:
-        libc.join_netns(args.netns)
+    try:
+        enter_namespaces(args.ns)
+        if args.netns:
+            libc.join_netns(args.netns)
+    except OSError as exc:
+        if args.ready_fd >= 0:
+            os.write(args.ready_fd, f"error {exc}\n".encode())
+        return 255
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {signal.SIGWINCH, signal.SIGCHLD})
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     shim = Shim(args)

@@ -47,7 +47,8 @@ def _commit() -> str:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        one_line = message.replace("\r", "\\r").replace("\n", "\\n")  # argv may hold newlines
+        raise UsageError(f"{self.prog}: {one_line}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,16 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _report(args: argparse.Namespace | None, exc: BaseException) -> None:
     msg = str(exc)
-    first, _, _rest = msg.partition("\n")
-    print(f"cocoon: {msg}", file=sys.stderr)
+    first, _, rest = msg.partition("\n")
     log_path = getattr(args, "log", "") if args else ""
     fmt = getattr(args, "log_format", "text") if args else "text"
     if log_path:
         try:
             logs.setup(Path(log_path), fmt, False, stderr=False)
             log.error("%s", first if fmt == "json" else msg)
-        except OSError as e:
-            print(f"cocoon: cannot write log {log_path}: {e}", file=sys.stderr)
+        except OSError as e:  # still one line for the error itself
+            first += f" (and the log {log_path} cannot be written: {e.strerror or e})"
+    print(f"cocoon: {first}" + (f"\n{rest}" if rest else ""), file=sys.stderr)
 
 
 def _global_flags(argv: Sequence[str] | None) -> argparse.Namespace:

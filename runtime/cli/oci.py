@@ -22,34 +22,48 @@ from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container import state as statemod
 from cocoon.runtime.container.spec import default_spec
 from cocoon.runtime.container.state import Ctx
-from cocoon.runtime.errors import UsageError
+from cocoon.runtime.errors import SpecError, UsageError
 
 
 def parse_signal(text: str) -> int:
     t = text.strip().upper()
     if t.isascii() and t.isdigit():
-        n = int(t)
+        n = int(t) if len(t) <= 4 else 0  # not int() of 5000 digits: a ValueError
         if n in {s.value for s in signal.valid_signals() if isinstance(s, signal.Signals)} or (
             signal.SIGRTMIN <= n <= signal.SIGRTMAX
         ):
             return n
-        raise UsageError(f"unknown signal {text!r}")
+        raise UsageError(f"unknown signal {_short(text)}")
     name = t if t.startswith("SIG") else "SIG" + t
     try:
         return int(signal.Signals[name])
     except KeyError:
-        raise UsageError(f"unknown signal {text!r}") from None
+        raise UsageError(f"unknown signal {_short(text)}") from None
 
 
-_SIZE = re.compile(r"^(\d+)\s*([kmgt]?)i?b?$", re.I)
+def _short(text: str) -> str:
+    """A user's argument quoted in an error, cut short when it is long."""
+    return repr(text) if len(text) <= 80 else repr(text[:80]) + "..."
+
+
+# docker/go-units RAMInBytes, which runc's update uses: decimals, binary k..p, optional "iB"
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?) ?([kmgtp]?)i?b?$", re.I)
 
 
 def parse_size(text: str) -> int:
     m = _SIZE.match(text.strip())
     if not m:
         raise UsageError(f"invalid size {text!r} (use e.g. 268435456, 256M, 1G)")
-    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
-    return int(m.group(1)) * mult
+    mult: int = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}[
+        m.group(2).lower()
+    ]
+    if len(m.group(1)) > 30:  # int() refuses 4300 digits; no size has 30
+        raise UsageError(f"invalid size {_short(text)}: too large")
+    whole, _, frac = str(m.group(1)).partition(".")
+    if not frac:
+        return int(whole) * mult
+    scale = int("1" + "0" * len(frac))
+    return int(whole) * mult + int(frac) * mult // scale  # exact, no float
 
 
 def add_parsers(sub: Any) -> None:
@@ -220,15 +234,22 @@ def cmd_resume(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _read_stdin() -> bytes:
+    buf = getattr(sys.stdin, "buffer", None)
+    if buf is not None:
+        return bytes(buf.read())
+    return sys.stdin.read().encode("utf-8", "surrogateescape")  # a text stream (tests)
+
+
 def _read_json_arg(src: str, what: str) -> Any:
     try:
-        text = sys.stdin.read() if src == "-" else Path(src).read_text()
+        raw = _read_stdin() if src == "-" else Path(src).read_bytes()
     except OSError as exc:
         raise UsageError(f"{what} {src}: {exc.strerror}") from exc
     try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise UsageError(f"{what} {src}: not valid JSON: {exc}") from exc
+        return specmod.parse_json(raw, f"{what} {src}")
+    except SpecError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def cmd_exec(args: argparse.Namespace, cfg: Config) -> int:
@@ -303,7 +324,7 @@ def _update_resources(args: argparse.Namespace) -> dict[str, Any]:
         return given
     res: dict[str, Any] = {}
     mem = {
-        k: parse_size(v)
+        k: -1 if v.strip() == "-1" else parse_size(v)  # -1: unlimited, as runc takes it
         for k, v in (
             ("limit", args.memory),
             ("swap", args.memory_swap),
@@ -368,7 +389,10 @@ def cmd_spec(args: argparse.Namespace, cfg: Config) -> int:
     target = Path(args.bundle) / "config.json"
     if target.exists():
         raise UsageError(f"{target} exists: remove it first")
-    target.write_text(json.dumps(default_spec(args.rootless), indent="\t") + "\n")
+    try:
+        target.write_text(json.dumps(default_spec(args.rootless), indent="\t") + "\n")
+    except OSError as exc:
+        raise UsageError(f"{target}: {exc.strerror}") from None
     return 0
 
 

@@ -137,7 +137,9 @@ def create(
             devices, sources = _prepare_guest(ctx, c, plan, d)
             _create_in_guest(c, plan, devices, sources)
         faults.point("create:in-guest", d)
-        made.shim = shimmod.spawn(d, cid, "", plan.bundle.terminal, console_socket, netns)
+        made.shim = shimmod.spawn(
+            d, cid, "", plan.bundle.terminal, console_socket, netns, _shim_namespaces(plan)
+        )
         faults.point("create:shim", d, made.shim.pid)
         st = _state(plan, made.shim.pid, netns, made.owned_netns is not None)
         run_hooks("prestart", plan.bundle.hooks("prestart"), st.oci())
@@ -316,6 +318,17 @@ def _shm(plan: _Plan) -> str:
     if plan.pod_sandbox is not None:
         return shm_source(plan.pod_sandbox.id)
     return shm_source(plan.cid) if plan.pod.role is Role.SANDBOX else ""
+
+
+def _shim_namespaces(plan: _Plan) -> list[tuple[str, str]]:
+    """The IPC, UTS and cgroup namespaces the shim stands for the container in: the spec's
+    paths (a pod's sandbox's), or new ones where the spec asks for new ones."""
+    nss = (plan.bundle.spec.get("linux") or {}).get("namespaces") or []
+    return [
+        (ns["type"], str(ns.get("path") or ""))
+        for ns in nss
+        if isinstance(ns, dict) and ns.get("type") in shimmod.SHIM_NAMESPACES
+    ]
 
 
 def _state(plan: _Plan, pid: int, netns: str, netns_owned: bool) -> ContainerState:

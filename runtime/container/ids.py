@@ -15,13 +15,24 @@ MAX_ID_LEN = 255
 _ID = re.compile(r"[\w+\-.]+")
 
 
+def _show(cid: str) -> str:
+    """The id as the error quotes it: escaped, and cut short when it is long."""
+    return repr(cid) if len(cid) <= 80 else repr(cid[:80]) + "..."
+
+
 def validate_id(cid: str, what: str = "container") -> str:
+    if not isinstance(cid, str):
+        raise StateError(f"invalid {what} id: not a string ({type(cid).__name__})")
     if not cid:
         raise StateError(f"invalid {what} id: it is empty")
-    if len(os.fsencode(cid)) > MAX_ID_LEN:
+    try:
+        size = len(os.fsencode(cid))
+    except UnicodeEncodeError:  # a lone surrogate (JSON's "\ud800"): no file name
+        size = -1
+    if size > MAX_ID_LEN:
         raise StateError(f"invalid {what} id: longer than {MAX_ID_LEN} bytes")
-    if cid in (".", "..") or not _ID.fullmatch(cid):
+    if size < 0 or cid in (".", "..") or not _ID.fullmatch(cid):
         raise StateError(
-            f"invalid {what} id {cid!r}: use letters, digits, '_', '+', '-' and '.' only"
+            f"invalid {what} id {_show(cid)}: use letters, digits, '_', '+', '-' and '.' only"
         )
     return cid

@@ -184,7 +184,10 @@ def exec_process(
         except grpc.RpcError as exc:
             raise rpc_error(f"exec in {cid}", exc) from exc
     d = sandbox.sandbox_dir(ctx.root, st.sandbox_id)
-    shim = shimmod.spawn(d, cid, exec_id, terminal, console_socket)
+    # the exec's shim stands for its process in the container's namespaces, as its shim does
+    nss = [(k, f"/proc/{st.pid}/ns/{k}") for k in shimmod.SHIM_NAMESPACES]
+    netns = f"/proc/{st.pid}/ns/net" if st.netns else ""
+    shim = shimmod.spawn(d, cid, exec_id, terminal, console_socket, netns, nss)
     faults.point("exec:started", d, shim.pid)
     with store.locked(cid):
         st = store.load(cid)
@@ -253,6 +256,7 @@ def update(ctx: Ctx, cid: str, resources: dict[str, Any]) -> None:
     """Resizes the sandbox for the new resources, then applies them in the guest (crun
     update); growing resizes first (a cpuset needs its CPUs online), shrinking after."""
     store = ctx.store
+    specmod.validate_resources(resources, "resources")
     with store.locked(validate_id(cid)):
         st = store.load(cid)
         if st.effective is Status.STOPPED:

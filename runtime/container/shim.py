@@ -17,6 +17,7 @@ import select
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from cocoon.runtime.errors import LifecycleError
@@ -33,6 +34,9 @@ FORWARDED = (
 )
 
 
+SHIM_NAMESPACES = ("ipc", "uts", "cgroup")  # what a running shim can join or unshare
+
+
 def spawn(
     sandbox_dir: Path,
     cid: str,
@@ -40,8 +44,11 @@ def spawn(
     terminal: bool,
     console_socket: str | None,
     netns: str = "",
+    namespaces: Sequence[tuple[str, str]] = (),
 ) -> subprocess.Popen[bytes]:
-    """Starts a shim as our child (so it stays in the caller's tree) and waits until ready."""
+    """Starts a shim as our child (so it stays in the caller's tree) and waits until ready.
+    ``namespaces``: (kind, path) of the IPC, UTS and cgroup namespaces it joins (an empty path:
+    a new one)."""
     rfd, wfd = os.pipe()
     argv = [
         sys.executable,
@@ -62,20 +69,27 @@ def spawn(
         argv += ["--console-socket", console_socket]
     if netns:
         argv += ["--netns", netns]
+    for kind, path in namespaces:
+        argv += ["--ns", f"{kind}={path}" if path else kind]
     try:
         proc = subprocess.Popen(argv, pass_fds=(wfd,), start_new_session=True)
     finally:
         os.close(wfd)
     try:
         ready, _, _ = select.select([rfd], [], [], 60)
-        ok = bool(ready) and os.read(rfd, 16).startswith(b"ok")
+        said = os.read(rfd, 4096) if ready else b""
     finally:
         os.close(rfd)
-    if not ok:
+    if not said.startswith(b"ok"):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        raise LifecycleError(f"container {cid}: the shim did not start (status {proc.returncode})")
+        why = said[6:].decode(errors="replace").strip() if said.startswith(b"error ") else ""
+        raise LifecycleError(
+            f"container {cid}: the shim did not start: {why}"
+            if why
+            else f"container {cid}: the shim did not start (status {proc.returncode})"
+        )
     return proc
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,42 @@ class Bundle:
         return list((self.spec.get("hooks") or {}).get(kind) or [])
 
 
+MAX_DEPTH = 64  # JSON nesting: the runtime spec's deepest (seccomp's args) is 6
+
+
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise SpecError(msg)
+
+
+def _depth_ok(doc: Any) -> bool:
+    """Whether ``doc`` nests at most MAX_DEPTH deep (walked without recursion)."""
+    todo = [(doc, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, dict | list):
+            if d > MAX_DEPTH:
+                return False
+            todo.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+def parse_json(raw: bytes, where: str) -> Any:
+    """A JSON document the runtime was given (config.json, a --process or --resources file):
+    UTF-8, at most MAX_DEPTH deep (deeper would be a RecursionError in whatever walks it
+    next: the guest spec's copy, the state's JSON), or one SpecError naming ``where``."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{where}: not valid UTF-8: {exc}") from None
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        raise SpecError(f"{where}: not valid JSON: nested deeper than {MAX_DEPTH}") from None
+    except ValueError as exc:
+        raise SpecError(f"{where}: not valid JSON: {exc}") from None
+    _need(_depth_ok(doc), f"{where}: JSON nested deeper than {MAX_DEPTH}")
+    return doc
 
 
 def is_bind_mount(m: dict[str, Any]) -> bool:
@@ -75,15 +109,12 @@ def load_bundle(bundle: Path) -> Bundle:
     bundle = bundle.resolve()
     cfg = bundle / "config.json"
     try:
-        raw = cfg.read_text()
+        raw = cfg.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"{cfg}: no such file (is {bundle} an OCI bundle?)") from None
     except OSError as exc:
         raise SpecError(f"{cfg}: {exc.strerror}") from exc
-    try:
-        spec = json.loads(raw)
-    except ValueError as exc:
-        raise SpecError(f"{cfg}: not valid JSON: {exc}") from exc
+    spec = parse_json(raw, str(cfg))
     _need(isinstance(spec, dict), f"{cfg}: the top level must be a JSON object")
     _need(isinstance(spec.get("ociVersion"), str), f"{cfg}: ociVersion must be a string")
     root = spec.get("root")
@@ -106,6 +137,9 @@ def load_bundle(bundle: Path) -> Bundle:
             isinstance(m, dict) and isinstance(m.get("destination"), str),
             f"{cfg}: mounts[{i}] needs a destination",
         )
+        _need(_strings(m.get("options") or []), f"{cfg}: mounts[{i}].options must be strings")
+        for key in ("type", "source"):
+            _need(isinstance(m.get(key, ""), str), f"{cfg}: mounts[{i}].{key} must be a string")
         if is_bind_mount(m) and not str(m.get("source", "")).startswith("/dev/"):
             _need(
                 isinstance(m.get("source"), str) and m["source"] != "",
@@ -118,13 +152,48 @@ def load_bundle(bundle: Path) -> Bundle:
     hooks = spec.get("hooks") or {}
     _need(isinstance(hooks, dict), f"{cfg}: hooks must be an object")
     for kind, entries in hooks.items():
-        _need(isinstance(entries or [], list), f"{cfg}: hooks.{kind} must be a list")
+        _need(isinstance(entries or [], list), f"{cfg}: hooks.{_key(kind)} must be a list")
         for j, h in enumerate(entries or []):
-            _need(
-                isinstance(h, dict) and isinstance(h.get("path"), str),
-                f"{cfg}: hooks.{kind}[{j}] needs a path",
-            )
+            _check_hook(h, f"{cfg}: hooks.{_key(kind)}[{j}]")
+    annotations = spec.get("annotations") or {}
+    _need(
+        isinstance(annotations, dict) and all(isinstance(v, str) for v in annotations.values()),
+        f"{cfg}: annotations must be an object of strings",
+    )
     return Bundle(bundle, spec, rootfs, tuple(binds))
+
+
+def _show(v: Any) -> str:
+    """A value of the user's document as an error quotes it: its repr, cut short."""
+    r = repr(v)
+    return r if len(r) <= 80 else r[:80] + "..."
+
+
+def _key(name: str) -> str:
+    """A key of the user's document as an error names it: as is if plain, else quoted."""
+    return name if name.isascii() and name.isprintable() and name else json.dumps(name)
+
+
+def _strings(v: Any, nul_ok: bool = True) -> bool:
+    """A list of strings (with no NUL byte where it must reach execve)."""
+    return isinstance(v, list) and all(isinstance(x, str) and (nul_ok or "\0" not in x) for x in v)
+
+
+def _check_hook(h: Any, where: str) -> None:
+    """An OCI hook as hooks.run_hooks runs it: an absolute path, string args and env, a
+    positive integer timeout (the runtime spec's schema)."""
+    _need(
+        isinstance(h, dict) and isinstance(h.get("path"), str) and h["path"] != "",
+        f"{where} needs a path",
+    )
+    _need(h["path"].startswith("/") and "\0" not in h["path"], f"{where}: path must be absolute")
+    _need(_strings(h.get("args", []), False), f"{where}: args must be a list of strings")
+    _need(_strings(h.get("env", []), False), f"{where}: env must be a list of strings")
+    t = h.get("timeout")
+    _need(
+        t is None or (isinstance(t, int) and not isinstance(t, bool) and t > 0),
+        f"{where}: timeout must be a positive integer (seconds)",
+    )
 
 
 # A namespace type and the name of its file under /proc/<pid>/ns.
@@ -154,10 +223,53 @@ def _check_namespaces(cfg: Path, linux: Any) -> None:
         where = f"{cfg}: linux.namespaces[{i}]"
         _need(isinstance(ns, dict), f"{where} must be an object")
         kind = ns.get("type")
-        _need(kind in NS_FILES, f"{where}: unknown namespace type {kind!r}")
+        _need(
+            isinstance(kind, str) and kind in NS_FILES,
+            f"{where}: unknown namespace type {_show(kind)}",
+        )
         _need(kind not in seen, f"{where}: a second {kind} namespace")
         _need(isinstance(ns.get("path", ""), str), f"{where}: path must be a string")
         seen.add(kind)
+    devices = linux.get("devices") or []
+    _need(isinstance(devices, list), f"{cfg}: linux.devices must be a list")
+    for i, d in enumerate(devices):
+        where = f"{cfg}: linux.devices[{i}]"
+        _need(isinstance(d, dict) and isinstance(d.get("path"), str), f"{where} needs a path")
+        _need(isinstance(d.get("type", ""), str), f"{where}: type must be a string")
+        for key in ("major", "minor"):
+            v = d.get(key, 0)
+            _need(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32,
+                f"{where}: {key} must be a device number",
+            )
+    validate_resources(linux.get("resources"), f"{cfg}: linux.resources")
+
+
+_CPUS = re.compile(r"[0-9,\- \t]*")  # a cpuset list: 0-3,5 (checked further by sizing)
+
+
+def validate_resources(res: Any, where: str) -> None:
+    """The shape of what the host reads of linux.resources (``update --resources`` too):
+    objects where sizing expects objects, integers where it does arithmetic."""
+    if res is None:
+        return
+    _need(isinstance(res, dict), f"{where} must be an object")
+    for table, ints in (("cpu", ("quota", "period")), ("memory", ("limit",))):
+        sub = res.get(table)
+        if sub is None:
+            continue
+        _need(isinstance(sub, dict), f"{where}.{table} must be an object")
+        for key in ints:
+            v = sub.get(key)
+            _need(
+                v is None or (isinstance(v, int) and not isinstance(v, bool)),
+                f"{where}.{table}.{key} must be an integer",
+            )
+    cpus = (res.get("cpu") or {}).get("cpus")
+    _need(
+        cpus is None or (isinstance(cpus, str) and _CPUS.fullmatch(cpus) is not None),
+        f"{where}.cpu.cpus must be a CPU list (e.g. 0-1,3)",
+    )
 
 
 def validate_process(proc: dict[str, Any], where: str) -> None:
@@ -177,6 +289,24 @@ def validate_process(proc: dict[str, Any], where: str) -> None:
     )
     user = proc.get("user", {})
     _need(isinstance(user, dict), f"{where}: process.user must be an object")
+    for key in ("uid", "gid"):
+        _need(_is_id(user.get(key, 0)), f"{where}: process.user.{key} must be 0 to {MAX_UID}")
+    gids = user.get("additionalGids", [])
+    _need(
+        isinstance(gids, list) and all(_is_id(g) for g in gids),
+        f"{where}: process.user.additionalGids must be a list of ids (0 to {MAX_UID})",
+    )
+    _need(
+        isinstance(proc.get("terminal", False), bool),
+        f"{where}: process.terminal must be true or false",
+    )
+
+
+MAX_UID = 2**32 - 2  # uid_t; (uid_t)-1 means "no change" to the kernel
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_UID
 
 
 def is_vfio_group(d: Any) -> bool:
@@ -242,7 +372,7 @@ def guest_spec(
     proc = spec.get("process") or {}
     proc.pop("apparmorProfile", None)
     proc.pop("selinuxLabel", None)
-    linux = spec.setdefault("linux", {})
+    linux = spec["linux"] = spec.get("linux") or {}  # "linux": null is no linux
     linux.pop("mountLabel", None)
     linux["cgroupsPath"] = f"/cocoon/{cid}"
     if namespaces is None:

@@ -47,16 +47,22 @@ class AgentCalls:
 
     # ------------------------------------------------------------------ hot-plug
     async def online_cpus(self, count: int) -> int:
+        """The vCPUs online after onlining up to ``count``: the guest's count, never more than
+        asked (a guest may have more online; the monitor counts only what it plugged and
+        asked for, so a reply cannot take its books past the VM's limits)."""
         r = await self._call(
             "OnlineCPUMem", apb.OnlineCPUMemRequest(nb_cpus=count), apb.OnlineCPUMemResponse
         )
-        return int(r.cpus_online)
+        online = int(r.cpus_online)
+        return min(online, count) if count > 0 else online
 
     async def offline_cpus(self, keep: int) -> int:
+        """The vCPUs online after taking all but ``keep`` offline: never taken as more than
+        ``keep`` (as for online_cpus, a reply cannot take the books past what was asked)."""
         r = await self._call(
             "OfflineCPUs", apb.OfflineCPUsRequest(keep_online=keep), apb.OnlineCPUMemResponse
         )
-        return int(r.cpus_online)
+        return min(int(r.cpus_online), keep)
 
     async def memory_total(self) -> int:
         r = await self._call(
@@ -73,7 +79,17 @@ class AgentCalls:
             apb.WaitDeviceResponse,
             timeout_ms / 1000 + 5,
         )
-        return str(r.guest_path or r.sysfs_path)
+        path = str(r.guest_path or r.sysfs_path)
+        if not path.startswith("/") or "\0" in path:
+            # A reply that names no device is the agent failing the call (hot-plug then
+            # unplugs the device and reports a failed hot-plug).
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.INTERNAL,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                f"the guest agent named no device node for {kind} {address}: {path!r}",
+            )
+        return path
 
     # ------------------------------------------------------------------ networking
     async def configure_interface(self, ep: Any, pci: str) -> None:

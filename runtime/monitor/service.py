@@ -176,7 +176,7 @@ async def resize(svc: Service, req: vpb.ResizeRequest) -> vpb.ResizeResponse:
     timing = hotplug.Timing()
     async with _hotplug_failures():
         await hp.resize(req.vcpus, req.memory_mib, timing)
-    total = await hp.agent_memory_total()
+        total = await hp.agent_memory_total()
     return vpb.ResizeResponse(
         vcpus_online=hp.cpus_online,
         memory_mib=hp.memory_mib,

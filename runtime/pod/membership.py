@@ -67,7 +67,8 @@ def membership(cid: str, annotations: Mapping[str, str]) -> Membership:
             return Membership(Role.SANDBOX)
         if kind != member_value:
             raise SpecError(
-                f"annotation {type_key}={kind!r}: expected {sandbox_value!r} or {member_value!r}"
+                f"annotation {type_key}={kind[:80]!r}: expected {sandbox_value!r} or"
+                f" {member_value!r}"
             )
         sid = annotations.get(id_key, "")
         if not sid:
@@ -102,6 +103,8 @@ def guest_namespaces(
     out: list[dict[str, object]] = []
     for ns in namespaces:
         kind, path = str(ns.get("type")), str(ns.get("path") or "")
+        if kind not in NS_FILES:
+            raise SpecError(f"container {cid}: unknown namespace type {kind[:80]!r}")
         if not path:
             out.append({"type": kind})
             continue
@@ -109,7 +112,8 @@ def guest_namespaces(
         ours = m is not None and int(m.group(1)) == sandbox_pid and m.group(2) == NS_FILES.get(kind)
         if not ours and sandbox_paths.get(kind) != path:
             raise SpecError(
-                f"container {cid}: its {kind} namespace {path} is not its sandbox {sandbox_id}'s"
+                f"container {cid}: its {kind} namespace {path[:200]!r} is not its sandbox"
+                f" {sandbox_id}'s"
             )
         out.append({"type": kind, "path": f"{GUEST_MARKER}{sandbox_id}/ns/{NS_FILES[kind]}"})
     return out

@@ -332,6 +332,35 @@ def test_a_device_node_no_host_device_backs_is_made(rt: Rt, mkbundle: Callable[.
     assert r.stdout.strip() == "block special file 8:29a 640", r.stdout
 
 
+def _ns(pid: int | str, kind: str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+
+def test_the_reported_pid_is_in_the_containers_new_namespaces(
+    rt: Rt, mkbundle: Callable[..., Path]
+) -> None:
+    """/proc/<pid>/ns/* of the pid a runtime reports (runc: the workload; cocoon: its shim)
+    shows the new IPC, UTS and cgroup namespaces the spec asks for, and an exec's pid is in the
+    same ones, as callers that look there (the CRI, for a sandbox) expect."""
+    pid = rt.create_ok("c1", mkbundle(["sleep", "1000"]))
+    for kind in ("ipc", "uts", "cgroup", "net"):
+        assert _ns(pid, kind) != _ns("self", kind), kind
+    rt.ok("start", "c1")
+    pid_file = rt.work / "exec.pid"
+    subprocess.run(  # detached: its stdio stays open in the process, never a pipe here
+        [*rt.argv, "exec", "-d", "--pid-file", str(pid_file), "c1", "sleep", "1000"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        check=True, timeout=120,
+    )  # fmt: skip
+    epid = int(pid_file.read_text())
+    for kind in ("ipc", "uts", "cgroup", "net"):
+        assert _ns(epid, kind) == _ns(pid, kind), kind
+    rt.ok("kill", "c1", "KILL")
+    wait_pid(epid)  # first: a PID namespace's init is not reaped before its last process
+    wait_pid(pid)
+    rt.ok("delete", "c1")
+
+
 def test_sigterm_to_the_reported_pid_reaches_the_workload(
     rt: Rt, mkbundle: Callable[..., Path]
 ) -> None:

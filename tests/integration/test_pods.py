@@ -172,7 +172,7 @@ def test_namespaces_that_are_not_the_sandboxs_are_refused(
     r = cli.create("stray", b)
     assert r.returncode == 1
     assert (
-        "namespace /proc/1/ns/" in cli.last_error() and f"not its sandbox {sid}" in cli.last_error()
+        "namespace '/proc/1/ns/" in cli.last_error() and f"not its sandbox {sid}" in cli.last_error()
     )
     assert cli.ok("list", "-q").split() == [sid]
     cli.ok("delete", "--force", sid)

@@ -189,7 +189,8 @@ def test_error_in_dropin_names_the_dropin(tmp_path: Path) -> None:
 
 def test_unknown_table(tmp_path: Path) -> None:
     msg = error_of(tmp_path, "[foo]\nx = 1\n")
-    assert msg.endswith('unknown table "foo" (known: agent, factory, hypervisor, image, network, runtime)')
+    known = "agent, factory, hypervisor, image, network, runtime"
+    assert msg.endswith(f'unknown table "foo" (known: {known})')
 
 
 def test_top_level_key_is_an_unknown_table(tmp_path: Path) -> None:
