@@ -104,12 +104,17 @@ def guest_files(cfg: Config, build_output: object = None) -> GuestFiles:
     return GuestFiles(img.kernel, img.initrd, img.rootfs, img.floor_initrd)
 
 
-def host_memory_mib() -> int:
+def meminfo_mib(key: str, default: int) -> int:
+    """A /proc/meminfo figure in MiB."""
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemTotal:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) // 1024
-    return 4096
+    return default
+
+
+def host_memory_mib() -> int:
+    return meminfo_mib("MemTotal", 4096)
 
 
 def resolve_host(cfg: Config, files: GuestFiles) -> tuple[str, str, str, bool]:

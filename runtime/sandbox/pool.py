@@ -170,23 +170,15 @@ def start(
 ) -> launcher.Sandbox:
     """The sandbox from the pool when it has a VM to give, else booted; with a pool
     configured, a background fill replaces what was taken."""
-    if not cfg.factory.pool_size:
-        return launcher.start(
-            cfg,
-            root,
-            sandbox_id,
-            log_file=log_file,
-            log_format=log_format,
-            debug=debug,
-            cgroups_path=cgroups_path,
-        )
-    host = launcher.host_facts(cfg)
-    try:
-        sb = claim(cfg, root, sandbox_id, host, log_file, log_format, debug, cgroups_path)
-    finally:
-        spawn_fill(cfg, root)
-    if sb is not None:
-        return sb
+    host = None
+    if cfg.factory.pool_size:
+        host = launcher.host_facts(cfg)
+        try:
+            sb = claim(cfg, root, sandbox_id, host, log_file, log_format, debug, cgroups_path)
+        finally:
+            spawn_fill(cfg, root)
+        if sb is not None:
+            return sb
     return launcher.start(
         cfg,
         root,
@@ -370,20 +362,12 @@ def fill(
 
 
 def _room_for_one(cfg: config_mod.Config, accel: str) -> bool:
-    avail = _mem_available_mib()
+    avail = launcher.meminfo_mib("MemAvailable", 0)
     need = vm_cost_mib(cfg, accel) + 512  # and some left for everything else
     if avail < need:
         log.warning("pool: %d MiB available, a pooled VM needs ~%d: not booting more", avail, need)
         return False
     return True
-
-
-def _mem_available_mib() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) // 1024
-    return 0
 
 
 def boot_one(
