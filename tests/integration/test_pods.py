@@ -171,9 +171,8 @@ def test_namespaces_that_are_not_the_sandboxs_are_refused(
     b = member_bundle(tmp_path, "stray", sid, 1, ["true"])  # PID 1's namespaces: the host's
     r = cli.create("stray", b)
     assert r.returncode == 1
-    assert (
-        "namespace '/proc/1/ns/" in cli.last_error() and f"not its sandbox {sid}" in cli.last_error()
-    )
+    err = cli.last_error()
+    assert "namespace '/proc/1/ns/" in err and f"not its sandbox {sid}" in err
     assert cli.ok("list", "-q").split() == [sid]
     cli.ok("delete", "--force", sid)
 
