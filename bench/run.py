@@ -18,6 +18,8 @@ measured alternately in the same run (cocoon, then runc or the floor, then cocoo
    runc, and host PSS of a pod of 1 and 3 containers next to 1 and 3 separate VMs;
 8. the pool (bench/pool.py): a warm ``run`` from the pool against ``crun run`` inside a booted
    guest (the in-guest floor), against runc and against a cold run, and an idle pooled VM's PSS;
+9. hardening switches (bench/hardening.py): agent-ready and PSS with QEMU's seccomp sandbox on
+   and off;
 and the Python import time of the CLI, monitor and shim (the agent's is in the guest stages).
 
     scripts/bench [--runs 5] [--json bench-results.json] [--budget-mib 2048] [--max-sandboxes 6]
@@ -326,6 +328,7 @@ def main() -> int:
         res["network"] = sub_bench("net.py", work, 900)
         res["pods"] = sub_bench("pods.py", work, 900)
         res["pool"] = sub_bench("pool.py", work, 900)
+        res["hardening"] = sub_bench("hardening.py", work, 900)
 
     res["python_import_ms"] = {
         m: import_time_ms(m)
@@ -400,6 +403,10 @@ def report(r: dict[str, Any], why: str) -> None:
         print(f"   {k:36s} {_f(s, 'x' if '/' in k else 's')}")
     for k, v in r["pool"]["pooled_vm_pss_mib"].items():
         print(f"   {'idle pooled VM PSS, ' + k:36s} {v:8.1f} MiB")
+    print("\n9. hardening switches (on / off):")
+    for name, rows in r["hardening"].items():
+        for k, s in rows.items():
+            print(f"   {name + ' ' + k:36s} {_f(s, 'x' if 'ratio' in k else '')}")
     print("\nPython import time (ms): " + ", ".join(
         f"{m} {v:.0f}" for m, v in r["python_import_ms"].items()))  # fmt: skip
     print(f"wall time: {r['wall_seconds']:.0f}s")

@@ -1,0 +1,89 @@
+"""What each hardening switch costs: start time to agent-ready and host PSS of an idle sandbox,
+with the switch on and off, alternated in pairs; median (min-max) of several runs.
+
+Switches measured: ``hypervisor.seccomp_sandbox`` (QEMU's ``-sandbox on,...``). The other
+hardening (umask 077 and 0600 sockets in the monitor, the symlink-safe share walks, bounded
+reads of what the guest sends, the annotation allowlist) has no switch: it is always on and
+costs a few system calls per operation, below what these figures can show.
+
+    python bench/hardening.py [--runs 3] [--json out.json]
+
+Not a test: it asserts nothing and prints numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like pods.py
+from bench.run import pss_kib
+from cocoon.runtime import config as config_mod
+from cocoon.runtime.monitor import launch as L
+from cocoon.runtime.sandbox import launcher as sandbox
+
+
+def once(cfg: config_mod.Config, root: Path, name: str) -> tuple[float, float]:
+    """Seconds to agent-ready, and the idle sandbox's QEMU + monitor PSS in MiB."""
+    t = time.monotonic()
+    sb = sandbox.start(cfg, root, name)
+    ready = time.monotonic() - t
+    try:
+        time.sleep(2)  # let the guest settle
+        qemu = int((sb.dir / L.QEMU_PID).read_text())
+        pss = (pss_kib(qemu) + pss_kib(sb.monitor_pid)) / 1024
+    finally:
+        sandbox.stop(root, name)
+    return ready, pss
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    cfg = config_mod.load().config
+
+    def seccomp(on: bool) -> config_mod.Config:
+        return dataclasses.replace(
+            cfg, hypervisor=dataclasses.replace(cfg.hypervisor, seccomp_sandbox=on)
+        )
+
+    switches: dict[str, Callable[[bool], config_mod.Config]] = {"seccomp_sandbox": seccomp}
+    res: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="cocoon-bench-hard-") as td:
+        for name, make in switches.items():
+            rows: dict[str, list[float]] = {}
+            for i in range(args.runs):
+                for on in (True, False):
+                    ready, pss = once(make(on), Path(td), f"h{os.getpid()}-{i}-{int(on)}")
+                    rows.setdefault(f"ready_s_{'on' if on else 'off'}", []).append(ready)
+                    rows.setdefault(f"pss_mib_{'on' if on else 'off'}", []).append(pss)
+            rows["ready_ratio_on_over_off"] = [
+                a / b for a, b in zip(rows["ready_s_on"], rows["ready_s_off"], strict=True)
+            ]
+            res[name] = {k: summary(v) for k, v in rows.items()}
+    for name, rows_s in res.items():
+        print(f"{name}:")
+        for k, s in rows_s.items():
+            print(f"  {k:28} {s['median']:8.3f}  ({s['min']:.3f}-{s['max']:.3f})")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
