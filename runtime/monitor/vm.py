@@ -190,6 +190,10 @@ class Vm:
                 f"source={share}",
                 "-o",
                 "cache=auto",
+                # no device nodes made in host directories for the guest (FIFOs and sockets
+                # need no capability): root in the guest is less than root on the share
+                "-o",
+                "modcaps=-mknod",
             ],
             L.VIRTIOFSD_LOG,
             "virtiofsd",

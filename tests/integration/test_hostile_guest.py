@@ -40,6 +40,7 @@ from tests.integration.test_pods import CRI_SANDBOX, CRI_TYPE, member_bundle
 
 VM = [pytest.mark.qemu, pytest.mark.root]
 CAP_SYS_ADMIN = 21
+CAP_MKNOD = 27
 
 PROBE_C = r"""
 #define _GNU_SOURCE
@@ -296,6 +297,8 @@ def test_virtiofsd_is_confined_to_the_share(box: Box) -> None:
         if st_["Seccomp"] == "2":
             filtered += 1
             assert st_["NoNewPrivs"] == "1"
+            # the serving process makes no device node for the guest (modcaps=-mknod)
+            assert not int(st_["CapEff"], 16) & (1 << CAP_MKNOD), st_
     assert filtered, "no virtiofsd process runs under a seccomp filter"
 
 
