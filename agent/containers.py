@@ -183,6 +183,10 @@ class Manager:
         p = Process(cid, "", terminal, args=list(process.get("args") or []))
         try:
             self._launch(p, bundle, ["create", "--bundle", str(bundle)], cid)
+            try:
+                mounts.apply_propagation(p.pid, mounts.propagation_wanted(spec))
+            except OSError as exc:
+                raise ContainerError(ErrorKind.INTERNAL, f"container {cid}: {exc}") from exc
             if specedit.own_netns(spec):
                 try:
                     network.loopback_up_in(p.pid)

@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol, TypeVar
 
+CLONE_FS = 0x00000200
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -34,7 +35,9 @@ MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_BIND = 0x1000
 MS_REC = 0x4000
+MS_UNBINDABLE = 1 << 17
 MS_PRIVATE = 1 << 18
+MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
 RB_POWER_OFF = 0x4321FEDC

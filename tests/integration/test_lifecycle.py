@@ -332,6 +332,33 @@ def test_a_device_node_no_host_device_backs_is_made(rt: Rt, mkbundle: Callable[.
     assert r.stdout.strip() == "block special file 8:29a 640", r.stdout
 
 
+def test_bind_mount_propagation_options(
+    rt: Rt, mkbundle: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Bind mounts with shared / rshared get a peer group of their own in the container; with
+    slave, rslave or private (of a private source) none, as under runc."""
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "f").write_text("x")
+    b = mkbundle(sh('grep -E " /v[1-5] " /proc/self/mountinfo; cat /v2/f'))
+    spec = json.loads((b / "config.json").read_text())
+    for i, opt in enumerate(["shared", "rshared", "slave", "rslave", "private"], 1):
+        spec["mounts"].append(
+            {"destination": f"/v{i}", "type": "bind", "source": str(vol), "options": ["rbind", opt]}
+        )
+    (b / "config.json").write_text(json.dumps(spec))
+    r = rt("run", "--bundle", str(b), "c1")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    by_dest = {line.split()[4]: line.split(" - ")[0].split()[6:] for line in lines[:-1]}
+    assert sorted(by_dest) == ["/v1", "/v2", "/v3", "/v4", "/v5"], r.stdout
+    for dest in ("/v1", "/v2"):
+        assert any(f.startswith("shared:") for f in by_dest[dest]), (dest, r.stdout)
+    for dest in ("/v3", "/v4", "/v5"):
+        assert not any(f.startswith("shared:") for f in by_dest[dest]), (dest, r.stdout)
+    assert lines[-1] == "x"
+
+
 def _ns(pid: int | str, kind: str) -> str:
     return os.readlink(f"/proc/{pid}/ns/{kind}")
 

@@ -202,3 +202,23 @@ def test_power_off_reboots_through_the_seam(
 def test_libc_is_the_only_ctypes_site_in_the_agent() -> None:
     users = sorted(p.name for p in AGENT_DIR.glob("*.py") if "ctypes" in p.read_text())
     assert users == ["libc.py"]
+
+
+def test_propagation_wanted_from_mount_options() -> None:
+    from cocoon.agent import libc as alibc
+    from cocoon.agent import mounts
+
+    spec = {
+        "mounts": [
+            {"destination": "/a", "options": ["rbind", "rshared"]},
+            {"destination": "/b", "options": ["bind", "ro"]},
+            {"destination": "/c", "options": ["slave"]},
+            "junk",
+            {"destination": "/d", "options": None},
+        ]
+    }
+    assert mounts.propagation_wanted(spec) == [
+        ("/a", alibc.MS_SHARED | alibc.MS_REC),
+        ("/c", alibc.MS_SLAVE),
+    ]
+    assert mounts.propagation_wanted({}) == []
