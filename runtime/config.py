@@ -93,6 +93,7 @@ class ImageConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     shutdown_timeout_s: float = 10.0
+    guest_seccomp: bool = False
 
 
 @dataclass(frozen=True)

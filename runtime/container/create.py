@@ -24,7 +24,7 @@ leaves its pod's VM as it found it), and the id is free again.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{config,
 errors, faults, vm_pb2, monitor.{hostcgroup, launch}, pod, container.{hooks, ids, shim, spec,
-state}, resources, sandbox.{client, hostmount, launcher, pool}, network.netns (lazily)}.
+state, seccomp}, resources, sandbox.{client, hostmount, launcher, pool}, network.netns (lazily)}.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import faults
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import ANNOTATION_PREFIX, NetworkConfig, with_annotations
+from cocoon.runtime.container import seccomp
 from cocoon.runtime.container import shim as shimmod
 from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container.hooks import run_hooks
@@ -135,7 +136,7 @@ def create(
         faults.point("create:booted", d)
         with Client(d, timeout) as c:
             devices, sources = _prepare_guest(ctx, c, plan, d)
-            _create_in_guest(c, plan, devices, sources)
+            _create_in_guest(c, plan, devices, sources, ctx.cfg.runtime.guest_seccomp)
         faults.point("create:in-guest", d)
         made.shim = shimmod.spawn(
             d, cid, "", plan.bundle.terminal, console_socket, netns, _shim_namespaces(plan)
@@ -291,7 +292,11 @@ def _prepare_guest(
 
 
 def _create_in_guest(
-    c: Client, plan: _Plan, devices: list[apb.Device], sources: dict[int, str]
+    c: Client,
+    plan: _Plan,
+    devices: list[apb.Device],
+    sources: dict[int, str],
+    guest_seccomp: bool = False,
 ) -> None:
     spec = specmod.guest_spec(
         plan.bundle,
@@ -301,6 +306,8 @@ def _create_in_guest(
         plan.guest_namespaces,
         _shm(plan),
     )
+    if guest_seccomp:
+        seccomp.with_default_profile(spec)
     req = apb.CreateContainerRequest(
         container_id=plan.cid,
         oci_spec_json=json.dumps(spec).encode(),

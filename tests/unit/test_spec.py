@@ -502,3 +502,20 @@ def test_a_pod_members_namespaces_and_shm_are_its_sandboxs(host_bundle: Bundle) 
     # The sandbox's network is the guest's own: the member joins it by having none.
     joined = guest_spec(host_bundle, CID, guest_network=True, namespaces=mapped)
     assert [ns["type"] for ns in joined["linux"]["namespaces"]] == ["pid", "ipc", "uts", "mount"]
+
+
+def test_guest_seccomp_profile_only_where_the_spec_has_none() -> None:
+    from cocoon.runtime.container import seccomp
+
+    spec: dict[str, Any] = {"linux": {}}
+    seccomp.with_default_profile(spec)
+    prof = spec["linux"]["seccomp"]
+    assert prof["defaultAction"] == "SCMP_ACT_ALLOW"
+    assert "keyctl" in prof["syscalls"][0]["names"] and "open_by_handle_at" in seccomp.DENIED
+    prof["syscalls"].clear()  # a copy: the module's own stays whole
+    assert seccomp.PROFILE["syscalls"][0]["names"]
+    theirs = {"linux": {"seccomp": {"defaultAction": "SCMP_ACT_ERRNO"}}}
+    assert seccomp.with_default_profile(theirs)["linux"]["seccomp"] == {
+        "defaultAction": "SCMP_ACT_ERRNO"
+    }
+    assert "seccomp" in seccomp.with_default_profile({})["linux"]
