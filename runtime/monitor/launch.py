@@ -9,6 +9,7 @@ May import: the standard library only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -87,6 +88,14 @@ class LaunchSpec:
         raw = json.loads(path.read_text())
         cgroup = HostCgroup(**raw.get("cgroup", {}))
         return cls(**(raw | {"limits": VmLimits.from_dict(raw["limits"]), "cgroup": cgroup}))
+
+
+def drop_dangling(link: Path) -> None:
+    """Removes ``link`` if it is a symlink whose target is gone (a claimed pooled VM's
+    ``sandboxes/<name>`` after its VM ended)."""
+    if link.is_symlink() and not link.exists():
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
 
 
 # File names inside a sandbox state directory (QEMU's own are in qemu_argv.SandboxPaths).

@@ -82,10 +82,8 @@ def end(spec: L.LaunchSpec) -> None:
     """The state directory removed, with the link that named it (a claimed pooled VM), and the
     monitor out of the sandbox's host cgroup."""
     remove_state_dir(spec.dir)
-    alias = Path(spec.alias) if spec.alias else None
-    if alias is not None and alias.is_symlink() and not alias.exists():
-        with contextlib.suppress(FileNotFoundError):
-            alias.unlink()
+    if spec.alias:
+        L.drop_dangling(Path(spec.alias))
     hostcgroup.leave(spec.cgroup, os.getpid())
 
 

@@ -184,8 +184,7 @@ def start(
     d = sandbox_path(root, sandbox_id)
     check_socket_room(d)
     host = host or host_facts(cfg, build_output)
-    if d.is_symlink() and not d.exists():  # a claimed pooled VM's link left by a crash
-        d.unlink()
+    L.drop_dangling(d)  # a claimed pooled VM's link left by a crash
     return boot(cfg, d, sandbox_id, host, log_file, log_format, debug, cgroups_path)
 
 
@@ -451,6 +450,5 @@ def _force(d: Path, mpid: int | None) -> None:
         cgroup, alias = spec.cgroup, spec.alias
     _kill_leftovers(d, None)
     hostcgroup.remove(cgroup)  # a killed monitor did not leave it
-    if alias and Path(alias).is_symlink() and not Path(alias).exists():
-        with contextlib.suppress(FileNotFoundError):
-            Path(alias).unlink()
+    if alias:
+        L.drop_dangling(Path(alias))

@@ -96,7 +96,7 @@ def _entry(d: Path) -> Entry:
     mpid = _int_in(d / L.MONITOR_PID)
     if not mpid:  # a fill is booting it (or died doing so: a fill holding the lock decides)
         return Entry(d.name, d, "booting", spec.pool_key, since=_mtime(d))
-    if not pid_alive(mpid) or launcher.our_monitor(d) is None:  # gone, or a reboot's leftover
+    if launcher.our_monitor(d) != mpid:  # gone, or a reboot's leftover naming another process
         return Entry(d.name, d, "dead", spec.pool_key, "", mpid, _mtime(d))
     if (d / L.POOL_READY).exists():
         return Entry(d.name, d, "ready", spec.pool_key, "", mpid, _mtime(d / L.POOL_READY))
@@ -208,21 +208,22 @@ def claim(
         if e.state != "ready" or e.key != want or not take(e.dir):
             continue
         link.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-        if link.is_symlink() and not link.exists():
-            link.unlink()  # a claimed VM's link left by a crash
+        L.drop_dangling(link)  # a claimed VM's link left by a crash
         try:
             os.symlink(e.dir, link)
         except FileExistsError:
             give_back(e.dir)
             raise StateError(f"sandbox {sandbox_id} already exists ({link})") from None
         try:
-            return _specialise(cfg, e, link, sandbox_id, log_file, log_format, debug, cgroups_path)
+            _specialise(cfg, e, link, sandbox_id, log_file, log_format, debug, cgroups_path)
         except (CocoonError, OSError, grpc.RpcError) as exc:
             detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
             log.warning("pooled VM %s could not be claimed (%s): trying another", e.vmid, detail)
             with contextlib.suppress(FileNotFoundError):
                 link.unlink()
             destroy(e.dir)
+            continue
+        return launcher.Sandbox(sandbox_id, e.dir, e.monitor_pid, 0.0, host.accel, None, True)
     return None
 
 
@@ -251,7 +252,7 @@ def _specialise(
     log_format: str,
     debug: bool,
     cgroups_path: str,
-) -> launcher.Sandbox:
+) -> None:
     try:
         hc = hostcgroup.make(cgroups_path, sandbox_id)
     except hostcgroup.CgroupError as exc:
@@ -271,12 +272,10 @@ def _specialise(
                 ),
                 timeout=30,
             )
-            st = c.vm.Status(vpb.StatusRequest(), timeout=10)
     except BaseException:
         hostcgroup.remove(hc)
         raise
     log.info("sandbox %s: pooled VM %s claimed", sandbox_id, e.vmid)
-    return launcher.Sandbox(sandbox_id, e.dir, st.monitor_pid, 0.0, st.accel, None, True)
 
 
 def destroy(d: Path) -> None:
