@@ -63,6 +63,9 @@ class HypervisorConfig:
     msize_9p: int = 512000
     vfio_driver_override: bool = False
     free_page_reporting: bool = True
+    rootless: bool = False
+    rootless_uid_first: int = 1_900_000_000
+    rootless_uid_count: int = 65536
 
     def ceilings(self, host_cpus: int, host_memory_mib: int) -> tuple[int, int]:
         """(vCPUs, MiB of RAM) a sandbox can grow to on this host: the configured maxima
@@ -125,6 +128,7 @@ class LoadedConfig:
     sources: tuple[Path, ...]
 
 
+UID_MAX = 2**32 - 2  # (uid_t)-1 means "unchanged" to the kernel
 POOL_SIZE_MAX = 64  # pooled idle VMs; what the host's memory allows is checked at fill time
 DEFAULT_CONFIG_PATH = Path("/etc/cocoon/configuration.toml")
 DEFAULT_DROPIN_DIR = Path("/etc/cocoon/config.d")
@@ -322,6 +326,15 @@ def validate(cfg: Config, origins: Mapping[str, Path] | None = None) -> None:
     at_least("hypervisor.msize_9p", h.msize_9p, 4096)
     at_least("network.queues", cfg.network.queues, 0, 8)
     at_least("factory.pool_size", cfg.factory.pool_size, 0, POOL_SIZE_MAX)
+    at_least("hypervisor.rootless_uid_first", h.rootless_uid_first, 1000, UID_MAX)
+    at_least("hypervisor.rootless_uid_count", h.rootless_uid_count, 1, UID_MAX)
+    last = h.rootless_uid_first + h.rootless_uid_count - 1
+    if last > UID_MAX:
+        raise fail(
+            "hypervisor.rootless_uid_count",
+            f"the range ends at {last}, past the last usable uid {UID_MAX}",
+            "hypervisor.rootless_uid_first",
+        )
 
     for table in _FIELDS:
         section = getattr(cfg, table)

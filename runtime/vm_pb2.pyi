@@ -60,12 +60,14 @@ class AttachNetworkResponse(_message.Message):
     def __init__(self, interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedInterface, _Mapping]]] = ..., seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class AttachVfioRequest(_message.Message):
-    __slots__ = ["host_bdfs", "id"]
+    __slots__ = ["group", "host_bdfs", "id"]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
     HOST_BDFS_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    group: str
     host_bdfs: _containers.RepeatedScalarFieldContainer[str]
     id: str
-    def __init__(self, id: _Optional[str] = ..., host_bdfs: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., host_bdfs: _Optional[_Iterable[str]] = ..., group: _Optional[str] = ...) -> None: ...
 
 class AttachVfioResponse(_message.Message):
     __slots__ = ["guest_paths"]

@@ -9,7 +9,10 @@ unless ``cpu_hotunplug`` says the hypervisor is safe; memory grows and shrinks b
 pre-created virtio-mem device, or by one pc-dimm per increase (unplugged whole, which works
 because the guest onlines hot-added memory as movable); disks are scsi-hd on the virtio-scsi
 controller; VFIO devices and NICs go on the pre-created PCIe root ports (one allocation for
-both). A NIC's tap fds reach QEMU over QMP (SCM_RIGHTS, then ``getfd``).
+both). QEMU opens nothing on the host after boot, so that it can run unprivileged
+(monitor.qemuuser): a disk is opened here and its fd handed over (SCM_RIGHTS, then ``add-fd``;
+QEMU opens ``/dev/fdset/N``), a NIC's tap and vhost-net fds likewise (``getfd``), and a VFIO
+group's node is handed to QEMU's uid by the ``grant_vfio`` callback for as long as it is plugged.
 
 The limits are the launch contract's ``VmLimits`` (what QEMU's command line was built for).
 The QMP command function, the QMP event waiter and the agent calls are passed in, so unit
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,6 +42,9 @@ MAX_SCSI_TARGET = 255
 
 QmpFn = Callable[[str, dict[str, Any] | None], Awaitable[Any]]
 FdFn = Callable[[int, str], Awaitable[None]]  # hand QEMU an fd under a name (getfd)
+FdSetFn = Callable[[int, str], Awaitable[int]]  # hand QEMU an fd in a new fd set (add-fd): its id
+GrantFn = Callable[[str], Callable[[], None]]  # give QEMU a VFIO group's node; returns the undo
+VHOST_NET = "/dev/vhost-net"
 
 
 class EventWaiter(Protocol):
@@ -59,6 +66,7 @@ class Disk:
     device: str
     target: int
     guest_path: str = ""
+    fdset: int = -1
 
 
 @dataclass
@@ -90,6 +98,8 @@ class Hotplug:
         agent: GuestAgent,
         device_timeout_s: float = 20.0,
         pass_fd: FdFn | None = None,
+        add_fd: FdSetFn | None = None,
+        grant_vfio: GrantFn | None = None,
     ) -> None:
         self.limits = limits
         self._qmp = qmp
@@ -97,6 +107,8 @@ class Hotplug:
         self._agent = agent
         self._timeout = device_timeout_s
         self._pass_fd = pass_fd
+        self._add_fd = add_fd
+        self._grant_vfio = grant_vfio
         self._lock = asyncio.Lock()
         self.cpus_plugged = limits.vcpus  # QEMU vCPU devices present (boot ones included)
         self.cpus_online = limits.vcpus
@@ -104,6 +116,7 @@ class Hotplug:
         self.dimms: list[tuple[str, str, int]] = []  # (device id, backend id, MiB), in order
         self.disks: dict[str, Disk] = {}
         self.vfio: dict[str, list[tuple[str, int]]] = {}  # id -> [(device id, root port)]
+        self.vfio_undo: dict[str, Callable[[], None]] = {}  # id -> gives the group's node back
         self.nics: dict[str, tuple[str, str, int]] = {}  # id -> (device id, netdev id, port)
         self._seq = 0
 
@@ -315,7 +328,11 @@ class Hotplug:
             if not free:
                 raise HotplugError(ErrorKind.LIMIT, "all SCSI targets of the controller are in use")
             d = Disk(node=f"drive-{disk_id}", device=f"scsi-{disk_id}", target=free[0])
-            file = {"driver": "host_device" if is_block else "file", "filename": path}
+            d.fdset = await self._open_for_qemu(path, readonly)
+            file = {
+                "driver": "host_device" if is_block else "file",
+                "filename": f"/dev/fdset/{d.fdset}",
+            }
             try:
                 async with timing.step("qmp"):
                     await self._qmp(
@@ -323,6 +340,7 @@ class Hotplug:
                         {"driver": "raw", "node-name": d.node, "read-only": readonly, "file": file},
                     )
             except Exception as exc:
+                await self._remove_fdset(d.fdset)
                 raise HotplugError(ErrorKind.FAILED, f"disk {path}: {exc}") from exc
             try:
                 async with timing.step("qmp"):
@@ -351,6 +369,7 @@ class Hotplug:
             except Exception as exc:
                 with contextlib.suppress(Exception):
                     await self._qmp("blockdev-del", {"node-name": d.node})
+                await self._remove_fdset(d.fdset)
                 if isinstance(exc, HotplugError):
                     raise
                 raise HotplugError(ErrorKind.FAILED, f"disk {path}: {exc}") from exc
@@ -365,7 +384,29 @@ class Hotplug:
             await self._device_del(d.device)
             with contextlib.suppress(Exception):
                 await self._qmp("blockdev-del", {"node-name": d.node})
+            await self._remove_fdset(d.fdset)
             del self.disks[disk_id]
+
+    async def _open_for_qemu(self, path: str, readonly: bool) -> int:
+        """Opens a disk here and hands QEMU the fd in a fd set of its own: its id."""
+        if self._add_fd is None:
+            raise HotplugError(ErrorKind.FAILED, "this monitor cannot pass fds to QEMU")
+        mode = os.O_RDONLY if readonly else os.O_RDWR
+        try:
+            fd = os.open(path, mode | os.O_CLOEXEC)
+        except OSError as exc:
+            raise HotplugError(ErrorKind.INVALID, f"disk {path}: {exc.strerror}") from exc
+        try:
+            return await self._add_fd(fd, path)
+        except Exception as exc:
+            raise HotplugError(ErrorKind.FAILED, f"disk {path}: handing it to QEMU: {exc}") from exc
+        finally:
+            os.close(fd)  # QEMU holds its own copy
+
+    async def _remove_fdset(self, fdset: int) -> None:
+        """Closes QEMU's copy of a disk's fd (once the block node that used it is gone)."""
+        with contextlib.suppress(Exception):
+            await self._qmp("remove-fd", {"fdset-id": fdset})
 
     # ------------------------------------------------------------------ VFIO
     def _free_ports(self) -> list[int]:
@@ -373,9 +414,9 @@ class Hotplug:
         used |= {port for _, _, port in self.nics.values()}
         return [p for p in range(self.limits.root_ports) if p not in used]
 
-    async def attach_vfio(self, vfio_id: str, host_bdfs: list[str]) -> list[str]:
-        """Plugs each PCI function of a VFIO group onto a free root port; returns the guest
-        sysfs paths of the devices once the guest sees them."""
+    async def attach_vfio(self, vfio_id: str, host_bdfs: list[str], group: str = "") -> list[str]:
+        """Plugs each PCI function of VFIO group ``group`` onto a free root port; returns the
+        guest sysfs paths of the devices once the guest sees them."""
         async with self._lock:
             if vfio_id in self.vfio:
                 raise HotplugError(ErrorKind.INVALID, f"VFIO device {vfio_id} is already attached")
@@ -388,7 +429,13 @@ class Hotplug:
                 )
             plugged: list[tuple[str, int]] = []
             paths: list[str] = []
+            undo: Callable[[], None] = lambda: None  # noqa: E731
             try:
+                if self._grant_vfio is not None:
+                    try:
+                        undo = self._grant_vfio(group)
+                    except Exception as exc:
+                        raise HotplugError(ErrorKind.FAILED, f"VFIO group {group}: {exc}") from exc
                 for bdf, port in zip(host_bdfs, free, strict=False):
                     dev = f"vfio-{vfio_id}-{len(plugged)}"
                     try:
@@ -408,8 +455,10 @@ class Hotplug:
                 for dev, _ in reversed(plugged):
                     with contextlib.suppress(Exception):
                         await self._device_del(dev)
+                undo()
                 raise
             self.vfio[vfio_id] = plugged
+            self.vfio_undo[vfio_id] = undo
             return paths
 
     async def detach_vfio(self, vfio_id: str) -> None:
@@ -420,6 +469,7 @@ class Hotplug:
             for dev, _ in reversed(devs):
                 await self._device_del(dev)
             del self.vfio[vfio_id]
+            self.vfio_undo.pop(vfio_id, lambda: None)()
 
     # ------------------------------------------------------------------ NICs
     async def attach_nic(
@@ -442,17 +492,29 @@ class Hotplug:
                 )
             port = free[0]
             names = [f"{nic_id}-q{i}" for i in range(len(fds))]
+            vnames = [f"{nic_id}-v{i}" for i in range(len(fds))] if vhost else []
             netdev, dev = f"hn-{nic_id}", f"nic-{nic_id}"
             added: list[tuple[str, dict[str, Any]]] = []
             try:
                 for fd, name in zip(fds, names, strict=True):
                     await self._pass_fd(fd, name)
                     added.append(("closefd", {"fdname": name}))
+                for name in vnames:  # QEMU may not open /dev/vhost-net itself (non-root)
+                    vfd = os.open(VHOST_NET, os.O_RDWR | os.O_CLOEXEC)
+                    try:
+                        await self._pass_fd(vfd, name)
+                    finally:
+                        os.close(vfd)
+                    added.append(("closefd", {"fdname": name}))
                 nd: dict[str, Any] = {"type": "tap", "id": netdev, "vhost": vhost}
                 if len(fds) > 1:
                     nd["fds"] = ":".join(names)
                 else:
                     nd["fd"] = names[0]
+                if len(vnames) > 1:
+                    nd["vhostfds"] = ":".join(vnames)
+                elif vnames:
+                    nd["vhostfd"] = vnames[0]
                 await self._qmp("netdev_add", nd)
                 added = [("netdev_del", {"id": netdev})]  # QEMU took the named fds
                 da: dict[str, Any] = {

@@ -73,6 +73,9 @@ class LaunchSpec:
     # sandbox), and once claimed the sandboxes/<name> link that names it.
     pool_key: str = ""
     alias: str = ""
+    # Non-root QEMU (monitor.qemuuser): [first uid, count] to take QEMU's uid from; empty:
+    # QEMU runs as root. The argv then starts QEMU paused (-S), the monitor adds -runas.
+    qemu_uids: list[int] = field(default_factory=list)
 
     @property
     def dir(self) -> Path:
@@ -104,6 +107,7 @@ AGENT_SOCK = "agent.sock"
 LAUNCH_FILE = "launch.json"
 MONITOR_PID = "monitor.pid"
 QEMU_PID = "qemu.pid"
+QEMU_UID = "qemu.uid"  # a non-root QEMU's uid (monitor.qemuuser)
 QEMU_LOG = "qemu.log"
 MONITOR_LOG = "monitor.log"
 VIRTIOFSD_LOG = "virtiofsd.log"

@@ -44,7 +44,16 @@ async def start(vm: Vm) -> None:
     """Boots the VM, then serves the VM service and the forwarded agent service."""
     await vm.start()
     assert vm.calls is not None  # connected by start()
-    svc = service.Service(vm.spec, vm, vm.qmp_command, vm.wait_event, vm.calls, pass_fd=vm.pass_fd)
+    svc = service.Service(
+        vm.spec,
+        vm,
+        vm.qmp_command,
+        vm.wait_event,
+        vm.calls,
+        pass_fd=vm.pass_fd,
+        add_fd=vm.add_fd,
+        grant_vfio=vm.grant_vfio,
+    )
     await vm.serve([service.handler(svc), forward.handlers(lambda: vm.agent)])
 
 

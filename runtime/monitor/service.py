@@ -91,13 +91,22 @@ class Service:
         agent: Agent,
         pass_fd: hotplug.FdFn | None = None,
         device_timeout_s: float = 20.0,
+        add_fd: hotplug.FdSetFn | None = None,
+        grant_vfio: hotplug.GrantFn | None = None,
     ) -> None:
         self.spec = spec
         self.vm = vm
         self.qmp = qmp
         self.agent = agent
         self.hotplug = hotplug.Hotplug(
-            spec.limits, qmp, wait_event, agent, device_timeout_s, pass_fd=pass_fd
+            spec.limits,
+            qmp,
+            wait_event,
+            agent,
+            device_timeout_s,
+            pass_fd=pass_fd,
+            add_fd=add_fd,
+            grant_vfio=grant_vfio,
         )
         self.net_lock = asyncio.Lock()
 
@@ -207,7 +216,7 @@ async def detach_disk(svc: Service, req: vpb.DetachDiskRequest) -> vpb.DetachDis
 
 async def attach_vfio(svc: Service, req: vpb.AttachVfioRequest) -> vpb.AttachVfioResponse:
     async with _plugging(svc) as hp:
-        paths = await hp.attach_vfio(req.id, list(req.host_bdfs))
+        paths = await hp.attach_vfio(req.id, list(req.host_bdfs), req.group)
     return vpb.AttachVfioResponse(guest_paths=paths)
 
 

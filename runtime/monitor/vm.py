@@ -5,6 +5,9 @@ QMP connection, the agent channel, an agent health check and an API-hash check, 
 failing at once with QEMU's reason if QEMU exits meanwhile. Once running it watches QEMU and
 virtiofsd (an unexpected exit of either is an event and ends the sandbox), fans QMP events
 out to the event subscribers and to hot-plug's waiters, and serialises QMP commands.
+With a non-root QEMU (``spec.qemu_uids``) it takes a uid for QEMU (monitor.qemuuser),
+starts QEMU paused with ``-runas``, checks from /proc that QEMU dropped root, and only then
+lets the guest run; the uid is given back once QEMU is gone.
 ``claim()`` hands a pooled VM to its sandbox (host cgroup, nice level, log, launch file).
 ``stop()`` shuts down in order (agent DestroySandbox, QMP quit, SIGKILL); ``teardown()``
 releases everything, and ``remove_state_dir()`` removes the state directory.
@@ -12,7 +15,7 @@ releases everything, and ``remove_state_dir()`` removes the state directory.
 May import: the standard library, grpc, qemu.qmp, cocoon.agent (api_hash),
 cocoon.runtime.{vm_pb2, errors, logs}, cocoon.runtime.sandbox.hostmount,
 cocoon.runtime.network.record (lazily, only when a network was attached),
-cocoon.runtime.monitor.{agentcalls, channel, hostcgroup, launch}.
+cocoon.runtime.monitor.{agentcalls, channel, hostcgroup, launch, qemuuser}.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +41,7 @@ from cocoon.agent import api_hash
 from cocoon.runtime import logs
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.errors import ChannelError, HostError, StartError
-from cocoon.runtime.monitor import hostcgroup
+from cocoon.runtime.monitor import hostcgroup, qemuuser
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.agentcalls import AgentCalls
 from cocoon.runtime.monitor.channel import SerialMuxHost, VsockRelay
@@ -92,6 +96,8 @@ class Vm:
         self.boot_seconds = 0.0
         self.tasks: list[asyncio.Task[None]] = []
         self.event_waiters: list[tuple[str, EventMatch, asyncio.Future[dict[str, Any]]]] = []
+        self.uid = 0  # a non-root QEMU's uid (0: QEMU runs as root)
+        self.vfio_dev = Path("/dev/vfio")
 
     @property
     def qemu_pid(self) -> int:
@@ -115,11 +121,22 @@ class Vm:
         deadline = time.monotonic() + spec.ready_timeout_s
         if spec.shared_fs == "virtio-fs":
             await self._start_virtiofsd()
+        argv = list(spec.argv)
+        if spec.qemu_uids:
+            first, count = spec.qemu_uids
+            try:
+                self.uid = await asyncio.to_thread(qemuuser.allocate, first, count, spec.sandbox_id)
+            except (qemuuser.UidError, OSError) as exc:
+                raise StartError(f"no uid for a non-root QEMU: {exc}") from exc
+            (self.dir / L.QEMU_UID).write_text(f"{self.uid}\n")
+            argv += ["-runas", f"{self.uid}:{self.uid}"]
         self.t_spawn = time.monotonic()
-        self.qemu = await self._spawn(list(spec.argv), L.QEMU_LOG, "QEMU")
+        self.qemu = await self._spawn(argv, L.QEMU_LOG, "QEMU")
         (self.dir / L.QEMU_PID).write_text(f"{self.qemu.pid}\n")
         self.tasks.append(asyncio.create_task(self._watch_qemu()))
         await self._race(self._connect_qmp(deadline), "QMP")
+        if self.uid:
+            await self._race(self._resume_unprivileged(), "guest")
         await self._race(self._connect_agent(deadline), "agent")
         self.boot_seconds = time.monotonic() - self.t_spawn
         self.state = "running"
@@ -219,6 +236,19 @@ class Vm:
                 if time.monotonic() > deadline:
                     raise StartError(f"QMP socket {path}: {exc}") from exc
                 await asyncio.sleep(0.02)
+
+    async def _resume_unprivileged(self) -> None:
+        """QEMU answers QMP once it ran -runas: the guest, paused so far, runs only once
+        /proc shows that every uid of QEMU is the sandbox's and QEMU holds no capability."""
+        assert self.qemu is not None
+        uids = qemuuser.uids_of(self.qemu.pid)
+        caps = qemuuser.capabilities_of(self.qemu.pid)
+        if uids != (self.uid,) * 4 or caps:
+            raise StartError(
+                f"QEMU did not drop root (uids {uids}, capabilities {caps:#x}); the guest was "
+                "never started"
+            )
+        await self.qmp_command("cont", None)
 
     async def _connect_agent(self, deadline: float) -> None:
         spec = self.spec
@@ -329,6 +359,31 @@ class Vm:
             self.qmp.send_fd_scm(fd)
             await self.qmp.execute("getfd", {"fdname": name})
 
+    async def add_fd(self, fd: int, opaque: str) -> int:
+        """Hands QEMU ``fd`` in a new fd set (``/dev/fdset/N`` to QEMU); returns N."""
+        async with self.qmp_lock:
+            self.qmp.send_fd_scm(fd)
+            reply = await self.qmp.execute("add-fd", {"opaque": opaque})
+        assert isinstance(reply, dict)
+        return int(reply["fdset-id"])
+
+    def grant_vfio(self, group: str) -> Callable[[], None]:
+        """Before a VFIO group's devices are plugged: a non-root QEMU gets the group's node
+        (and the memlock limit to pin guest RAM for DMA); returns what gives them back."""
+        if not self.uid:
+            return lambda: None
+        if not group.isdigit():
+            raise qemuuser.UidError(f"VFIO group {group!r}: not a group number")
+        node = self.vfio_dev / group
+        owner = qemuuser.grant(node, self.uid)
+        try:
+            inf = resource.RLIM_INFINITY
+            resource.prlimit(self.qemu_pid, resource.RLIMIT_MEMLOCK, (inf, inf))
+        except OSError as exc:
+            qemuuser.revoke(node, owner)
+            raise qemuuser.UidError(f"QEMU's memlock limit: {exc.strerror}") from exc
+        return lambda: qemuuser.revoke(node, owner)
+
     # ------------------------------------------------------------------ pool
     def host_pids(self) -> list[int]:
         """The sandbox's host processes: the monitor, QEMU, virtiofsd (whose sandbox is a
@@ -406,6 +461,9 @@ class Vm:
             with contextlib.suppress(ProcessLookupError):
                 self.qemu.kill()
             await self._wait_qemu(30)
+        if self.uid and (self.qemu is None or self.qemu_exit.done()):
+            qemuuser.release(self.uid)  # a QEMU that would not die keeps it (never reused)
+            self.uid = 0
         if (self.dir / L.NETWORK_RECORD).exists():  # QEMU is gone: so are its tap fds
             from cocoon.runtime.network import record
 

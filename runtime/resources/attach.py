@@ -59,7 +59,8 @@ def attach_devices(
     for g in groups:
         try:
             v = c.vm.AttachVfio(
-                vpb.AttachVfioRequest(id=g.vfio_id, host_bdfs=list(g.bdfs)), timeout=60
+                vpb.AttachVfioRequest(id=g.vfio_id, host_bdfs=list(g.bdfs), group=g.group),
+                timeout=60,
             )
         except grpc.RpcError as exc:
             raise rpc_error(f"container {cid}: VFIO group {g.group}", exc) from exc

@@ -266,6 +266,11 @@ def launch_spec(
         limits=vm.limits,
         cgroup=cgroup,
         pool_key=pool_key,
+        qemu_uids=(
+            [cfg.hypervisor.rootless_uid_first, cfg.hypervisor.rootless_uid_count]
+            if cfg.hypervisor.rootless
+            else []
+        ),
     )
 
 

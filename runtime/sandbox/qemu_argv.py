@@ -46,6 +46,9 @@ BASE_KERNEL_PARAMS = (
 )
 
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# A non-root QEMU (-runas) calls setgid/setuid after the filter is in: allowed, since a
+# process that dropped root holds no capability to raise them again (and no_new_privs is set).
+SECCOMP_RUNAS = SECCOMP.replace("elevateprivileges=deny", "elevateprivileges=allow")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,9 @@ class VmPlan:
     seccomp: bool
     paths: SandboxPaths
     free_page_reporting: bool = True
+    # Non-root QEMU: the monitor adds -runas with the sandbox's uid; QEMU starts paused (-S)
+    # and the monitor resumes it once it checked QEMU dropped root.
+    rootless: bool = False
 
 
 def _align_up(n: int, a: int) -> int:
@@ -154,6 +160,7 @@ def plan(
         seccomp=seccomp,
         paths=SandboxPaths(state_dir),
         free_page_reporting=h.free_page_reporting,
+        rootless=h.rootless,
     )
 
 
@@ -243,6 +250,8 @@ def build_argv(p: VmPlan) -> list[str]:
         # The guest reports free 2 MiB blocks; QEMU drops them from the host (a hole punched
         # in the memfd): an idle guest gives back what boot touched and freed.
         a += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
+    if p.rootless:
+        a += ["-S"]
     if p.seccomp:
-        a += ["-sandbox", SECCOMP]
+        a += ["-sandbox", SECCOMP_RUNAS if p.rootless else SECCOMP]
     return a

@@ -61,10 +61,16 @@ class FakeQemu:
         self.fds: set[str] = set()  # named fds QEMU holds (getfd)
         self.netdevs: set[str] = set()
         self.passed: list[int] = []
+        self.fdsets: dict[int, str] = {}  # fd set id -> what the fd was opened on (add-fd)
 
     async def pass_fd(self, fd: int, name: str) -> None:
         self.passed.append(fd)
         await self("getfd", {"fdname": name})
+
+    async def add_fd(self, fd: int, opaque: str) -> int:
+        os.fstat(fd)  # an open fd, as SCM_RIGHTS needs
+        reply = await self("add-fd", {"opaque": opaque})
+        return int(reply["fdset-id"])
 
     async def __call__(self, cmd: str, args: dict[str, Any] | None) -> Any:
         a = args or {}
@@ -98,7 +104,19 @@ class FakeQemu:
         if cmd == "object-del":
             self.objects.discard(a["id"])
             return {}
+        if cmd == "add-fd":
+            fdset = max(self.fdsets, default=0) + 1
+            self.fdsets[fdset] = a["opaque"]
+            return {"fdset-id": fdset, "fd": 40 + fdset}
+        if cmd == "remove-fd":
+            if a["fdset-id"] not in self.fdsets:
+                raise RuntimeError(f"File descriptor named '{a['fdset-id']}' not found")
+            del self.fdsets[a["fdset-id"]]
+            return {}
         if cmd == "blockdev-add":
+            filename = a["file"]["filename"]
+            if filename.startswith("/dev/fdset/"):
+                assert int(filename.rsplit("/", 1)[1]) in self.fdsets, f"{filename} not added"
             self.nodes.add(a["node-name"])
             return {}
         if cmd == "blockdev-del":
@@ -119,6 +137,8 @@ class FakeQemu:
             return {}
         if cmd == "netdev_add":
             names = a["fds"].split(":") if "fds" in a else [a["fd"]]
+            names += a["vhostfds"].split(":") if "vhostfds" in a else []
+            names += [a["vhostfd"]] if "vhostfd" in a else []
             assert all(n in self.fds for n in names), f"netdev {a['id']}: fds not passed"
             self.fds -= set(names)  # QEMU takes the named fds
             self.netdevs.add(a["id"])

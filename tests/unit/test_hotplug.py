@@ -19,10 +19,36 @@ from cocoon.runtime.resources import devices, sizing
 from tests.unit.fakes import MIB, FakeAgent, FakeQemu, limits, no_event
 
 
-def make(qemu: FakeQemu, **kw: Any) -> tuple[hp.Hotplug, FakeAgent]:
+def make(
+    qemu: FakeQemu, grant: hp.GrantFn | None = None, **kw: Any
+) -> tuple[hp.Hotplug, FakeAgent]:
     agent = FakeAgent(qemu)
-    h = hp.Hotplug(limits(**kw), qemu, no_event, agent, device_timeout_s=0.3, pass_fd=qemu.pass_fd)
+    h = hp.Hotplug(
+        limits(**kw),
+        qemu,
+        no_event,
+        agent,
+        device_timeout_s=0.3,
+        pass_fd=qemu.pass_fd,
+        add_fd=qemu.add_fd,
+        grant_vfio=grant,
+    )
     return h, agent
+
+
+@pytest.fixture
+def img(tmp_path: Path) -> str:
+    p = tmp_path / "img"
+    p.write_bytes(b"\0" * 4096)
+    return str(p)
+
+
+@pytest.fixture(autouse=True)
+def fake_vhost_net(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    p = tmp_path / "vhost-net"
+    p.write_bytes(b"")
+    monkeypatch.setattr(hp, "VHOST_NET", str(p))
+    return p
 
 
 def run(coro: Any) -> Any:
@@ -125,13 +151,17 @@ def test_pc_dimm_add_and_remove_whole_dimms() -> None:
 
 
 # ----------------------------------------------------------------------------- disks
-def test_disk_attach_detach() -> None:
+def test_disk_attach_detach(img: str) -> None:
+    """QEMU opens no host path: the disk goes over as an fd in a fd set of its own, which is
+    removed once the block node is."""
     q = FakeQemu()
     h, _ = make(q)
-    d = run(h.attach_disk("d0", "/img", False, False))
+    d = run(h.attach_disk("d0", img, False, False))
     assert d.guest_path == "/dev/sda" and d.target == 1
+    assert q.fdsets == {d.fdset: img}
     add = q.sent("blockdev-add")[0]
-    assert add["file"] == {"driver": "file", "filename": "/img"} and not add["read-only"]
+    assert add["file"] == {"driver": "file", "filename": f"/dev/fdset/{d.fdset}"}
+    assert not add["read-only"]
     dev = q.sent("device_add")[0]
     assert (dev["driver"], dev["bus"], dev["scsi-id"], dev["drive"]) == (
         "scsi-hd",
@@ -139,27 +169,40 @@ def test_disk_attach_detach() -> None:
         1,
         "drive-d0",
     )
-    d2 = run(h.attach_disk("d1", "/dev/loop0", True, True))
+    d2 = run(h.attach_disk("d1", img, True, True))
     assert d2.target == 2 and q.sent("blockdev-add")[1]["file"]["driver"] == "host_device"
+    assert q.sent("blockdev-add")[1]["read-only"] and len(q.fdsets) == 2
     run(h.detach_disk("d0"))
     assert q.nodes == {"drive-d1"} and "scsi-d0" not in q.devices
+    assert list(q.fdsets) == [d2.fdset]
+    names = [c for c, _ in q.calls]
+    assert names.index("blockdev-del") < names.index("remove-fd")
 
 
-def test_disk_the_guest_never_sees_is_rolled_back() -> None:
+def test_disk_that_cannot_be_opened_sends_nothing(tmp_path: Path) -> None:
+    q = FakeQemu()
+    h, _ = make(q)
+    with pytest.raises(HotplugError, match="No such file") as info:
+        run(h.attach_disk("d0", str(tmp_path / "absent"), False, False))
+    assert info.value.kind == ErrorKind.INVALID and q.calls == [] and h.disks == {}
+
+
+def test_disk_the_guest_never_sees_is_rolled_back(img: str) -> None:
     q = FakeQemu()
     h, agent = make(q)
     agent.missing.add("0:1:0")
     with pytest.raises(HotplugError, match="did not appear"):
-        run(h.attach_disk("d0", "/img", False, False))
-    assert q.nodes == set() and q.devices == set() and h.disks == {}
+        run(h.attach_disk("d0", img, False, False))
+    assert q.nodes == set() and q.devices == set() and h.disks == {} and q.fdsets == {}
 
 
-def test_disk_qemu_refuses_is_rolled_back() -> None:
-    q = FakeQemu(fail=lambda c, a: "Could not open" if c == "device_add" else "")
+@pytest.mark.parametrize("failing", ["blockdev-add", "device_add"])
+def test_disk_qemu_refuses_is_rolled_back(img: str, failing: str) -> None:
+    q = FakeQemu(fail=lambda c, a: "Could not open" if c == failing else "")
     h, _ = make(q)
     with pytest.raises(HotplugError, match="Could not open"):
-        run(h.attach_disk("d0", "/img", False, False))
-    assert q.nodes == set()
+        run(h.attach_disk("d0", img, False, False))
+    assert q.nodes == set() and q.fdsets == {}
 
 
 # ----------------------------------------------------------------------------- VFIO
@@ -177,6 +220,40 @@ def test_vfio_functions_go_on_free_root_ports() -> None:
     assert info.value.kind == ErrorKind.LIMIT and len(q.sent("device_add")) == 2  # refused up front
     run(h.detach_vfio("v0"))
     assert q.devices == set()
+
+
+def test_vfio_group_is_granted_while_plugged_and_given_back() -> None:
+    """A non-root QEMU gets the group's node before its devices are plugged, and loses it
+    when they are unplugged, or when the plug fails."""
+    q = FakeQemu(fail=lambda c, a: "no such host device" if a.get("host") == "0000:09:00.0" else "")
+    held: list[str] = []
+
+    def grant(group: str) -> Any:
+        held.append(group)
+        vfio_id = {"7": "v0", "9": "v1"}[group]
+        assert f"vfio-{vfio_id}-0" not in q.devices, "granted after its device was plugged"
+        return lambda: held.remove(group)
+
+    h, _ = make(q, grant)
+    run(h.attach_vfio("v0", ["0000:03:00.0"], "7"))
+    assert held == ["7"]
+    with pytest.raises(HotplugError, match="no such host device"):
+        run(h.attach_vfio("v1", ["0000:09:00.0"], "9"))
+    assert held == ["7"]
+    run(h.detach_vfio("v0"))
+    assert held == [] and q.devices == set()
+
+
+def test_vfio_group_that_cannot_be_granted_plugs_nothing() -> None:
+    q = FakeQemu()
+
+    def grant(group: str) -> Any:
+        raise OSError(f"/dev/vfio/{group} does not exist")
+
+    h, _ = make(q, grant)
+    with pytest.raises(HotplugError, match="VFIO group 7: /dev/vfio/7 does not exist"):
+        run(h.attach_vfio("v0", ["0000:03:00.0"], "7"))
+    assert q.calls == [] and h.vfio == {}
 
 
 def test_vfio_partial_failure_unplugs_what_was_plugged() -> None:
@@ -208,11 +285,13 @@ def test_nic_passes_its_fds_and_shares_root_ports_with_vfio() -> None:
     )
     port, _ = run(h.attach_nic("net1", [9], "02:00:00:00:00:02", True))
     assert port == 2 and q.sent("netdev_add")[1]["fd"] == "net1-q0"
+    # vhost: the monitor opens /dev/vhost-net for QEMU (which may run unprivileged)
     assert q.sent("netdev_add")[1]["vhost"] is True
+    assert q.sent("netdev_add")[1]["vhostfd"] == "net1-v0" and len(q.passed) == 4
     assert "mq" not in q.sent("device_add")[-1]
     with pytest.raises(HotplugError, match="no free root port") as info:
         run(h.attach_nic("net2", [10], "02:00:00:00:00:03", False))
-    assert info.value.kind == ErrorKind.LIMIT and q.passed == [7, 8, 9]  # refused before any fd
+    assert info.value.kind == ErrorKind.LIMIT and len(q.passed) == 4  # refused before any fd
     run(h.detach_nic("net0"))
     run(h.detach_vfio("v0"))
     run(h.detach_nic("net1"))

@@ -77,6 +77,7 @@ class Rig:
             self.agent,
             pass_fd=self.qemu.pass_fd,
             device_timeout_s=0.3,
+            add_fd=self.qemu.add_fd,
         )
 
     def rpc(self, name: str, request: Any) -> Any:
@@ -197,11 +198,12 @@ def test_attach_and_detach_disk(rig: Rig, tmp_path: Path) -> None:
     r = rig.rpc("AttachDisk", vpb.AttachDiskRequest(id="d0", path=str(img), readonly=True))
     assert (r.guest_path, r.scsi_target) == ("/dev/sda", 1) and set(r.seconds) == {"qmp", "guest"}
     add = rig.qemu.sent("blockdev-add")[0]
-    assert add["read-only"] and add["file"] == {"driver": "file", "filename": str(img)}
+    assert add["read-only"] and add["file"] == {"driver": "file", "filename": "/dev/fdset/1"}
+    assert rig.qemu.fdsets == {1: str(img)}
     e = rig.refused("AttachDisk", vpb.AttachDiskRequest(id="d0", path=str(img)))
     assert (e.code, e.details) == (S.INVALID_ARGUMENT, "disk d0 is already attached")
     assert isinstance(rig.rpc("DetachDisk", vpb.DetachDiskRequest(id="d0")), vpb.DetachDiskResponse)
-    assert rig.qemu.nodes == set() and rig.qemu.devices == set()
+    assert rig.qemu.nodes == set() and rig.qemu.devices == set() and rig.qemu.fdsets == {}
     e = rig.refused("DetachDisk", vpb.DetachDiskRequest(id="d0"))
     assert (e.code, e.details) == (S.INVALID_ARGUMENT, "disk d0 is not attached")
 

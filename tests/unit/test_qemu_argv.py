@@ -93,6 +93,15 @@ CASES: dict[str, Case] = {
         host_memory_mib=8192,
         rootfs_size=1,  # rounds up to 2 MiB
     ),
+    "rootless_tcg_serial_virtiofs_seccomp": Case(
+        cfg=hv(rootless=True),
+        accel="tcg",
+        channel="virtio-serial",
+        seccomp=True,
+        host_cpus=2,
+        host_memory_mib=4096,
+        rootfs_size=64 * MIB,
+    ),
 }
 
 
@@ -353,8 +362,9 @@ def test_sandbox_iff_seccomp(name: str) -> None:
     for seccomp in (True, False):
         argv = argv_of(replace(case, seccomp=seccomp))
         if seccomp:
-            assert value_of(argv, "-sandbox") == qa.SECCOMP
-            assert qa.SECCOMP.startswith("on,")
+            want = qa.SECCOMP_RUNAS if case.cfg.hypervisor.rootless else qa.SECCOMP
+            assert value_of(argv, "-sandbox") == want
+            assert want.startswith("on,")
         else:
             assert "-sandbox" not in argv
 
@@ -480,3 +490,15 @@ def test_memory_hotplug_device_follows_configuration() -> None:
     dimm = argv_of(replace(base, cfg=hv(memory_hotplug="pc-dimm")))
     assert not any("virtio-mem" in d for d in values_of(dimm, "-device"))
     assert not any("vmem0" in o for o in values_of(dimm, "-object"))
+
+
+def test_rootless_starts_paused_and_lets_qemu_drop_root_under_seccomp() -> None:
+    """Non-root QEMU: paused until the monitor saw it drop root; the seccomp filter (set
+    before -runas takes effect) lets it call setuid; -runas itself is the monitor's, which
+    picks the uid."""
+    argv = argv_of(CASES["rootless_tcg_serial_virtiofs_seccomp"])
+    assert "-S" in argv and "-runas" not in argv
+    sandbox = value_of(argv, "-sandbox")
+    assert "elevateprivileges=allow" in sandbox and "spawn=deny" in sandbox
+    root = argv_of(CASES["defaults_tcg_serial_virtiofs_seccomp"])
+    assert "-S" not in root and "elevateprivileges=deny" in value_of(root, "-sandbox")
