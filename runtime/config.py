@@ -63,7 +63,7 @@ class HypervisorConfig:
     msize_9p: int = 512000
     vfio_driver_override: bool = False
     free_page_reporting: bool = True
-    rootless: bool = False
+    rootless: bool = True
     rootless_uid_first: int = 1_900_000_000
     rootless_uid_count: int = 65536
 

@@ -111,6 +111,16 @@ def allocate(first: int, count: int, seed: str, directory: Path = UID_DIR) -> in
     )
 
 
+def release_stale(uid: int, directory: Path = UID_DIR) -> None:
+    """Gives back ``uid`` if its monitor died and nothing runs as it any more (the clean-up of
+    a sandbox whose monitor was killed), so it is free again before the next allocation."""
+    marker = directory / str(uid)
+    with contextlib.suppress(OSError), open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists() and _stale(marker, uid):
+            marker.unlink()
+
+
 def release(uid: int, directory: Path = UID_DIR) -> None:
     """Gives ``uid`` back if this process holds it (its QEMU must be gone)."""
     marker = directory / str(uid)

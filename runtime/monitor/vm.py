@@ -373,7 +373,7 @@ class Vm:
         if not self.uid:
             return lambda: None
         if not group.isdigit():
-            raise qemuuser.UidError(f"VFIO group {group!r}: not a group number")
+            raise qemuuser.UidError(f"{group!r} is not a group number (/dev/vfio/N)")
         node = self.vfio_dev / group
         owner = qemuuser.grant(node, self.uid)
         try:

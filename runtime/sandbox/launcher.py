@@ -7,7 +7,7 @@ it), and waits for the monitor's one-line ready report (``client.Client`` then r
 are gone.
 
 May import: the standard library, grpc, cocoon.guest_image, cocoon.runtime.{config, errors,
-vm_pb2, monitor.{hostcgroup, launch}, container.ids, container.state, network.record (lazily)},
+vm_pb2, monitor.{hostcgroup, launch, qemuuser}, container.ids, container.state, network.record (lazily)},
 cocoon.runtime.sandbox.{client, hostmount, probe, qemu_argv}.
 """
 
@@ -35,7 +35,7 @@ from cocoon.runtime.config import Config
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.state import pid_alive, wait_gone
 from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
-from cocoon.runtime.monitor import hostcgroup
+from cocoon.runtime.monitor import hostcgroup, qemuuser
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.sandbox import client as client_mod
 from cocoon.runtime.sandbox import hostmount, probe, qemu_argv
@@ -377,6 +377,9 @@ def _kill_leftovers(d: Path, proc: subprocess.Popen[bytes] | None) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(qpid, signal.SIGKILL)
         wait_gone(qpid, 10, 0.02)
+    uid = _pid_in(d, L.QEMU_UID)
+    if uid:  # a non-root QEMU's uid, whose monitor could not give it back
+        qemuuser.release_stale(uid)
     if (d / L.NETWORK_RECORD).exists():  # the monitor died before undoing the network
         from cocoon.runtime.network import record
 

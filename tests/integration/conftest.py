@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cocoon.runtime import config as config_mod
+from cocoon.runtime.monitor import qemuuser
 from cocoon.runtime.sandbox import launcher as sandbox
 from tests.integration.cli import Cli
 from tests.integration.procs import live_processes, sandbox_cgroups
@@ -44,6 +45,8 @@ def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert not left, f"state left behind: {left}"
     assert not mounts_under(root), f"mounts left behind: {mounts_under(root)}"
     assert not sandbox_cgroups(), f"host cgroups left behind: {sandbox_cgroups()}"
+    uids = sorted(p.name for p in qemuuser.UID_DIR.glob("[0-9]*"))
+    assert not uids, f"non-root QEMU uids left marked: {uids}"
 
 
 def mounts_under(d: Path) -> list[str]:

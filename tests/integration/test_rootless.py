@@ -142,3 +142,32 @@ def test_container_with_network_and_resizes_under_a_non_root_qemu(
     assert mem1 >= mem0 + 400
     cli.ok("delete", "--force", "n1")
     assert not os.path.exists(sb)
+
+
+def test_root_qemu_when_rootless_is_off(
+    state_root: Path, image: sandbox.GuestFiles, cfg: config_mod.Config
+) -> None:
+    """hypervisor.rootless = false: QEMU keeps root under the stricter seccomp filter (no
+    set*id at all), takes no uid, and opens what hot-plug names itself (a VFIO device that
+    does not exist is QEMU's own error)."""
+    sb = sandbox.start(with_(cfg, "hypervisor", rootless=False), state_root, "root1")
+    try:
+        pid = int((sb.dir / L.QEMU_PID).read_text())
+        st = status(pid)
+        assert st["Uid"].split() == ["0"] * 4 and st["Seccomp"] == "2"
+        assert not (sb.dir / L.QEMU_UID).exists()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"-runas" not in argv and b"-S" not in argv
+        assert any(b"elevateprivileges=deny" in a for a in argv)
+        with client.Client(sb.dir) as c:
+            with pytest.raises(grpc.RpcError) as info:
+                c.vm.AttachVfio(
+                    vpb.AttachVfioRequest(id="v1", host_bdfs=["0000:7f:1f.7"], group="4242"),
+                    timeout=60,
+                )
+            details = info.value.details() or ""  # type: ignore[attr-defined]
+            assert "0000:7f:1f.7" in details, details
+            peripherals = [p["name"] for p in qmp(c, "qom-list", path="/machine/peripheral")]
+            assert not [p for p in peripherals if p.startswith("vfio-")], peripherals
+    finally:
+        sandbox.stop(state_root, "root1")

@@ -118,3 +118,13 @@ def test_capabilities_and_uids_of_this_process() -> None:
     assert qemuuser.uids_of(_dead_pid()) == ()
     assert qemuuser.capabilities_of(_dead_pid()) == -1
     assert sys.platform == "linux"
+
+
+def test_release_stale_frees_a_dead_monitors_uid_only(tmp_path: Path) -> None:
+    (tmp_path / str(FIRST)).write_text(f"{_dead_pid()} 1\n")
+    pid = os.getppid()
+    (tmp_path / str(FIRST + 1)).write_text(f"{pid} {qemuuser._start_time(pid)}\n")
+    qemuuser.release_stale(FIRST, tmp_path)
+    qemuuser.release_stale(FIRST + 1, tmp_path)
+    qemuuser.release_stale(FIRST + 2, tmp_path)  # no marker: nothing to do
+    assert not (tmp_path / str(FIRST)).exists() and (tmp_path / str(FIRST + 1)).exists()
