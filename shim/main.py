@@ -13,16 +13,18 @@ a PID namespace cannot be entered by a running process.
 
 It inherits the caller's stdio (pipes, FIFOs, /dev/null) or, for a terminal, makes a host pty
 and sends its master over ``--console-socket`` (as runc does), then proxies to the agent's
-process streams through the sandbox monitor: stdin until EOF (then CloseStdin), stdout and
-stderr until the guest closes them, window-size changes as TtyWinResize. Every signal it
-receives is forwarded to the workload. It exits with the workload's status (128 + signal
-number after a signal death) once the output has drained.
+process streams through the sandbox monitor's stdio endpoint (``<sandbox>/stdio.sock``,
+runtime/monitor/stdio.py): one connection per stream, raw bytes, so the shim needs neither
+gRPC nor protobuf. stdin goes until EOF (then the guest closes the process's stdin), stdout
+and stderr until the guest closes them; a control connection carries signals and window
+sizes as JSON lines and brings back the exit status. Every signal it receives is forwarded to
+the workload. It exits with the workload's status (128 + signal number after a signal death)
+once the output has drained; if the monitor goes away first, with 255.
 
-Signals are taken with sigtimedwait in the main thread (blocked everywhere else), since a
-thread blocked in a gRPC call would not run Python signal handlers.
+Signals are taken with sigtimedwait in the main thread (blocked everywhere else), so that
+the stream threads can block in reads and writes.
 
-May import: the standard library, grpc, cocoon.agent (generated stubs, libc),
-cocoon.runtime.fds.
+May import: the standard library, cocoon.agent.libc, cocoon.runtime.fds.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import argparse
 import array
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -39,17 +42,13 @@ import sys
 import termios
 import threading
 import tty
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from cocoon.agent import agent_pb2 as pb
-from cocoon.agent import agent_pb2_grpc as pbg
 from cocoon.agent import libc
 from cocoon.runtime.fds import close_inherited
 
+STDIO_SOCK = "stdio.sock"  # runtime/monitor/launch.py STDIO_SOCK (the shim imports no runtime)
 NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE}
 FORWARDED = {s for s in signal.valid_signals() if s not in NOT_FORWARDED}
 CHUNK = 64 * 1024
@@ -67,8 +66,9 @@ class Shim:
     def __init__(self, args: argparse.Namespace) -> None:
         self.cid: str = args.container
         self.exec_id: str = args.exec_id or ""
-        self.channel = grpc.insecure_channel(f"unix:{Path(args.sandbox_dir) / 'monitor.sock'}")
-        self.agent = pbg.AgentServiceStub(self.channel)
+        self.endpoint = str(Path(args.sandbox_dir) / STDIO_SOCK)
+        self.control: socket.socket | None = None
+        self.control_lock = threading.Lock()
         self.terminal: bool = args.terminal
         self.tty_fd: int | None = None  # the host side the caller talks to
         self.in_fd, self.out_fd, self.err_fd = 0, 1, 2
@@ -112,63 +112,77 @@ class Shim:
             return None
         return (rows, cols) if rows and cols else None
 
+    def connect(self, stream: str, **extra: bool) -> socket.socket:
+        """A connection to the monitor's stdio endpoint for one stream of the process."""
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.connect(self.endpoint)
+            hello = {"container_id": self.cid, "exec_id": self.exec_id, "stream": stream}
+            s.sendall(json.dumps(hello | extra).encode() + b"\n")
+        except OSError:
+            s.close()
+            raise
+        return s
+
+    def send(self, msg: dict[str, object]) -> None:
+        """A control line (a signal, a window size); lost with the monitor, like the workload."""
+        if self.control is None:
+            return
+        with self.control_lock, contextlib.suppress(OSError):
+            self.control.sendall(json.dumps(msg).encode() + b"\n")
+
     def resize(self) -> None:
         ws = self.winsize()
         if ws is not None:
-            with contextlib.suppress(grpc.RpcError):
-                self.agent.TtyWinResize(
-                    pb.TtyWinResizeRequest(
-                        container_id=self.cid, exec_id=self.exec_id, rows=ws[0], columns=ws[1]
-                    ),
-                    timeout=10,
-                )
-
-    def _stdin_chunks(self) -> Iterator[pb.WriteStreamRequest]:
-        while True:
-            try:
-                data = os.read(self.in_fd, CHUNK)
-            except OSError:
-                return
-            if not data:
-                return
-            yield pb.WriteStreamRequest(container_id=self.cid, exec_id=self.exec_id, data=data)
-
-    def pump_stdin(self) -> None:
-        with contextlib.suppress(grpc.RpcError):
-            self.agent.WriteStdin(self._stdin_chunks())
-        if not self.terminal:
-            with contextlib.suppress(grpc.RpcError):
-                self.agent.CloseStdin(
-                    pb.CloseStdinRequest(container_id=self.cid, exec_id=self.exec_id), timeout=30
-                )
-
-    def pump_out(self, which: str, fd: int) -> None:
-        call = self.agent.ReadStdout if which == "stdout" else self.agent.ReadStderr
-        req = pb.ReadStreamRequest(container_id=self.cid, exec_id=self.exec_id)
-        try:
-            for chunk in call(req):
-                view = memoryview(chunk.data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-        except (grpc.RpcError, OSError):
-            pass
-
-    def wait(self) -> None:
-        req = pb.WaitProcessRequest(container_id=self.cid, exec_id=self.exec_id)
-        try:
-            status = self.agent.WaitProcess(req).status
-            # an exit status is 0..255; anything else from the guest is a failure, never 0
-            self.status = status if 0 <= status <= 255 else 255
-        except grpc.RpcError as exc:
-            print(f"cocoon-shim: {self.cid}: lost the workload: {exc.details()}", file=sys.stderr)
-            self.status = 255
-        self.done.set()
+            self.send({"resize": [ws[0], ws[1]]})
 
     def forward(self, sig: int) -> None:
-        req = pb.SignalProcessRequest(container_id=self.cid, exec_id=self.exec_id, signal=sig)
-        with contextlib.suppress(grpc.RpcError):
-            self.agent.SignalProcess(req, timeout=30)
+        self.send({"signal": sig})
+
+    def pump_stdin(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    data = os.read(self.in_fd, CHUNK)
+                except OSError:
+                    data = b""
+                if not data:
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_WR)
+                        conn.recv(1)  # the monitor closes once the guest had the EOF
+                    return
+                try:
+                    conn.sendall(data)
+                except OSError:
+                    return
+
+    @staticmethod
+    def pump_out(conn: socket.socket, fd: int) -> None:
+        with conn:
+            try:
+                while data := conn.recv(CHUNK):
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+            except OSError:
+                pass
+
+    def wait(self, conn: socket.socket) -> None:
+        """The control connection's one answer: the exit status, or why it is lost."""
+        reply: dict[str, object] = {}
+        with contextlib.suppress(OSError, ValueError):
+            line = conn.makefile("rb").readline(4096)
+            reply = json.loads(line) if line else {}
+        status = reply.get("exit") if isinstance(reply, dict) else None
+        if isinstance(status, int) and 0 <= status <= 255:
+            self.status = status
+        else:
+            why = reply.get("lost") if isinstance(reply, dict) else None
+            why = why or "the sandbox's monitor went away"
+            print(f"cocoon-shim: {self.cid}: lost the workload: {why}", file=sys.stderr)
+            self.status = 255
+        self.done.set()
 
 
 NAMESPACES = {"ipc": libc.CLONE_NEWIPC, "uts": libc.CLONE_NEWUTS, "cgroup": libc.CLONE_NEWCGROUP}
@@ -221,15 +235,22 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"cocoon-shim: console socket {args.console_socket}: {exc}", file=sys.stderr)
         return 255
-    outs = [threading.Thread(target=shim.pump_out, args=("stdout", shim.out_fd), daemon=True)]
-    if not shim.terminal:
-        outs.append(
-            threading.Thread(target=shim.pump_out, args=("stderr", shim.err_fd), daemon=True)
-        )
+    try:
+        shim.control = shim.connect("control")
+        conns = [(shim.connect("stdout"), shim.out_fd)]
+        if not shim.terminal:
+            conns.append((shim.connect("stderr"), shim.err_fd))
+        stdin = shim.connect("stdin", close=not shim.terminal)
+    except OSError as exc:
+        print(f"cocoon-shim: {shim.endpoint}: {exc.strerror}", file=sys.stderr)
+        if args.ready_fd >= 0:
+            os.write(args.ready_fd, f"error {shim.endpoint}: {exc.strerror}\n".encode())
+        return 255
+    outs = [threading.Thread(target=shim.pump_out, args=c, daemon=True) for c in conns]
     for t in outs:
         t.start()
-    threading.Thread(target=shim.pump_stdin, daemon=True).start()
-    threading.Thread(target=shim.wait, daemon=True).start()
+    threading.Thread(target=shim.pump_stdin, args=(stdin,), daemon=True).start()
+    threading.Thread(target=shim.wait, args=(shim.control,), daemon=True).start()
     shim.resize()
     if args.ready_fd >= 0:
         os.write(args.ready_fd, b"ok\n")

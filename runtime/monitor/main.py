@@ -55,6 +55,7 @@ async def start(vm: Vm) -> None:
         grant_vfio=vm.grant_vfio,
     )
     await vm.serve([service.handler(svc), forward.handlers(lambda: vm.agent)])
+    await vm.stdio.serve(vm.dir / L.STDIO_SOCK)
 
 
 async def amain(spec: L.LaunchSpec, ready_fd: int, umask: int = 0o022) -> int:

@@ -15,7 +15,7 @@ releases everything, and ``remove_state_dir()`` removes the state directory.
 May import: the standard library, grpc, qemu.qmp, cocoon.agent (api_hash),
 cocoon.runtime.{vm_pb2, errors, logs}, cocoon.runtime.sandbox.hostmount,
 cocoon.runtime.network.record (lazily, only when a network was attached),
-cocoon.runtime.monitor.{agentcalls, channel, hostcgroup, launch, qemuuser}.
+cocoon.runtime.monitor.{agentcalls, channel, hostcgroup, launch, qemuuser, stdio}.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from cocoon.agent import api_hash
 from cocoon.runtime import logs
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.errors import ChannelError, HostError, StartError
-from cocoon.runtime.monitor import hostcgroup, qemuuser
+from cocoon.runtime.monitor import hostcgroup, qemuuser, stdio
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.agentcalls import AgentCalls
 from cocoon.runtime.monitor.channel import SerialMuxHost, VsockRelay
@@ -88,6 +88,7 @@ class Vm:
         self.agent: grpc.aio.Channel | None = None
         self.calls: AgentCalls | None = None  # the monitor's own agent RPCs
         self.server: grpc.aio.Server | None = None
+        self.stdio = stdio.Endpoint(lambda: self.agent, spec.request_timeout_s)
         self.subscribers: list[asyncio.Queue[vpb.Event | None]] = []
         self.done = asyncio.Event()
         self.stop_task: asyncio.Task[str] | None = None
@@ -470,6 +471,7 @@ class Vm:
             await asyncio.to_thread(record.unplumb_recorded, self.dir / L.NETWORK_RECORD)
         for q in self.subscribers:
             q.put_nowait(None)
+        await self.stdio.close()
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.agent is not None:

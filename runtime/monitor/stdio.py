@@ -1,0 +1,234 @@
+"""The shims' endpoint, ``<state>/stdio.sock``: raw byte streams and a line of JSON for
+control, so that a shim imports neither gRPC nor protobuf.
+
+A shim opens one connection per stream of its process; each starts with one JSON line of at
+most 4 KiB: ``{"container_id": C, "exec_id": E, "stream": S}``, S one of
+
+* ``stdout``, ``stderr``: the monitor relays the agent's ReadStdout/ReadStderr as raw bytes
+  and closes the connection when the guest closed the stream (or the process is gone). Each
+  chunk is written and drained before the next is read, so a shim that stops reading stalls
+  its own stream only: the agent's pipe fills and the workload blocks, nothing else does.
+* ``stdin`` (with ``"close": true|false``): raw bytes from the shim go to WriteStdin as they
+  come; at the shim's EOF the stream ends and, with ``close``, the guest closes the process's
+  stdin (CloseStdin; not for a terminal, whose EOF is the user's ^D).
+* ``control``: lines from the shim, ``{"signal": N}`` (SignalProcess) and ``{"resize":
+  [rows, cols]}`` (TtyWinResize); one line back when the process ended, ``{"exit": status}``
+  or ``{"lost": why}``. The connection closing before that abandons the process: the
+  WaitProcess call is cancelled and the agent kills a process whose wait was abandoned (a
+  SIGKILLed shim takes its workload with it, as runc's would).
+
+Bad input from a shim (a long or malformed line, an unknown stream or field) closes that
+connection and is logged; the other connections and the sandbox carry on.
+
+May import: the standard library, grpc, cocoon.agent (generated stubs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from cocoon.agent import agent_pb2 as apb
+from cocoon.agent import agent_pb2_grpc as apbg
+
+log = logging.getLogger("cocoon.monitor.stdio")
+
+HELLO_MAX = 4096  # the longest line a shim may send
+CHUNK = 64 * 1024
+STREAMS = ("stdout", "stderr", "stdin", "control")
+SIGNAL_MAX = signal.SIGRTMAX
+
+
+class BadHello(Exception):
+    pass
+
+
+def parse_hello(line: bytes) -> tuple[str, str, str, bool]:
+    """(container id, exec id, stream, close stdin at EOF) from a shim's first line."""
+    try:
+        h = json.loads(line)
+    except ValueError:
+        raise BadHello("not JSON") from None
+    if not isinstance(h, dict):
+        raise BadHello("not an object")
+    cid, eid, stream = h.get("container_id"), h.get("exec_id", ""), h.get("stream")
+    close = h.get("close", False)
+    if not isinstance(cid, str) or not cid or not isinstance(eid, str):
+        raise BadHello("container_id and exec_id must be strings")
+    if stream not in STREAMS:
+        raise BadHello(f"unknown stream {stream!r}")
+    if not isinstance(close, bool) or set(h) - {"container_id", "exec_id", "stream", "close"}:
+        raise BadHello("unknown field")
+    return cid, eid, str(stream), close
+
+
+def parse_control(line: bytes) -> tuple[str, tuple[int, ...]]:
+    """("signal", (n,)) or ("resize", (rows, cols)); ValueError for anything else."""
+    msg = json.loads(line)
+    if isinstance(msg, dict) and len(msg) == 1:
+        ((key, value),) = msg.items()
+        if key == "signal" and type(value) is int and 1 <= value <= SIGNAL_MAX:
+            return "signal", (value,)
+        if (
+            key == "resize"
+            and isinstance(value, list)
+            and len(value) == 2
+            and all(type(v) is int and 0 < v < 65536 for v in value)
+        ):
+            return "resize", (value[0], value[1])
+    raise ValueError(f"not a control message: {line[:80]!r}")
+
+
+class Endpoint:
+    """Serves the shims of one sandbox; ``channel()`` is the monitor's agent channel."""
+
+    def __init__(self, channel: Callable[[], grpc.aio.Channel | None], timeout: float) -> None:
+        self._channel = channel
+        self._timeout = timeout
+        self.server: asyncio.AbstractServer | None = None
+        self.conns: set[asyncio.StreamWriter] = set()
+
+    async def serve(self, path: Path) -> None:
+        self.server = await asyncio.start_unix_server(self._handle, str(path), limit=HELLO_MAX)
+        path.chmod(0o600)
+
+    async def close(self) -> None:
+        """No new shims, and the connected ones learn that the sandbox is gone."""
+        for w in list(self.conns):
+            w.close()
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.conns.add(writer)
+        try:
+            try:
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), 10)
+                cid, eid, stream, close = parse_hello(line)
+            except (BadHello, ValueError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                log.warning("shim connection refused: %s", exc)
+                return
+            channel = self._channel()
+            if channel is None:
+                return
+            stub = apbg.AgentServiceStub(channel)
+            if stream in ("stdout", "stderr"):
+                await self._output(stub, cid, eid, stream, writer)
+            elif stream == "stdin":
+                await self._input(stub, cid, eid, close, reader)
+            else:
+                await self._control(stub, cid, eid, reader, writer)
+        except (ConnectionError, OSError) as exc:
+            log.debug("shim connection ended: %s", exc)
+        finally:
+            self.conns.discard(writer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _output(
+        self,
+        stub: apbg.AgentServiceStub,
+        cid: str,
+        eid: str,
+        stream: str,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        req = apb.ReadStreamRequest(container_id=cid, exec_id=eid)
+        call = (stub.ReadStdout if stream == "stdout" else stub.ReadStderr)(req)
+        try:
+            async for chunk in call:
+                writer.write(chunk.data)
+                await writer.drain()
+        except grpc.aio.AioRpcError as exc:
+            log.debug("%s %s/%s: %s", stream, cid, eid, exc.code())
+        finally:
+            call.cancel()
+
+    async def _input(
+        self,
+        stub: apbg.AgentServiceStub,
+        cid: str,
+        eid: str,
+        close: bool,
+        reader: asyncio.StreamReader,
+    ) -> None:
+        async def chunks() -> AsyncIterator[apb.WriteStreamRequest]:
+            while data := await reader.read(CHUNK):
+                yield apb.WriteStreamRequest(container_id=cid, exec_id=eid, data=data)
+
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.WriteStdin(chunks())
+        if close:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                req = apb.CloseStdinRequest(container_id=cid, exec_id=eid)
+                await stub.CloseStdin(req, timeout=self._timeout)
+
+    async def _control(
+        self,
+        stub: apbg.AgentServiceStub,
+        cid: str,
+        eid: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        wait = asyncio.ensure_future(
+            stub.WaitProcess(apb.WaitProcessRequest(container_id=cid, exec_id=eid))
+        )
+        try:
+            while True:
+                line_task = asyncio.ensure_future(reader.readline())
+                await asyncio.wait({wait, line_task}, return_when=asyncio.FIRST_COMPLETED)
+                if wait.done():
+                    line_task.cancel()
+                    break
+                try:
+                    line = line_task.result()
+                except ValueError:  # longer than HELLO_MAX: not a shim speaking
+                    log.warning("shim of %s/%s: overlong control line", cid, eid)
+                    return
+                if not line.endswith(b"\n"):
+                    log.info("shim of %s/%s went away: its process is abandoned", cid, eid)
+                    return
+                await self._command(stub, cid, eid, line)
+            reply: dict[str, Any]
+            try:
+                status = (await wait).status
+                reply = {"exit": status if 0 <= status <= 255 else 255}
+            except grpc.aio.AioRpcError as exc:
+                reply = {"lost": exc.details() or str(exc.code())}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        finally:
+            wait.cancel()  # a no-op once it returned; else the agent kills the process
+
+    async def _command(self, stub: apbg.AgentServiceStub, cid: str, eid: str, line: bytes) -> None:
+        try:
+            kind, args = parse_control(line)
+        except ValueError as exc:
+            log.warning("shim of %s/%s: %s", cid, eid, exc)
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            if kind == "signal":
+                await stub.SignalProcess(
+                    apb.SignalProcessRequest(container_id=cid, exec_id=eid, signal=args[0]),
+                    timeout=self._timeout,
+                )
+            else:
+                await stub.TtyWinResize(
+                    apb.TtyWinResizeRequest(
+                        container_id=cid, exec_id=eid, rows=args[0], columns=args[1]
+                    ),
+                    timeout=self._timeout,
+                )

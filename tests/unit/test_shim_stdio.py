@@ -1,0 +1,321 @@
+"""The shim (a real ``cocoon.shim.main`` process) against the monitor's stdio endpoint
+(runtime/monitor/stdio.py) in front of a fake agent service: bytes through unchanged and in
+order, stdin and its EOF, signals and window sizes, the exit status, per-stream flow control,
+abandonment when the shim is killed, the monitor going away, and hostile connections. Real
+guests run the same paths in tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from cocoon.agent import agent_pb2 as pb
+from cocoon.agent import agent_pb2_grpc as pbg
+from cocoon.runtime.monitor import stdio
+
+CHUNK = 64 * 1024
+
+
+@dataclass
+class Proc:
+    stdout: bytes = b""
+    stderr: bytes = b""
+    endless_stdout: bool = False
+    status: int = 0
+    exited: threading.Event = field(default_factory=threading.Event)
+    stdin: bytearray = field(default_factory=bytearray)
+    stdin_closed: threading.Event = field(default_factory=threading.Event)
+    signals: list[int] = field(default_factory=list)
+    resizes: list[tuple[int, int]] = field(default_factory=list)
+    wait_abandoned: threading.Event = field(default_factory=threading.Event)
+    stdout_sent: int = 0
+
+
+class FakeAgent(pbg.AgentServiceServicer):
+    def __init__(self) -> None:
+        self.procs: dict[tuple[str, str], Proc] = {}
+
+    def _proc(self, req: Any, ctx: Any) -> Proc:
+        p = self.procs.get((req.container_id, req.exec_id))
+        if p is None:
+            ctx.abort(grpc.StatusCode.NOT_FOUND, f"no process {req.container_id}")
+        assert p is not None
+        return p
+
+    def ReadStdout(self, req: Any, ctx: Any) -> Iterator[pb.ReadStreamResponse]:
+        p = self._proc(req, ctx)
+        if p.endless_stdout:
+            while ctx.is_active():
+                p.stdout_sent += CHUNK
+                yield pb.ReadStreamResponse(data=b"o" * CHUNK)
+            return
+        for i in range(0, len(p.stdout), CHUNK):
+            yield pb.ReadStreamResponse(data=p.stdout[i : i + CHUNK])
+
+    def ReadStderr(self, req: Any, ctx: Any) -> Iterator[pb.ReadStreamResponse]:
+        p = self._proc(req, ctx)
+        for i in range(0, len(p.stderr), 1000):
+            yield pb.ReadStreamResponse(data=p.stderr[i : i + 1000])
+
+    def WriteStdin(self, it: Any, ctx: Any) -> pb.WriteStreamResponse:
+        n = 0
+        for r in it:
+            self._proc(r, ctx).stdin.extend(r.data)
+            n += len(r.data)
+        return pb.WriteStreamResponse(written=n)
+
+    def CloseStdin(self, req: Any, ctx: Any) -> pb.Empty:
+        self._proc(req, ctx).stdin_closed.set()
+        return pb.Empty()
+
+    def WaitProcess(self, req: Any, ctx: Any) -> pb.WaitProcessResponse:
+        p = self._proc(req, ctx)
+        while not p.exited.wait(0.02):
+            if not ctx.is_active():
+                p.wait_abandoned.set()  # the agent kills such a process
+                return pb.WaitProcessResponse()
+        return pb.WaitProcessResponse(status=p.status)
+
+    def SignalProcess(self, req: Any, ctx: Any) -> pb.Empty:
+        p = self._proc(req, ctx)
+        p.signals.append(req.signal)
+        if req.signal == signal.SIGTERM:
+            p.status = 128 + signal.SIGTERM
+            p.exited.set()
+        return pb.Empty()
+
+    def TtyWinResize(self, req: Any, ctx: Any) -> pb.Empty:
+        self._proc(req, ctx).resizes.append((req.rows, req.columns))
+        return pb.Empty()
+
+
+class Monitor:
+    """The fake agent on agent.sock, the stdio endpoint on stdio.sock, in one loop thread."""
+
+    def __init__(self, d: Path) -> None:
+        self.dir = d
+        self.agent = FakeAgent()
+        self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=16))
+        pbg.add_AgentServiceServicer_to_server(self.agent, self.server)
+        self.server.add_insecure_port(f"unix:{d / 'agent.sock'}")
+        self.server.start()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.channel: grpc.aio.Channel | None = None
+        self.endpoint = stdio.Endpoint(lambda: self.channel, 5.0)
+        self.run(self._start())
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(20)
+
+    async def _start(self) -> None:
+        self.channel = grpc.aio.insecure_channel(f"unix:{self.dir / 'agent.sock'}")
+        await self.endpoint.serve(self.dir / "stdio.sock")
+
+    async def _stop(self) -> None:
+        await self.endpoint.close()
+        if self.channel is not None:
+            await self.channel.close()
+
+    def stop(self) -> None:
+        if not self.loop.is_running():
+            return
+        with contextlib.suppress(Exception):
+            self.run(self._stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.server.stop(0).wait(5)
+
+
+@pytest.fixture
+def mon(tmp_path: Path) -> Iterator[Monitor]:
+    m = Monitor(tmp_path)
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+def shim(
+    mon: Monitor, cid: str = "c1", stdin: Any = subprocess.DEVNULL, **kw: Any
+) -> subprocess.Popen[bytes]:
+    r, w = os.pipe()
+    p = subprocess.Popen(
+        [sys.executable, "-m", "cocoon.shim.main", "--sandbox-dir", str(mon.dir),
+         "--container", cid, "--ready-fd", str(w)],
+        stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(w,), **kw,
+    )  # fmt: skip
+    os.close(w)
+    with os.fdopen(r, "rb") as ready:
+        assert ready.readline() == b"ok\n"
+    return p
+
+
+def test_bytes_through_unchanged_and_the_exit_status(mon: Monitor) -> None:
+    out, err = os.urandom(3 * 1024 * 1024 + 17), b"warning: \xff\x00 line\n" * 500
+    p = Proc(stdout=out, stderr=err, status=42)
+    mon.agent.procs[("c1", "")] = p
+    s = shim(mon)
+    p.exited.set()
+    got_out, got_err = s.communicate(timeout=60)
+    assert s.returncode == 42
+    assert got_out == out and got_err == err
+    assert p.stdin_closed.is_set() and bytes(p.stdin) == b""  # /dev/null: EOF at once
+
+
+def test_stdin_reaches_the_process_then_its_eof(mon: Monitor) -> None:
+    p = Proc()
+    mon.agent.procs[("c1", "")] = p
+    s = shim(mon, stdin=subprocess.PIPE)
+    assert s.stdin is not None
+    data = os.urandom(1024 * 1024)
+    s.stdin.write(data)
+    s.stdin.close()
+    s.stdin = None  # closed: communicate() must not flush it
+    assert p.stdin_closed.wait(20)
+    assert bytes(p.stdin) == data
+    p.exited.set()
+    s.communicate(timeout=30)
+    assert s.returncode == 0
+
+
+def test_signals_are_forwarded_and_end_it(mon: Monitor) -> None:
+    p = Proc()
+    mon.agent.procs[("c1", "")] = p
+    s = shim(mon)
+    s.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while signal.SIGUSR1 not in p.signals and time.monotonic() < deadline:
+        time.sleep(0.02)
+    s.send_signal(signal.SIGTERM)
+    s.communicate(timeout=30)
+    assert p.signals == [signal.SIGUSR1, signal.SIGTERM]
+    assert s.returncode == 128 + signal.SIGTERM
+
+
+def test_a_stalled_stdout_stalls_only_itself(mon: Monitor) -> None:
+    """Nobody reads the shim's stdout: the endless stdout stalls (the agent stops being
+    asked for more), while stderr and the exit status still come through."""
+    p = Proc(endless_stdout=True, stderr=b"E" * 200_000, status=3)
+    mon.agent.procs[("c1", "")] = p
+    s = shim(mon)
+    assert s.stderr is not None
+    got = b""
+    while len(got) < 200_000:
+        chunk = s.stderr.read1(65536)  # type: ignore[attr-defined]
+        assert chunk, "stderr ended early"
+        got += chunk
+    time.sleep(1.0)
+    sent = p.stdout_sent
+    time.sleep(1.0)
+    assert p.stdout_sent == sent, "the agent was still asked for stdout nobody reads"
+    assert sent < 64 * 1024 * 1024  # bounded by socket and pipe buffers, not by the stream
+    s.kill()
+    s.wait()
+
+
+def test_killed_shim_abandons_its_process(mon: Monitor) -> None:
+    p = Proc()
+    mon.agent.procs[("c1", "")] = p
+    s = shim(mon)
+    s.kill()
+    s.wait()
+    assert p.wait_abandoned.wait(10), "WaitProcess was not cancelled"
+
+
+def test_monitor_gone_is_a_lost_workload(mon: Monitor) -> None:
+    mon.agent.procs[("c1", "")] = Proc()
+    s = shim(mon)
+    mon.stop()
+    _, err = s.communicate(timeout=30)
+    assert s.returncode == 255 and b"lost the workload" in err
+
+
+def test_unknown_process_is_lost_not_hung(mon: Monitor) -> None:
+    s = shim(mon, cid="nobody")
+    _, err = s.communicate(timeout=30)
+    assert s.returncode == 255 and b"no process nobody" in err
+
+
+def _talk(path: Path, data: bytes) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(15)
+        c.connect(str(path))
+        with contextlib.suppress(OSError):
+            c.sendall(data)
+            c.shutdown(socket.SHUT_WR)
+        out = b""
+        with contextlib.suppress(OSError):
+            while chunk := c.recv(4096):
+                out += chunk
+        return out
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [
+        b"not json\n",
+        b"[1, 2]\n",
+        b'{"container_id": "c1", "stream": "stdmiddle"}\n',
+        b'{"container_id": "", "stream": "stdout"}\n',
+        b'{"container_id": "c1", "stream": "stdout", "extra": 1}\n',
+        b'{"container_id": "c1", "stream": "stdin", "close": "yes"}\n',
+        b"x" * 100_000,
+        b"",
+    ],
+)
+def test_hostile_connections_are_closed_and_the_rest_carries_on(mon: Monitor, hello: bytes) -> None:
+    p = Proc(stdout=b"fine\n")
+    mon.agent.procs[("c1", "")] = p
+    assert _talk(mon.dir / "stdio.sock", hello) == b""
+    assert not p.stdin_closed.is_set() and not p.signals
+    s = shim(mon)
+    p.exited.set()
+    out, _ = s.communicate(timeout=30)
+    assert out == b"fine\n" and s.returncode == 0
+
+
+def test_bad_control_lines_are_ignored(mon: Monitor) -> None:
+    p = Proc()
+    mon.agent.procs[("c1", "")] = p
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.connect(str(mon.dir / "stdio.sock"))
+        c.sendall(json.dumps({"container_id": "c1", "stream": "control"}).encode() + b"\n")
+        for bad in ({"signal": 0}, {"signal": 9999}, {"signal": "9"}, {"resize": [0, 5]},
+                    {"resize": [1]}, {"kill": 9}, [1]):  # fmt: skip
+            c.sendall(json.dumps(bad).encode() + b"\n")
+        c.sendall(b'{"resize": [24, 80]}\n{"signal": 10}\n')
+        deadline = time.monotonic() + 10
+        while not p.signals and time.monotonic() < deadline:
+            time.sleep(0.02)
+        p.exited.set()
+        c.settimeout(10)
+        assert json.loads(c.makefile("rb").readline()) == {"exit": 0}
+    assert p.signals == [10] and p.resizes == [(24, 80)]
+
+
+def test_the_shim_imports_no_grpc_nor_protobuf() -> None:
+    code = (
+        "import sys, cocoon.shim.main; "
+        "print([m for m in sys.modules if m.split('.')[0] in ('grpc', 'google')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
