@@ -14,8 +14,8 @@ most 4 KiB: ``{"container_id": C, "exec_id": E, "stream": S}``, S one of
 * ``control``: lines from the shim, ``{"signal": N}`` (SignalProcess) and ``{"resize":
   [rows, cols]}`` (TtyWinResize); one line back when the process ended, ``{"exit": status}``
   or ``{"lost": why}``. The connection closing before that abandons the process: the
-  WaitProcess call is cancelled and the agent kills a process whose wait was abandoned (a
-  SIGKILLed shim takes its workload with it, as runc's would).
+  WaitProcess call is cancelled (the agent kills a process whose wait was abandoned) and the
+  process is sent SIGKILL, so a SIGKILLed shim takes its workload with it, as runc's would.
 
 Bad input from a shim (a long or malformed line, an unknown stream or field) closes that
 connection and is logged; the other connections and the sandbox carry on.
@@ -199,7 +199,9 @@ class Endpoint:
                     log.warning("shim of %s/%s: overlong control line", cid, eid)
                     return
                 if not line.endswith(b"\n"):
-                    log.info("shim of %s/%s went away: its process is abandoned", cid, eid)
+                    log.info("shim of %s/%s went away: its process is killed", cid, eid)
+                    wait.cancel()
+                    await self._kill(stub, cid, eid)
                     return
                 await self._command(stub, cid, eid, line)
             reply: dict[str, Any]
@@ -212,6 +214,15 @@ class Endpoint:
             await writer.drain()
         finally:
             wait.cancel()  # a no-op once it returned; else the agent kills the process
+
+    async def _kill(self, stub: apbg.AgentServiceStub, cid: str, eid: str) -> None:
+        """The process of a shim that went away: SIGKILL, besides the abandoned wait (which the
+        agent may not have seen yet if the shim died at once)."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await stub.SignalProcess(
+                apb.SignalProcessRequest(container_id=cid, exec_id=eid, signal=signal.SIGKILL),
+                timeout=self._timeout,
+            )
 
     async def _command(self, stub: apbg.AgentServiceStub, cid: str, eid: str, line: bytes) -> None:
         try:

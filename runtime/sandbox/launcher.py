@@ -7,8 +7,8 @@ it), and waits for the monitor's one-line ready report (``client.Client`` then r
 are gone.
 
 May import: the standard library, grpc, cocoon.guest_image, cocoon.runtime.{config, errors,
-vm_pb2, monitor.{hostcgroup, launch, qemuuser}, container.ids, container.state, network.record (lazily)},
-cocoon.runtime.sandbox.{client, hostmount, probe, qemu_argv}.
+vm_pb2, monitor.{hostcgroup, launch, qemuuser}, container.ids, container.state,
+network.record (lazily)}, cocoon.runtime.sandbox.{client, hostmount, probe, qemu_argv}.
 """
 
 from __future__ import annotations

@@ -93,8 +93,8 @@ CASES: dict[str, Case] = {
         host_memory_mib=8192,
         rootfs_size=1,  # rounds up to 2 MiB
     ),
-    "rootless_tcg_serial_virtiofs_seccomp": Case(
-        cfg=hv(rootless=True),
+    "root_tcg_serial_virtiofs_seccomp": Case(
+        cfg=hv(rootless=False),
         accel="tcg",
         channel="virtio-serial",
         seccomp=True,
@@ -493,12 +493,12 @@ def test_memory_hotplug_device_follows_configuration() -> None:
 
 
 def test_rootless_starts_paused_and_lets_qemu_drop_root_under_seccomp() -> None:
-    """Non-root QEMU: paused until the monitor saw it drop root; the seccomp filter (set
-    before -runas takes effect) lets it call setuid; -runas itself is the monitor's, which
-    picks the uid."""
-    argv = argv_of(CASES["rootless_tcg_serial_virtiofs_seccomp"])
+    """Non-root QEMU (the default): paused until the monitor saw it drop root; the seccomp
+    filter (set before -runas takes effect) lets it call setuid; -runas itself is the
+    monitor's, which picks the uid. A root QEMU gets neither."""
+    argv = argv_of(CASES["defaults_tcg_serial_virtiofs_seccomp"])
     assert "-S" in argv and "-runas" not in argv
     sandbox = value_of(argv, "-sandbox")
     assert "elevateprivileges=allow" in sandbox and "spawn=deny" in sandbox
-    root = argv_of(CASES["defaults_tcg_serial_virtiofs_seccomp"])
+    root = argv_of(CASES["root_tcg_serial_virtiofs_seccomp"])
     assert "-S" not in root and "elevateprivileges=deny" in value_of(root, "-sandbox")
