@@ -1,11 +1,11 @@
 """What each hardening switch costs: start time to agent-ready and host PSS of an idle sandbox,
 with the switch on and off, alternated in pairs; median (min-max) of several runs.
 
-Switches measured: ``hypervisor.seccomp_sandbox`` (QEMU's ``-sandbox on,...``): start time and
-PSS; ``runtime.guest_seccomp`` (the guest profile for containers without one): the time of a
-system-call-bound workload in the guest (``dd bs=1``, 200,000 reads and writes), timed in the
-guest. The other
-hardening (umask 077 and 0600 sockets in the monitor, the symlink-safe share walks, bounded
+Switches measured: ``hypervisor.seccomp_sandbox`` (QEMU's ``-sandbox on,...``) and
+``hypervisor.rootless`` (non-root QEMU: a uid taken, QEMU started paused, checked, resumed):
+start time and PSS; ``runtime.guest_seccomp`` (the guest profile for containers without
+one): the time of a system-call-bound workload in the guest (``dd bs=1``, 200,000 reads and
+writes), timed in the guest. The other hardening (umask 077 and 0600 sockets in the monitor, the symlink-safe share walks, bounded
 reads of what the guest sends, the annotation allowlist) has no switch: it is always on and
 costs a few system calls per operation, below what these figures can show.
 
@@ -87,7 +87,13 @@ def main() -> int:
             cfg, hypervisor=dataclasses.replace(cfg.hypervisor, seccomp_sandbox=on)
         )
 
-    switches: dict[str, Callable[[bool], config_mod.Config]] = {"seccomp_sandbox": seccomp}
+    def rootless(on: bool) -> config_mod.Config:
+        return dataclasses.replace(cfg, hypervisor=dataclasses.replace(cfg.hypervisor, rootless=on))
+
+    switches: dict[str, Callable[[bool], config_mod.Config]] = {
+        "seccomp_sandbox": seccomp,
+        "rootless": rootless,
+    }
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cocoon-bench-hard-") as td:
         for name, make in switches.items():

@@ -4,6 +4,7 @@ host cgroups). On failure the sandbox's console and logs are attached to the rep
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ def processes_mentioning(needle: str) -> list[str]:
 @pytest.fixture
 def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("root")
+    marked = uid_markers()
     yield root
     # Leak check: nothing of this root may survive the test.
     deadline = time.monotonic() + 15
@@ -45,8 +47,17 @@ def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert not left, f"state left behind: {left}"
     assert not mounts_under(root), f"mounts left behind: {mounts_under(root)}"
     assert not sandbox_cgroups(), f"host cgroups left behind: {sandbox_cgroups()}"
-    uids = sorted(p.name for p in qemuuser.UID_DIR.glob("[0-9]*"))
-    assert not uids, f"non-root QEMU uids left marked: {uids}"
+    left_marked = sorted(set(uid_markers().items()) - set(marked.items()))
+    assert not left_marked, f"non-root QEMU uids left marked (uid, holder): {left_marked}"
+
+
+def uid_markers() -> dict[str, str]:
+    """The non-root QEMU uids marked as taken, and by whom (monitor.qemuuser)."""
+    out = {}
+    for p in qemuuser.UID_DIR.glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            out[p.name] = p.read_text()
+    return out
 
 
 def mounts_under(d: Path) -> list[str]:
