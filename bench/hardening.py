@@ -5,9 +5,10 @@ Switches measured: ``hypervisor.seccomp_sandbox`` (QEMU's ``-sandbox on,...``) a
 ``hypervisor.rootless`` (non-root QEMU: a uid taken, QEMU started paused, checked, resumed):
 start time and PSS; ``runtime.guest_seccomp`` (the guest profile for containers without
 one): the time of a system-call-bound workload in the guest (``dd bs=1``, 200,000 reads and
-writes), timed in the guest. The other hardening (umask 077 and 0600 sockets in the monitor, the symlink-safe share walks, bounded
-reads of what the guest sends, the annotation allowlist) has no switch: it is always on and
-costs a few system calls per operation, below what these figures can show.
+writes), timed in the guest. The other hardening (umask 077 and 0600 sockets in the
+monitor, the symlink-safe share walks, bounded reads of what the guest sends, the annotation
+allowlist) has no switch: it is always on and costs a few system calls per operation, below
+what these figures can show.
 
     python bench/hardening.py [--runs 3] [--json out.json]
 
