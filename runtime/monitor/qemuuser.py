@@ -33,23 +33,29 @@ class UidError(Exception):
 
 
 def _start_time(pid: int) -> str:
-    """The process's start time (field 22 of /proc/PID/stat), or "" if it is gone."""
+    """The process's start time (field 22 of /proc/PID/stat), or "" if it is gone (a zombie
+    is gone: it holds nothing and waits only to be reaped)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     except OSError:
         return ""
-    return stat.rpartition(")")[2].split()[19]
+    return "" if fields[0] in ("Z", "X") else fields[19]
 
 
 def uids_of(pid: int) -> tuple[int, ...]:
-    """The real, effective, saved and filesystem uids of ``pid`` (empty if it is gone)."""
+    """The real, effective, saved and filesystem uids of ``pid`` (empty if it is gone or a
+    zombie)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("Uid:"):
-                return tuple(int(x) for x in line.split()[1:5])
-    except (OSError, ValueError):
-        pass
-    return ()
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return ()
+    fields = dict(line.partition(":")[::2] for line in lines)
+    if fields.get("State", "").split()[:1] in (["Z"], ["X"]):
+        return ()
+    try:
+        return tuple(int(x) for x in fields["Uid"].split()[:4])
+    except (KeyError, ValueError):
+        return ()
 
 
 def capabilities_of(pid: int) -> int:

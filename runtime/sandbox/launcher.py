@@ -452,6 +452,7 @@ def _force(d: Path, mpid: int | None) -> None:
     if mpid and pid_alive(mpid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(mpid, signal.SIGKILL)
+        wait_gone(mpid, 10, 0.02)  # so that what it held (its QEMU's uid) is seen as free
     cgroup, alias = L.HostCgroup(), ""
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
         spec = L.LaunchSpec.read(d / L.LAUNCH_FILE)

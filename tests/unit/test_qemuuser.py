@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,20 @@ def test_release_stale_frees_a_dead_monitors_uid_only(tmp_path: Path) -> None:
     qemuuser.release_stale(FIRST + 1, tmp_path)
     qemuuser.release_stale(FIRST + 2, tmp_path)  # no marker: nothing to do
     assert not (tmp_path / str(FIRST)).exists() and (tmp_path / str(FIRST + 1)).exists()
+
+
+@root_only
+def test_a_zombie_holds_no_uid(tmp_path: Path) -> None:
+    """A QEMU that died but is not reaped yet (its monitor was SIGKILLed, nobody waited for
+    it) runs nothing as its uid any more."""
+    uid = FIRST + 9
+    child = subprocess.Popen(["true"], user=uid, group=uid, extra_groups=[])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child.pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert qemuuser.uids_of(child.pid) == () and not qemuuser.uid_in_use(uid)
+        assert qemuuser._start_time(child.pid) == ""
+    finally:
+        child.wait()
