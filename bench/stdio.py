@@ -8,8 +8,8 @@ Rows:
 - stdin: 100 MiB from the caller's pipe through ``exec`` into ``cat > /dev/null``, cocoon and
   runc; its floor is the same in-guest ``dd | cat``;
 - exec: ``exec ID true``, cocoon and runc; the in-guest floor is the guest's own
-  ``crun exec`` of ``true`` in the same container (from a privileged container that enters
-  the guest's mount namespace, as in bench/pool.py);
+  ``crun exec`` of ``true``, timed in another sandbox's guest by a privileged container that
+  enters its guest's mount namespace (as in bench/pool.py) and execs into itself;
 - host PSS of the idle container's shim and of its sandbox's monitor.
 
     python bench/stdio.py [--runs 3] [--mib 100] [--json out.json]
@@ -32,12 +32,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like pods.py
 from bench.pool import floor_bundle
 from bench.run import Runtime, pss_kib, summary
+from cocoon.runtime.container import busybox
 
 MIB = 1024 * 1024
 # In the guest, in PID 1's mount namespace: a pipe's floor, then crun exec's.
 FLOOR_PIPE = (
-    "for i in $(seq N); do s=$(date +%s%N); dd if=/dev/zero bs=64k count=C 2>/dev/null | "
-    "cat >/dev/null; e=$(date +%s%N); echo $(( (e - s) / 1000 )); done"
+    "nsenter -t 1 -m -- /bin/sh -c 'for i in $(seq N); do s=$(date +%s%N); "
+    "dd if=/dev/zero bs=64k count=C 2>/dev/null | cat >/dev/null; e=$(date +%s%N); "
+    "echo $(( (e - s) / 1000 )); done'"
 )
 FLOOR_EXEC = (
     "nsenter -t 1 -m -- /bin/sh -c 'for i in $(seq N); do s=$(date +%s%N); "
@@ -88,14 +90,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cocoon-bench-stdio-") as td:
         work = Path(td)
         coc, runc = Runtime("cocoon", work / "c-root"), Runtime("runc", work / "r-root")
-        bundle = floor_bundle(work)  # privileged: it also times the in-guest floors
+        plain = busybox.make_bundle(work / "plain", ["sleep", "100000"])
         rts = (coc, runc)
-        for rt in rts:
-            rt.call(
-                "create", "--bundle", str(bundle), "--pid-file", str(work / f"{rt.name}.pid"), "s"
-            )
-            rt.call("start", "s")
+        started: list[tuple[Runtime, str]] = []
         try:
+            for rt in rts:
+                pid_file = str(work / f"{rt.name}.pid")
+                rt.call("create", "--bundle", str(plain), "--pid-file", pid_file, "s")
+                started.append((rt, "s"))
+                rt.call("start", "s")
+            # privileged, in a guest of its own: it times the in-guest floors
+            coc.call("create", "--bundle", str(floor_bundle(work)), "fl")
+            started.append((coc, "fl"))
+            coc.call("start", "fl")
             shim = int((work / "cocoon.pid").read_text())
             monitor = int((coc.root / "sandboxes" / "s" / "monitor.pid").read_text())
             time.sleep(2)
@@ -121,13 +128,13 @@ def main() -> int:
                     rows.setdefault(f"stdin MB/s, {rt.name}", []).append(mib * MIB / 1e6 / dt)
             pipe = FLOOR_PIPE.replace("seq N", f"seq {args.runs}").replace("=C", f"={16 * mib}")
             rows["in-guest pipe floor MB/s"] = [
-                mib * MIB / 1e6 / s for s in in_guest(coc, "s", pipe)
+                mib * MIB / 1e6 / s for s in in_guest(coc, "fl", pipe)
             ]
-            ex = FLOOR_EXEC.replace("seq N", f"seq {args.runs + 1}").replace("CID", "s")
-            rows["in-guest floor: crun exec true"] = in_guest(coc, "s", ex)[1:]
+            ex = FLOOR_EXEC.replace("seq N", f"seq {args.runs + 1}").replace("CID", "fl")
+            rows["in-guest floor: crun exec true"] = in_guest(coc, "fl", ex)[1:]
         finally:
-            for rt in rts:
-                rt.call("delete", "--force", "s")
+            for rt, cid in started:
+                rt.call("delete", "--force", cid)
     for name, a, b in (
         ("stdout cocoon / floor", "stdout MB/s, cocoon", "in-guest pipe floor MB/s"),
         ("stdout cocoon / runc", "stdout MB/s, cocoon", "stdout MB/s, runc"),
@@ -139,7 +146,7 @@ def main() -> int:
         rows[name] = [x / y for x, y in zip(rows[a], rows[b], strict=False)]
     res["rows"] = {k: summary(v) for k, v in rows.items()}
     for k, s in res["rows"].items():
-        unit = "x" if "/" in k else ("" if "MB/s" in k else "s")
+        unit = "x" if " / " in k else ("" if "MB/s" in k else "s")
         print(f"{k:34} {s['median']:9.3f}{unit}  ({s['min']:.3f}-{s['max']:.3f})")
     print(
         "idle container, host PSS: "
