@@ -18,9 +18,7 @@ Not a test: it asserts nothing and prints numbers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ctypes
 import json
 import sys
 import tempfile
@@ -30,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like hotplug.py
-from bench.run import Runtime, pss_kib, sandbox_pids, summary
+from bench.run import Runtime, bench_args, pss_kib, sandbox_pids, summary
 from cocoon.runtime.container import busybox
 
 CRI_TYPE = "io.kubernetes.cri.container-type"
@@ -94,12 +92,7 @@ def pod_pss_mib(rt: Runtime, sid: str, pids: list[int]) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(36, 1, 0, 0, 0)  # child subreaper: shims and runc inits are waited for here
+    args = bench_args(__doc__)
     rows: dict[str, list[float]] = {}
 
     def add(k: str, v: float) -> None:

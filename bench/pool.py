@@ -18,9 +18,7 @@ Not a test: it asserts nothing and prints numbers.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import ctypes
 import json
 import subprocess
 import sys
@@ -30,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like pods.py
-from bench.run import Runtime, pss_kib, summary
+from bench.run import Runtime, bench_args, pss_kib, summary
 from cocoon.runtime.container import busybox
 
 ALL_CAPS = [
@@ -110,12 +108,7 @@ def pooled_pss_mib(root: Path, vmid: str) -> dict[str, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(36, 1, 0, 0, 0)  # child subreaper: shims and runc inits are waited for here
+    args = bench_args(__doc__)
     rows: dict[str, list[float]] = {}
     res: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="cocoon-bench-pool-") as td:

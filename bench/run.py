@@ -196,15 +196,24 @@ def sub_bench(script: str, work: Path, timeout: float) -> Any:
     return json.loads(out.read_text())
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--json", type=Path, default=Path("bench-results.json"))
-    ap.add_argument("--budget-mib", type=int, default=2048)
-    ap.add_argument("--max-sandboxes", type=int, default=6)
+def bench_args(
+    doc: str, runs: int = 3, json_default: Path | None = None, **ints: int
+) -> argparse.Namespace:
+    """A benchmark's flags (``--runs``, ``--json`` and an integer flag per ``ints`` entry,
+    ``budget_mib=2048`` giving ``--budget-mib``), parsed; and this process made a child
+    subreaper, so that the shims and runc inits its runs leave behind are waited for here."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=runs)
+    ap.add_argument("--json", type=Path, default=json_default)
+    for name, default in ints.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     args = ap.parse_args()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(36, 1, 0, 0, 0)  # child subreaper: shims and runc inits are waited for here
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    return args
+
+
+def main() -> int:
+    args = bench_args(__doc__, 5, Path("bench-results.json"), budget_mib=2048, max_sandboxes=6)
     cfg = config_mod.load().config
     files = sandbox.guest_files(cfg)
     accel, why, _, _ = sandbox.resolve_host(cfg, files)

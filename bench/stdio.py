@@ -19,8 +19,6 @@ Not a test: it asserts nothing and prints numbers.
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import json
 import subprocess
 import sys
@@ -31,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like pods.py
 from bench.pool import floor_bundle
-from bench.run import Runtime, pss_kib, summary
+from bench.run import Runtime, bench_args, pss_kib, summary
 from cocoon.runtime.container import busybox
 
 MIB = 1024 * 1024
@@ -77,13 +75,7 @@ def in_guest(rt: Runtime, cid: str, script: str) -> list[float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--mib", type=int, default=100)
-    ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(36, 1, 0, 0, 0)  # child subreaper: shims and runc inits are waited for here
+    args = bench_args(__doc__, mib=100)
     rows: dict[str, list[float]] = {}
     res: dict[str, Any] = {}
     mib = args.mib
