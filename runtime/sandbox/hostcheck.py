@@ -184,6 +184,25 @@ def run_checks(
             )
         )
 
+    last_uid = hv.rootless_uid_first + hv.rootless_uid_count - 1
+    checks.append(
+        Check(
+            "rootless",
+            True,
+            False,
+            f"QEMU drops to a uid of its own ({hv.rootless_uid_first}-{last_uid})",
+            "an escape from QEMU is an unprivileged process",
+        )
+        if hv.rootless
+        else Check(
+            "rootless",
+            False,
+            False,
+            "QEMU runs as root (hypervisor.rootless = false)",
+            "an escape from QEMU's device emulation is root on the host",
+        )
+    )
+
     if host.exists(VSOCK_DEV):
         checks.append(Check("vsock", True, False, f"{VSOCK_DEV} present", "agent talks vsock"))
     else:

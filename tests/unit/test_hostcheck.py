@@ -381,6 +381,7 @@ def test_checks_only_warnings_exit_0() -> None:
         "qemu",
         "kvm",
         "seccomp",
+        "rootless",
         "vsock",
         "vhost-net",
         "tun",
@@ -555,3 +556,13 @@ def test_real_kvm_probe(tmp_path: Path) -> None:
         assert cache.exists()
         again = pr.probe_kvm(host, qemu, img.kernel, img.floor_initrd, cache, timeout=30)
         assert again == p
+
+
+def test_checks_say_whether_qemu_runs_as_root() -> None:
+    host = this_like_host()
+    c = by_name(hc.run_checks(Config(), host, image_ok))["rootless"]
+    assert c.ok and not c.fatal and "1900000000-1900065535" in c.detail
+    cfg = Config()
+    cfg = replace(cfg, hypervisor=replace(cfg.hypervisor, rootless=False))
+    c = by_name(hc.run_checks(cfg, host, image_ok))["rootless"]
+    assert not c.ok and not c.fatal and "root on the host" in c.meaning

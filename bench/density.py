@@ -1,0 +1,63 @@
+"""Host footprint per idle pod (issue 14, item 3): N idle 1-container pods up at once, so
+that what they share (the pmem root image's page cache, Python's and QEMU's code) divides
+among them as it does on a busy host; host PSS per pod by process (QEMU, monitor, shim,
+virtiofsd), the host's MemAvailable drop per pod, and idle pods per GiB.
+
+    python bench/density.py [--pods 10] [--settle 10] [--json out.json]
+
+Not a test: it asserts nothing and prints numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like pods.py
+from bench.run import Runtime, bench_args, idle_sandboxes, sandbox_pss_mib
+from cocoon.runtime.container import busybox
+
+
+def mem_available_mib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> int:
+    args = bench_args(__doc__, 1, pods=10, settle=10)
+    res: dict[str, Any] = {"pods": args.pods}
+    with tempfile.TemporaryDirectory(prefix="cocoon-bench-density-") as td:
+        work = Path(td)
+        rt = Runtime("cocoon", work / "root")
+        bundle = busybox.make_bundle(work / "idle", ["sleep", "100000"])
+        before = mem_available_mib()
+        with idle_sandboxes(rt, bundle, work, args.pods) as shims:
+            time.sleep(args.settle)  # boot's freed pages reported back, caches settled
+            per = [  # idle_sandboxes names them idle<pid>-<i>, in the order of the shims
+                sandbox_pss_mib(rt, f"idle{os.getpid()}-{i}", shim) for i, shim in enumerate(shims)
+            ]
+            res["mem_available_drop_mib_per_pod"] = (before - mem_available_mib()) / args.pods
+    res["pss_mib_per_pod"] = {k: statistics.mean(p[k] for p in per) for k in per[0]}
+    res["idle_pods_per_gib"] = 1024 / res["pss_mib_per_pod"]["total"]
+    pss = res["pss_mib_per_pod"]
+    print(f"{args.pods} idle 1-container pods, host PSS per pod (MiB, mean):")
+    for k, v in pss.items():
+        print(f"  {k:12} {v:7.1f}")
+    print(f"  cocoon's own (monitor + shim): {pss['monitor'] + pss['shim']:.1f} MiB")
+    print(f"MemAvailable drop per pod: {res['mem_available_drop_mib_per_pod']:.1f} MiB")
+    print(f"idle pods per GiB (by PSS): {res['idle_pods_per_gib']:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
