@@ -73,6 +73,7 @@ class Shim:
         self.tty_fd: int | None = None  # the host side the caller talks to
         self.in_fd, self.out_fd, self.err_fd = 0, 1, 2
         self.done = threading.Event()
+        self.main_thread = threading.get_ident()  # woken when done (it waits in sigtimedwait)
         self.status = 255
         self.saved_tty: list[Any] | None = None  # the caller's terminal mode, restored
 
@@ -183,6 +184,9 @@ class Shim:
             print(f"cocoon-shim: {self.cid}: lost the workload: {why}", file=sys.stderr)
             self.status = 255
         self.done.set()
+        # SIGCHLD is blocked everywhere and only taken by the main thread's sigtimedwait: it
+        # returns now rather than at its next timeout, so the exit is not delayed.
+        signal.pthread_kill(self.main_thread, signal.SIGCHLD)
 
 
 NAMESPACES = {"ipc": libc.CLONE_NEWIPC, "uts": libc.CLONE_NEWUTS, "cgroup": libc.CLONE_NEWCGROUP}
