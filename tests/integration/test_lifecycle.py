@@ -836,3 +836,25 @@ def test_run_in_the_foreground_on_the_callers_terminal(
         os.close(master)
         proc.kill()
         proc.wait()
+
+
+def test_exec_stdio_edge_cases(rt: Rt, mkbundle: Callable[..., Path]) -> None:
+    """What the data path must not lose or hang on (the same under runc): 10,000 small writes
+    in order, a process that closes its stdout and runs on, a long stream without newlines."""
+    pid = rt.create_ok("c1", mkbundle(["sleep", "1000"]))
+    rt.ok("start", "c1")
+    r = rt("exec", "c1", "sh", "-c", "i=0; while [ $i -lt 10000 ]; do echo $i; i=$((i+1)); done")
+    assert r.returncode == 0 and r.stdout.split("\n") == [*map(str, range(10000)), ""]
+    r = rt("exec", "c1", "sh", "-c", "exec >&-; sleep 1; echo after >&2; exit 3")
+    assert (r.returncode, r.stdout, r.stderr) == (3, "", "after\n")
+    size = 16 * 1024 * 1024
+    p = subprocess.run(
+        [*rt.argv, "exec", "c1", "sh", "-c", f"yes abcdefgh | tr -d '\\n' | head -c {size}"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=180,
+    )  # fmt: skip
+    assert p.returncode == 0 and len(p.stdout) == size
+    assert p.stdout == b"abcdefgh" * (size // 8)
+    assert rt.state("c1")["status"] == "running"
+    rt.ok("kill", "c1", "KILL")
+    wait_pid(pid)
+    rt.ok("delete", "c1")
