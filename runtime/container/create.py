@@ -23,7 +23,7 @@ Any failure undoes all of it (``_undo``: a VM booted for it is stopped; a pod's 
 leaves its pod's VM as it found it), and the id is free again.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{config,
-errors, faults, vm_pb2, monitor.{hostcgroup, launch}, pod, container.{hooks, ids, shim, spec,
+errors, faults, vm_pb2, pids, monitor.{hostcgroup, launch}, pod, container.{hooks, ids, shim, spec,
 state, seccomp}, resources, sandbox.{client, hostmount, launcher, pool}, network.netns (lazily)}.
 """
 
@@ -48,10 +48,11 @@ from cocoon.runtime.container import shim as shimmod
 from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container.hooks import run_hooks
 from cocoon.runtime.container.ids import validate_id
-from cocoon.runtime.container.state import ContainerState, Ctx, Status, start_time
+from cocoon.runtime.container.state import ContainerState, Ctx, Status
 from cocoon.runtime.errors import CocoonError, LifecycleError, SpecError, StateError
 from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor.launch import MONITOR_SOCK
+from cocoon.runtime.pids import start_time
 from cocoon.runtime.pod.membership import (
     Membership,
     Role,

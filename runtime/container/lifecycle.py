@@ -6,7 +6,7 @@ lives in ``create`` (it is the long one), ``state``/``list`` in ``state`` (they 
 gRPC). ``run`` is create + start and, in the foreground, wait + delete.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{errors,
-faults, vm_pb2, container.{create, ids, shim, spec, state, hooks}, pod.resources,
+faults, vm_pb2, pids, container.{create, ids, shim, spec, state, hooks}, pod.resources,
 resources.{attach, sizing}, sandbox.{client, launcher}}.
 """
 
@@ -31,8 +31,9 @@ from cocoon.runtime.container import shim as shimmod
 from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container.hooks import run_hooks
 from cocoon.runtime.container.ids import validate_id
-from cocoon.runtime.container.state import ContainerState, Ctx, Status, pid_alive, wait_gone
+from cocoon.runtime.container.state import ContainerState, Ctx, Status
 from cocoon.runtime.errors import CocoonError, LifecycleError, SandboxError, StateError
+from cocoon.runtime.pids import pid_alive, wait_gone
 from cocoon.runtime.pod.resources import in_pod, members, vm_size
 from cocoon.runtime.resources import attach, sizing
 from cocoon.runtime.sandbox import launcher as sandbox

@@ -7,7 +7,7 @@ the same question the same way. ``Ctx`` is what every verb is given (configurati
 root, logging); ``state`` and ``list_states`` answer runc's ``state`` and ``list`` from disk
 alone, so those verbs import no gRPC.
 
-May import: the standard library, cocoon.runtime.{config, errors, container.{ids, spec}}.
+May import: the standard library, cocoon.runtime.{config, errors, pids, container.{ids, spec}}.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import fcntl
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from cocoon.runtime.config import Config
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.spec import OCI_VERSION
 from cocoon.runtime.errors import StateError
+from cocoon.runtime.pids import pid_alive, start_time
 
 
 class Status(enum.Enum):
@@ -61,36 +61,6 @@ class Status(enum.Enum):
     @property
     def can_delete(self) -> bool:
         return self in (Status.CREATED, Status.STOPPED)
-
-
-def start_time(pid: int) -> int:
-    """When ``pid`` started, in clock ticks since boot (0 if it does not exist): with the pid,
-    what names one process across pid reuse, as runc records it."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def pid_alive(pid: int) -> bool:
-    """True if pid exists and is not a zombie."""
-    if pid <= 0:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
-def wait_gone(pid: int, timeout: float, interval: float = 0.05) -> bool:
-    """Waits until ``pid`` is gone (or a zombie); False if it still lives after ``timeout``."""
-    end = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > end:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def now_iso() -> str:

@@ -14,7 +14,7 @@ Allocation is host-wide (uids are, whatever ``--root`` a caller uses): a marker 
 A marker whose monitor is gone and whose uid no process runs as any more is stale and taken
 over; a uid some process still runs as (a QEMU that outlived its monitor) is never reused.
 
-May import: the standard library only.
+May import: the standard library, cocoon.runtime.pids.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from cocoon.runtime.pids import pid_alive, start_time
+
 UID_DIR = Path("/run/cocoon-qemu-uids")
 
 
@@ -32,25 +34,20 @@ class UidError(Exception):
     pass
 
 
-def _start_time(pid: int) -> str:
-    """The process's start time (field 22 of /proc/PID/stat), or "" if it is gone (a zombie
-    is gone: it holds nothing and waits only to be reaped)."""
+def _status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as fields (empty if the process is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
-        return ""
-    return "" if fields[0] in ("Z", "X") else fields[19]
+        return {}
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
 
 
 def uids_of(pid: int) -> tuple[int, ...]:
     """The real, effective, saved and filesystem uids of ``pid`` (empty if it is gone or a
-    zombie)."""
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return ()
-    fields = dict(line.partition(":")[::2] for line in lines)
-    if fields.get("State", "").split()[:1] in (["Z"], ["X"]):
+    zombie: a zombie holds nothing and waits only to be reaped)."""
+    fields = _status(pid)
+    if fields.get("State", "")[:1] in ("Z", "X"):
         return ()
     try:
         return tuple(int(x) for x in fields["Uid"].split()[:4])
@@ -61,12 +58,9 @@ def uids_of(pid: int) -> tuple[int, ...]:
 def capabilities_of(pid: int) -> int:
     """The permitted capability set of ``pid`` (-1 if it cannot be read)."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("CapPrm:"):
-                return int(line.split()[1], 16)
-    except (OSError, ValueError):
-        pass
-    return -1
+        return int(_status(pid)["CapPrm"], 16)
+    except (KeyError, ValueError):
+        return -1
 
 
 def uid_in_use(uid: int) -> bool:
@@ -78,13 +72,13 @@ def uid_in_use(uid: int) -> bool:
 
 
 def _stale(marker: Path, uid: int) -> bool:
+    """The marker's monitor is gone (or its pid names another process now) and nothing runs
+    as ``uid`` any more."""
     try:
-        pid_s, _, start = marker.read_text().partition(" ")
-        pid = int(pid_s)
+        pid, start = (int(x) for x in marker.read_text().split())
     except (OSError, ValueError):
-        pid = 0
-        start = ""
-    if pid and _start_time(pid) == start.strip():
+        pid = start = 0
+    if pid_alive(pid) and start_time(pid) == start:
         return False
     return not uid_in_use(uid)
 
@@ -96,7 +90,7 @@ def allocate(first: int, count: int, seed: str, directory: Path = UID_DIR) -> in
     if count < 1:
         raise UidError("no uids to allocate from (hypervisor.rootless_uid_count)")
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    me = f"{os.getpid()} {_start_time(os.getpid())}\n"
+    me = f"{os.getpid()} {start_time(os.getpid())}\n"
     start = int(hashlib.sha256(seed.encode()).hexdigest()[:8], 16) % count
     with open(directory / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -49,6 +49,7 @@ from cocoon.runtime.sandbox import hostmount
 
 log = logging.getLogger("cocoon.monitor")
 
+VFIO_DEV = Path("/dev/vfio")  # a group's node, lent to a non-root QEMU while plugged
 EventMatch = Callable[[dict[str, Any]], bool]
 
 
@@ -98,7 +99,6 @@ class Vm:
         self.tasks: list[asyncio.Task[None]] = []
         self.event_waiters: list[tuple[str, EventMatch, asyncio.Future[dict[str, Any]]]] = []
         self.uid = 0  # a non-root QEMU's uid (0: QEMU runs as root)
-        self.vfio_dev = Path("/dev/vfio")
 
     @property
     def qemu_pid(self) -> int:
@@ -375,7 +375,7 @@ class Vm:
             return lambda: None
         if not group.isdigit():
             raise qemuuser.UidError(f"{group!r} is not a group number (/dev/vfio/N)")
-        node = self.vfio_dev / group
+        node = VFIO_DEV / group
         owner = qemuuser.grant(node, self.uid)
         try:
             inf = resource.RLIM_INFINITY

@@ -7,7 +7,7 @@ it), and waits for the monitor's one-line ready report (``client.Client`` then r
 are gone.
 
 May import: the standard library, grpc, cocoon.guest_image, cocoon.runtime.{config, errors,
-vm_pb2, monitor.{hostcgroup, launch, qemuuser}, container.ids, container.state,
+vm_pb2, monitor.{hostcgroup, launch, qemuuser}, container.ids, pids,
 network.record (lazily)}, cocoon.runtime.sandbox.{client, hostmount, probe, qemu_argv}.
 """
 
@@ -33,10 +33,10 @@ from cocoon.guest_image import build as image_build
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import Config
 from cocoon.runtime.container.ids import validate_id
-from cocoon.runtime.container.state import pid_alive, wait_gone
 from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
 from cocoon.runtime.monitor import hostcgroup, qemuuser
 from cocoon.runtime.monitor import launch as L
+from cocoon.runtime.pids import pid_alive, wait_gone
 from cocoon.runtime.sandbox import client as client_mod
 from cocoon.runtime.sandbox import hostmount, probe, qemu_argv
 

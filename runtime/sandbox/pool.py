@@ -21,7 +21,7 @@ booted from another configuration, half-booted entries of a fill that died, and 
 a process that died before linking them.
 
 May import: the standard library, grpc, cocoon.runtime.{config, errors, vm_pb2,
-container.state, monitor.{hostcgroup, launch}}, cocoon.runtime.sandbox.{client, launcher}.
+pids, monitor.{hostcgroup, launch}}, cocoon.runtime.sandbox.{client, launcher}.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ import grpc
 
 from cocoon.runtime import config as config_mod
 from cocoon.runtime import vm_pb2 as vpb
-from cocoon.runtime.container.state import pid_alive
 from cocoon.runtime.errors import CocoonError, HostError, StateError
 from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor import launch as L
+from cocoon.runtime.pids import pid_alive
 from cocoon.runtime.sandbox import client as client_mod
 from cocoon.runtime.sandbox import launcher
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from cocoon.runtime.monitor import qemuuser
+from cocoon.runtime.pids import pid_alive, start_time
 
 FIRST = 1_900_000_000
 
@@ -59,7 +60,7 @@ def test_stale_marker_of_a_dead_monitor_is_taken_over(tmp_path: Path) -> None:
 
 def test_live_monitors_marker_is_skipped(tmp_path: Path) -> None:
     pid = os.getppid()
-    (tmp_path / str(FIRST)).write_text(f"{pid} {qemuuser._start_time(pid)}\n")
+    (tmp_path / str(FIRST)).write_text(f"{pid} {start_time(pid)}\n")
     assert qemuuser.allocate(FIRST, 2, "s", tmp_path) == FIRST + 1
     # the same pid with another start time is a reused pid: stale
     (tmp_path / str(FIRST)).write_text(f"{pid} 1\n")
@@ -124,7 +125,7 @@ def test_capabilities_and_uids_of_this_process() -> None:
 def test_release_stale_frees_a_dead_monitors_uid_only(tmp_path: Path) -> None:
     (tmp_path / str(FIRST)).write_text(f"{_dead_pid()} 1\n")
     pid = os.getppid()
-    (tmp_path / str(FIRST + 1)).write_text(f"{pid} {qemuuser._start_time(pid)}\n")
+    (tmp_path / str(FIRST + 1)).write_text(f"{pid} {start_time(pid)}\n")
     qemuuser.release_stale(FIRST, tmp_path)
     qemuuser.release_stale(FIRST + 1, tmp_path)
     qemuuser.release_stale(FIRST + 2, tmp_path)  # no marker: nothing to do
@@ -143,6 +144,6 @@ def test_a_zombie_holds_no_uid(tmp_path: Path) -> None:
         time.sleep(0.01)
     try:
         assert qemuuser.uids_of(child.pid) == () and not qemuuser.uid_in_use(uid)
-        assert qemuuser._start_time(child.pid) == ""
+        assert not pid_alive(child.pid)
     finally:
         child.wait()

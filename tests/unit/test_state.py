@@ -20,14 +20,9 @@ from typing import Any
 
 import pytest
 
-from cocoon.runtime.container.state import (
-    ContainerState,
-    Status,
-    Store,
-    pid_alive,
-    wait_gone,
-)
+from cocoon.runtime.container.state import ContainerState, Status, Store
 from cocoon.runtime.errors import StateError
+from cocoon.runtime.pids import pid_alive, wait_gone
 
 S = Status
 
@@ -596,7 +591,8 @@ def test_a_locker_in_another_process_is_refused_without_blocking(store: Store) -
 def test_a_reused_pid_is_not_the_containers() -> None:
     """After a reboot (or pid reuse) the recorded pid names another process: the start time
     recorded at create tells them apart, as runc's does."""
-    from cocoon.runtime.container.state import ContainerState, start_time
+    from cocoon.runtime.container.state import ContainerState
+    from cocoon.runtime.pids import start_time
 
     me = os.getpid()
     st = ContainerState("c", "/b", "/b/rootfs", "c", Status.RUNNING.value, pid=me)
