@@ -12,6 +12,7 @@ What lives here:
     devices                   hot-plugged CPUs, memory and devices
     network                   interfaces, routes, neighbours and identity (pyroute2)
     guest                     what the guest is (kernel, CPUs, memory) from /proc and /sys
+    entropy                   reseeding the kernel's RNG from host bytes (a restored clone)
     proc                      spawning and reaping processes where the agent is PID 1
     mounts                    mounting in the guest
     logbuf                    the in-memory log the host reads (ReadLogs)

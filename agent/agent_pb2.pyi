@@ -395,6 +395,12 @@ class RemoveStorageRequest(_message.Message):
     mount_point: str
     def __init__(self, mount_point: _Optional[str] = ...) -> None: ...
 
+class ReseedRandomDevRequest(_message.Message):
+    __slots__ = ["data"]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+
 class ResumeContainerRequest(_message.Message):
     __slots__ = ["container_id"]
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -6,9 +6,10 @@ kernel to create the directory first); ``offline_cpus`` takes the highest ones o
 Memory is onlined movable by the kernel (``memhp_default_state=online_movable``); blocks left
 offline are onlined movable here, so they can be unplugged again.
 
-``wait_device`` finds a disk by SCSI address (channel:target:lun on the virtio-scsi host) or
-a PCI device behind a root port, waiting for the kernel's uevent with pyudev when it is not
-there yet (no udevd runs in the guest: the netlink source is the kernel's own).
+``wait_device`` finds a disk by SCSI address (channel:target:lun on the virtio-scsi host), a PCI
+device behind a root port, or a virtio-fs device there once its driver is bound, waiting for the
+kernel's uevent with pyudev when it is not there yet (no udevd runs in the guest: the netlink
+source is the kernel's own).
 
 Paths are relative to a root so unit tests can use a fake sysfs.
 
@@ -115,14 +116,28 @@ class Devices:
                 return str(Path("/sys/bus/pci/devices") / child.name)
         return None
 
+    def find_virtiofs(self, port_address: str) -> str | None:
+        """The device behind the root port at ``port_address`` once the virtiofs driver is
+        bound to it (its tag can be mounted from then on), as ``find_pci`` names it."""
+        found = self.find_pci(port_address)
+        if found is None:
+            return None
+        dev = self.root / found.lstrip("/")
+        for child in dev.glob("virtio*"):
+            with contextlib.suppress(OSError):
+                if (child / "driver").resolve().name == "virtiofs":
+                    return found
+        return None
+
     def wait_device(self, kind: str, address: str, timeout: float) -> str:
         finders: dict[str, Callable[[str], str | None]] = {
             "scsi": self.find_scsi,
             "pci": self.find_pci,
+            "virtiofs": self.find_virtiofs,
         }
         find = finders.get(kind)
         if find is None:
-            raise DeviceError(f"unknown device kind {kind!r} (scsi, pci)")
+            raise DeviceError(f"unknown device kind {kind!r} (scsi, pci, virtiofs)")
         found = find(address)
         if found:
             return found

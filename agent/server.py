@@ -11,7 +11,8 @@ The agent's own errors (cocoon.agent.errors) come back to the host as the gRPC s
 kind (``_CODES``) with their message as the details; any other OSError is INTERNAL.
 
 May import: the standard library, grpc, cocoon.agent (AGENT_VERSION, api_hash),
-cocoon.agent.{agent_pb2, agent_pb2_grpc, containers, devices, errors, guest, logbuf, network}.
+cocoon.agent.{agent_pb2, agent_pb2_grpc, containers, devices, entropy, errors, guest, logbuf,
+network}.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from cocoon.agent import AGENT_VERSION, api_hash, guest
+from cocoon.agent import AGENT_VERSION, api_hash, entropy, guest
 from cocoon.agent import agent_pb2 as pb
 from cocoon.agent import agent_pb2_grpc as pbg
 from cocoon.agent.containers import Manager
@@ -114,6 +115,17 @@ class AgentService(pbg.AgentServiceServicer):
             time.clock_settime(time.CLOCK_REALTIME, request.sec + request.usec / 1e6)
         except OSError as exc:
             context.abort(grpc.StatusCode.INTERNAL, f"set guest time: {exc}")
+        return pb.Empty()
+
+    def ReseedRandomDev(
+        self, request: pb.ReseedRandomDevRequest, context: grpc.ServicerContext
+    ) -> pb.Empty:
+        try:
+            entropy.reseed(request.data)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except OSError as exc:
+            context.abort(grpc.StatusCode.INTERNAL, f"reseed the guest's RNG: {exc}")
         return pb.Empty()
 
     def CopyFile(self, request: pb.CopyFileRequest, context: grpc.ServicerContext) -> pb.Empty:
@@ -334,7 +346,7 @@ class AgentService(pbg.AgentServiceServicer):
         timeout = (request.timeout_ms or 10000) / 1000
         with _errors(context):
             path = self._devices.wait_device(request.type, request.address, timeout)
-        if request.type == "pci":
+        if request.type in ("pci", "virtiofs"):
             return pb.WaitDeviceResponse(sysfs_path=path)
         return pb.WaitDeviceResponse(guest_path=path)
 

@@ -108,6 +108,7 @@ class NetworkConfig:
 @dataclass(frozen=True)
 class FactoryConfig:
     pool_size: int = 0
+    template: bool = False  # start sandboxes by restoring a template VM (sandbox.template)
 
 
 @dataclass(frozen=True)

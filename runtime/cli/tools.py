@@ -1,9 +1,10 @@
-"""cocoon's own verbs (not runc's): check, env, image, sandbox, pool, demo.
+"""cocoon's own verbs (not runc's): check, env, image, sandbox, pool, template, demo.
 
 ``check`` says what this host can do, ``env`` prints the resolved configuration as TOML,
 ``image build|show`` the guest image, ``sandbox start|stop|status|details|list`` one VM under
-a monitor without containers, ``pool status|fill|drain`` the pre-booted VMs, and ``demo``
-runs the embedded busybox bundle in a new VM.
+a monitor without containers, ``pool status|fill|drain`` the pre-booted VMs, ``template
+status|build|drop`` the VM template new VMs restore, and ``demo`` runs the embedded busybox
+bundle in a new VM.
 Each verb imports what it needs when it runs (the image builder, grpc, the lifecycle), so the
 CLI's other verbs do not pay for them.
 
@@ -51,6 +52,12 @@ def add_parsers(sub: Any) -> None:
     f = pool.add_parser("fill", help="boot VMs until the pool holds pool_size (stale ones go)")
     f.add_argument("--background", type=float, default=0.0, help=argparse.SUPPRESS)
     pool.add_parser("drain", help="stop every pooled VM no sandbox has claimed")
+
+    tpl_p = sub.add_parser("template", help="the VM template new VMs restore ([factory] template)")
+    tpl = tpl_p.add_subparsers(dest="template_verb", parser_class=type(tpl_p), required=True)
+    tpl.add_parser("status", help="the template for this configuration, as JSON")
+    tpl.add_parser("build", help="boot and save the template anew")
+    tpl.add_parser("drop", help="remove every template")
 
     demo = sub.add_parser("demo", help="run a busybox container in a VM (the default bundle)")
     demo.add_argument("command", nargs=argparse.REMAINDER, help="what to run (default: a greeting)")
@@ -153,7 +160,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             print(sid)
         return 0
     if verb == "start":
+        from cocoon.runtime.sandbox import template
+
         cfg = load_config(args)
+        host = sandbox.host_facts(cfg)
+        tpl = template.ensure(cfg, root, host) if cfg.factory.template else None
         sb = sandbox.start(
             cfg,
             root,
@@ -161,6 +172,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
             log_file=Path(args.log) if args.log else None,
             log_format=args.log_format,
             debug=args.debug,
+            host=host,
+            template=tpl,
         )
         print(
             json.dumps(
@@ -169,6 +182,8 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
                     "monitor_pid": sb.monitor_pid,
                     "boot_seconds": round(sb.boot_seconds, 3),
                     "accel": sb.accel,
+                    "restored": sb.restored,
+                    "restore_failure": sb.restore_failure,
                 }
             )
         )
@@ -202,6 +217,23 @@ def cmd_pool(args: argparse.Namespace) -> int:
         print(json.dumps(counts))
         if counts["failed"]:
             raise CocoonError(f"pool fill: a VM failed to boot (see {args.log or 'the log'})")
+    return 0
+
+
+def cmd_template(args: argparse.Namespace) -> int:
+    from cocoon.runtime.sandbox import launcher, template
+
+    root = Path(args.root)
+    cfg = load_config(args)
+    if args.template_verb == "drop":
+        print(json.dumps({"removed": template.drop(root)}))
+        return 0
+    host = launcher.host_facts(cfg)
+    if args.template_verb == "build":
+        d = template.build(cfg, root, host)
+        print(json.dumps({"built": str(d)}))
+    else:
+        print(json.dumps(template.status(cfg, root, host), indent=1))
     return 0
 
 
@@ -252,5 +284,6 @@ VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
     "image": cmd_image,
     "sandbox": cmd_sandbox,
     "pool": cmd_pool,
+    "template": cmd_template,
     "demo": cmd_demo,
 }

@@ -1,9 +1,9 @@
 """The calls the monitor itself makes to the guest agent, over its one agent connection.
 
-Start-up's version check, shutdown's DestroySandbox, hot-plug's vCPU/memory onlining and
-device waits (``hotplug.GuestAgent``), and networking's interface, route and neighbour set-up
-(``netattach.NetAgent``). Clients' own agent calls do not come here: monitor.forward passes
-them through unchanged.
+Start-up's version check (and a restored clone's reseed and clock), shutdown's DestroySandbox,
+hot-plug's vCPU/memory onlining and device waits (``hotplug.GuestAgent``), and networking's
+interface, route and neighbour set-up (``netattach.NetAgent``). Clients' own agent calls do not
+come here: monitor.forward passes them through unchanged.
 
 May import: the standard library, grpc, cocoon.agent.agent_pb2.
 """
@@ -44,6 +44,14 @@ class AgentCalls:
     async def destroy_sandbox(self, timeout: float) -> None:
         """Asks the guest to power off (the agent answers before it goes)."""
         await self._call("DestroySandbox", apb.DestroySandboxRequest(), apb.Empty, timeout)
+
+    async def set_clone_apart(self, entropy: bytes, now: float) -> None:
+        """A VM restored from a template: its RNG reseeded with ``entropy`` (host bytes) and
+        its clock set to ``now`` (the host's), before anything else runs in it."""
+        await self._call("ReseedRandomDev", apb.ReseedRandomDevRequest(data=entropy), apb.Empty)
+        sec = int(now)
+        req = apb.SetGuestDateTimeRequest(sec=sec, usec=int((now - sec) * 1e6))
+        await self._call("SetGuestDateTime", req, apb.Empty)
 
     # ------------------------------------------------------------------ hot-plug
     async def online_cpus(self, count: int) -> int:

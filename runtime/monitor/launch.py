@@ -19,6 +19,12 @@ MIB = 1024 * 1024
 # The machine's shape both sides must agree on: qemu_argv builds it, hot-plug addresses it.
 VMEM_BLOCK_MIB = 2  # virtio-mem's block size: memory is resized in these steps
 ROOT_PORT_SLOT = 0x10  # root port i sits at slot ROOT_PORT_SLOT + i // 8, function i % 8 on pcie.0
+# A VM restored from a template (sandbox.template) gets its virtio-fs device hot-plugged into a
+# root port of its own (QEMU 7.2 cannot migrate vhost-user-fs, so the template has none).
+SHARE_TAG = "cocoon"  # the virtio-fs / 9p tag the guest mounts the sandbox share by
+FS_PORT_ID = "rpfs"
+FS_PORT_SLOT = 0x0F
+FS_PORT_ADDRESS = f"0000:00:{FS_PORT_SLOT:02x}.0"  # as the guest sees it
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,13 @@ class LaunchSpec:
     # Non-root QEMU (monitor.qemuuser): [first uid, count] to take QEMU's uid from; empty:
     # QEMU runs as root. The argv then starts QEMU paused (-S), the monitor adds -runas.
     qemu_uids: list[int] = field(default_factory=list)
+    # Templates (sandbox.template): "save" boots the template VM and saves it into
+    # ``template_dir``; "restore" restores ``template_dir`` into guest RAM copied to
+    # ``memory_file`` (argv is then the restore's; ``cold_argv`` is the boot to fall back to).
+    template: str = ""
+    template_dir: str = ""
+    memory_file: str = ""
+    cold_argv: list[str] = field(default_factory=list)
 
     @property
     def dir(self) -> Path:
@@ -115,3 +128,7 @@ VIRTIOFSD_LOG = "virtiofsd.log"
 NETWORK_RECORD = "network.json"  # what networking made in the netns (runtime.network)
 POOL_READY = "ready"  # a pooled VM's marker: booted, agent answering, free to claim
 POOL_CLAIMED = "claimed"  # what a claim renames POOL_READY to (atomic); holds the claimer's pid
+# A template's files (sandbox.template): guest RAM, QEMU's saved device state, what it is.
+TEMPLATE_MEMORY = "memory"
+TEMPLATE_STATE = "state"
+TEMPLATE_META = "meta.json"

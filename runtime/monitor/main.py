@@ -2,7 +2,8 @@
 
 Reads the launch file, sets up logging, brings the VM up (monitor.vm), then serves the VM
 service (monitor.service) and the forwarded agent service (monitor.forward) on the monitor's
-socket. Whatever the outcome, one JSON line goes to ``--ready-fd``: ``{"ok": true, ...}`` or
+socket; a template's monitor (``template = "save"``) instead saves the booted VM and ends.
+Whatever the outcome, one JSON line goes to ``--ready-fd``: ``{"ok": true, ...}`` or
 ``{"ok": false, "error": ..., "details": ...}`` (QEMU's stderr and console tails). A failed
 start tears everything down and removes the state directory before reporting; so does the end
 of a sandbox (SIGTERM, a Shutdown call, or QEMU's death), orderly or not.
@@ -65,6 +66,8 @@ async def amain(spec: L.LaunchSpec, ready_fd: int, umask: int = 0o022) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_signal.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    if spec.template == "save":
+        return await save_template(vm, ready_fd)
     try:
         await start(vm)
     except (StartError, OSError, QMPError) as exc:
@@ -76,7 +79,16 @@ async def amain(spec: L.LaunchSpec, ready_fd: int, umask: int = 0o022) -> int:
         return 1
     if spec.pool_key:  # a pooled VM: free to claim from now on (sandbox.pool)
         (spec.dir / L.POOL_READY).write_text(f"{os.getpid()}\n")
-    report(ready_fd, {"ok": True, "boot_seconds": vm.boot_seconds, "pid": os.getpid()})
+    report(
+        ready_fd,
+        {
+            "ok": True,
+            "boot_seconds": vm.boot_seconds,
+            "pid": os.getpid(),
+            "restored": vm.restored,
+            "restore_failure": vm.restore_failure,
+        },
+    )
 
     sig_wait = asyncio.create_task(stop_signal.wait())
     done_wait = asyncio.create_task(vm.done.wait())
@@ -85,6 +97,26 @@ async def amain(spec: L.LaunchSpec, ready_fd: int, umask: int = 0o022) -> int:
         await vm.stop(spec.shutdown_timeout_s)
     await vm.teardown()
     end(vm.spec)  # a claimed pooled VM's spec is its sandbox's now
+    return 0
+
+
+async def save_template(vm: Vm, ready_fd: int) -> int:
+    """``template = "save"``: the VM booted to agent-ready, saved into its template directory
+    (monitor.snapshot), and gone again; the report says whether the save worked."""
+    try:
+        await vm.start()
+        await vm.save_template(max(vm.spec.ready_timeout_s, 30.0))
+    except (StartError, OSError, QMPError) as exc:
+        details = vm.diagnostics()
+        log.error("template %s could not be saved: %s", vm.spec.template_dir, exc)
+        await vm.teardown()
+        end(vm.spec)
+        report(ready_fd, {"ok": False, "error": str(exc), "details": details})
+        return 1
+    boot = vm.boot_seconds
+    await vm.teardown()
+    end(vm.spec)
+    report(ready_fd, {"ok": True, "boot_seconds": boot, "pid": os.getpid()})
     return 0
 
 

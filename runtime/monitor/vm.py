@@ -15,7 +15,7 @@ releases everything, and ``remove_state_dir()`` removes the state directory.
 May import: the standard library, grpc, qemu.qmp, cocoon.agent (api_hash),
 cocoon.runtime.{vm_pb2, errors, logs}, cocoon.runtime.sandbox.hostmount,
 cocoon.runtime.network.record (lazily, only when a network was attached),
-cocoon.runtime.monitor.{agentcalls, channel, hostcgroup, launch, qemuuser, stdio}.
+cocoon.runtime.monitor.{agentcalls, channel, hostcgroup, launch, qemuuser, snapshot, stdio}.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from cocoon.agent import api_hash
 from cocoon.runtime import logs
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.errors import ChannelError, HostError, StartError
-from cocoon.runtime.monitor import hostcgroup, qemuuser, stdio
+from cocoon.runtime.monitor import hostcgroup, qemuuser, snapshot, stdio
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.agentcalls import AgentCalls
 from cocoon.runtime.monitor.channel import SerialMuxHost, VsockRelay
@@ -51,6 +51,7 @@ log = logging.getLogger("cocoon.monitor")
 
 VFIO_DEV = Path("/dev/vfio")  # a group's node, lent to a non-root QEMU while plugged
 EventMatch = Callable[[dict[str, Any]], bool]
+RESTORE_TIMEOUT_S = 20.0  # a restore takes well under a second: past this, boot cold
 
 
 def tail(path: Path, lines: int) -> str:
@@ -99,6 +100,8 @@ class Vm:
         self.tasks: list[asyncio.Task[None]] = []
         self.event_waiters: list[tuple[str, EventMatch, asyncio.Future[dict[str, Any]]]] = []
         self.uid = 0  # a non-root QEMU's uid (0: QEMU runs as root)
+        self.restored = False  # restored from a template (spec.template == "restore")
+        self.restore_failure = ""  # why a restore fell back to a cold boot
 
     @property
     def qemu_pid(self) -> int:
@@ -120,9 +123,8 @@ class Vm:
     async def start(self) -> None:
         spec = self.spec
         deadline = time.monotonic() + spec.ready_timeout_s
-        if spec.shared_fs == "virtio-fs":
+        if spec.shared_fs == "virtio-fs" and spec.template != "save":
             await self._start_virtiofsd()
-        argv = list(spec.argv)
         if spec.qemu_uids:
             first, count = spec.qemu_uids
             try:
@@ -130,15 +132,33 @@ class Vm:
             except (qemuuser.UidError, OSError) as exc:
                 raise StartError(f"no uid for a non-root QEMU: {exc}") from exc
             (self.dir / L.QEMU_UID).write_text(f"{self.uid}\n")
-            argv += ["-runas", f"{self.uid}:{self.uid}"]
+        argv = list(spec.argv)
+        if spec.template == "restore":
+            try:
+                await self._restore(min(deadline, time.monotonic() + RESTORE_TIMEOUT_S))
+            except (StartError, OSError, QMPError, grpc.aio.AioRpcError) as exc:
+                why = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+                log.warning(
+                    "sandbox %s: restoring template %s failed (%s); booting cold instead",
+                    spec.sandbox_id,
+                    spec.template_dir,
+                    why,
+                )
+                self.restore_failure = why or type(exc).__name__
+                await self._abandon_attempt()
+                argv = list(spec.cold_argv)
+            else:
+                self._running()
+                return
         self.t_spawn = time.monotonic()
-        self.qemu = await self._spawn(argv, L.QEMU_LOG, "QEMU")
-        (self.dir / L.QEMU_PID).write_text(f"{self.qemu.pid}\n")
-        self.tasks.append(asyncio.create_task(self._watch_qemu()))
+        await self._spawn_qemu(argv)
         await self._race(self._connect_qmp(deadline), "QMP")
         if self.uid:
             await self._race(self._resume_unprivileged(), "guest")
         await self._race(self._connect_agent(deadline), "agent")
+        self._running()
+
+    def _running(self) -> None:
         self.boot_seconds = time.monotonic() - self.t_spawn
         self.state = "running"
         self.tasks.append(asyncio.create_task(self._qmp_events()))
@@ -148,6 +168,92 @@ class Vm:
         for sock in self.dir.glob("*.sock"):  # made 0700 under umask 077: no use for x
             with contextlib.suppress(OSError):
                 sock.chmod(0o600)
+
+    async def _spawn_qemu(self, argv: list[str]) -> None:
+        if self.uid:
+            argv = [*argv, "-runas", f"{self.uid}:{self.uid}"]
+        self.qemu = await self._spawn(argv, L.QEMU_LOG, "QEMU")
+        (self.dir / L.QEMU_PID).write_text(f"{self.qemu.pid}\n")
+        self.tasks.append(asyncio.create_task(self._watch_qemu()))
+
+    # ------------------------------------------------------------------ templates
+    async def _restore(self, deadline: float) -> None:
+        """The VM restored from the template (monitor.snapshot): its RAM copied, its device
+        state loaded into a paused QEMU, the share plugged, the guest resumed (once a non-root
+        QEMU dropped root), the agent reached, and the clone set apart from its template (RNG
+        reseeded, clock set) before anything else runs in it."""
+        spec = self.spec
+        tdir = Path(spec.template_dir)
+        memory = Path(spec.memory_file)
+        self.t_spawn = time.monotonic()
+        await asyncio.to_thread(snapshot.copy_memory, tdir / L.TEMPLATE_MEMORY, memory)
+        try:
+            await self._spawn_qemu(list(spec.argv))
+            await self._race(self._connect_qmp(deadline), "QMP")
+        finally:  # QEMU maps it before it answers QMP; gone with QEMU from then on
+            with contextlib.suppress(FileNotFoundError):
+                memory.unlink()
+        left = max(deadline - time.monotonic(), 1.0)
+        await self._race(
+            snapshot.load(self.qmp_command, self.pass_fd, tdir / L.TEMPLATE_STATE, left), "restore"
+        )
+        if self.virtiofsd is not None:
+            await self._race(
+                snapshot.plug_share(self.qmp_command, self.pass_fd, self.dir / "virtiofsd.sock"),
+                "share",
+            )
+        if self.uid:
+            await self._race(self._resume_unprivileged(), "guest")
+        else:
+            await self.qmp_command("cont", None)
+        await self._race(self._connect_agent(deadline), "agent")
+        assert self.calls is not None
+        await self._race(self.calls.set_clone_apart(os.urandom(64), time.time()), "reseed")
+        if self.virtiofsd is not None:
+            left_ms = int(max(deadline - time.monotonic(), 1.0) * 1000)
+            await self._race(
+                self.calls.wait_device("virtiofs", L.FS_PORT_ADDRESS, left_ms), "share"
+            )
+        self.restored = True
+        log.info(
+            "sandbox %s restored from template %s in %.2fs",
+            spec.sandbox_id,
+            tdir.name,
+            time.monotonic() - self.t_spawn,
+        )
+
+    async def _abandon_attempt(self) -> None:
+        """What a failed restore started is gone (QEMU, QMP, the agent link), ready for a cold
+        boot in the same state directory with the same uid."""
+        for task in self.tasks:
+            task.cancel()
+        if self.qemu is not None and not self.qemu_exit.done():
+            with contextlib.suppress(ProcessLookupError):
+                self.qemu.kill()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.qemu.wait(), 30)
+        for task in self.tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self.tasks = []
+        if self.agent is not None:
+            await self.agent.close()
+        if self.link is not None:
+            await self.link.close()
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        self.qmp = QMPClient(f"sandbox-{self.spec.sandbox_id}")
+        self.qemu, self.link, self.agent, self.calls = None, None, None, None
+        self.qemu_exit = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(FileNotFoundError):
+            Path(self.spec.memory_file).unlink()
+
+    async def save_template(self, timeout: float) -> None:
+        """A VM booted with ``template = "save"`` paused and saved into its template
+        directory (its RAM is already in the template's memory file); QEMU is left paused
+        for teardown."""
+        state = Path(self.spec.template_dir) / L.TEMPLATE_STATE
+        await snapshot.save(self.qmp_command, self.pass_fd, state, timeout)
 
     async def serve(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         """Serves ``handlers`` on the monitor's socket (stopped by ``teardown``)."""
@@ -480,6 +586,9 @@ class Vm:
             await self.link.close()
         with contextlib.suppress(Exception):
             await self.qmp.disconnect()
+        if self.spec.memory_file:  # a restore that failed before QEMU mapped it
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.spec.memory_file).unlink()
         if self.virtiofsd is not None and self.virtiofsd.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.virtiofsd.terminate()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -46,6 +47,15 @@ from cocoon.runtime.sandbox import hostmount, probe, qemu_argv
 SUN_PATH_MAX = 107
 LONGEST_SOCKET = "agent-port.sock"
 MAX_DIR_NAME = 24
+# A restored VM's RAM (a copy of its template's) lives on tmpfs: guest RAM in a file on disk
+# would be written back. The monitor unlinks it as soon as QEMU has it mapped.
+CLONE_MEMORY_DIR = Path("/dev/shm")
+
+
+def clone_memory_file(d: Path) -> Path:
+    """Where the VM of state directory ``d`` gets its copy of a template's RAM."""
+    name = "cocoon-" + hashlib.sha256(str(d.absolute()).encode()).hexdigest()[:20] + ".mem"
+    return CLONE_MEMORY_DIR / name if CLONE_MEMORY_DIR.is_dir() else d / "memory"
 
 
 def sandbox_path(root: Path, sandbox_id: str) -> Path:
@@ -162,6 +172,8 @@ class Sandbox:
     accel: str
     process: subprocess.Popen[bytes] | None = None
     pooled: bool = False  # claimed from the pool (sandbox.pool), not booted for it
+    restored: bool = False  # restored from a template (sandbox.template), not booted
+    restore_failure: str = ""  # why a restore fell back to a cold boot
 
     def client(self, timeout: float = 30.0) -> client_mod.Client:
         return client_mod.Client(self.dir, timeout)
@@ -178,14 +190,18 @@ def start(
     build_output: object = None,
     cgroups_path: str = "",
     host: HostFacts | None = None,
+    template: Path | None = None,
 ) -> Sandbox:
-    """Boots the sandbox; its processes run under the parent of ``cgroups_path`` on the host
-    (monitor.hostcgroup), when one is given."""
+    """Boots the sandbox (or restores it from the template directory ``template``); its
+    processes run under the parent of ``cgroups_path`` on the host (monitor.hostcgroup),
+    when one is given."""
     d = sandbox_path(root, sandbox_id)
     check_socket_room(d)
     host = host or host_facts(cfg, build_output)
     L.drop_dangling(d)  # a claimed pooled VM's link left by a crash
-    return boot(cfg, d, sandbox_id, host, log_file, log_format, debug, cgroups_path)
+    return boot(
+        cfg, d, sandbox_id, host, log_file, log_format, debug, cgroups_path, template=template
+    )
 
 
 def boot(
@@ -198,8 +214,12 @@ def boot(
     debug: bool = False,
     cgroups_path: str = "",
     pool_key: str = "",
+    template: Path | None = None,
+    save_to: Path | None = None,
 ) -> Sandbox:
-    """A VM booted in the new state directory ``d`` (an existing one is an error)."""
+    """A VM booted in the new state directory ``d`` (an existing one is an error): restored
+    from the template directory ``template``, or booted and saved as a template into
+    ``save_to`` (the monitor then ends), or plainly booted."""
     d.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
     try:
         d.mkdir(mode=0o700)
@@ -208,7 +228,9 @@ def boot(
     hc = L.HostCgroup()
     try:
         hc = hostcgroup.make(cgroups_path, sandbox_id)
-        spec = launch_spec(cfg, d, sandbox_id, host, hc, pool_key=pool_key)
+        spec = launch_spec(
+            cfg, d, sandbox_id, host, hc, pool_key=pool_key, template=template, save_to=save_to
+        )
         spec = dataclasses.replace(
             spec, log_file=str(log_file) if log_file else "", log_format=log_format, debug=debug
         )
@@ -231,12 +253,22 @@ def launch_spec(
     *,
     vsock_cid: int | None = None,
     pool_key: str = "",
+    template: Path | None = None,
+    save_to: Path | None = None,
 ) -> L.LaunchSpec:
-    """What the monitor is told: QEMU's argv for this host and configuration, and the rest."""
+    """What the monitor is told: QEMU's argv for this host and configuration, and the rest
+    (with ``template``, the argv restores that template and the boot is the fallback; with
+    ``save_to``, the VM is booted to be saved there as a template)."""
     if vsock_cid is None:
         vsock_cid = random.randrange(3, 2**31) if host.channel == "vsock" else 0
     files = host.files
-    vm = qemu_argv.plan(
+    mode, memory = "", ""
+    if template is not None:
+        mode, memory = "restore", str(clone_memory_file(d))
+    elif save_to is not None:
+        mode, memory = "save", str(save_to / L.TEMPLATE_MEMORY)
+    plan = functools.partial(
+        qemu_argv.plan,
         cfg,
         sandbox_id=sandbox_id,
         state_dir=d,
@@ -251,6 +283,7 @@ def launch_spec(
         host_memory_mib=host_memory_mib(),
         vsock_cid=vsock_cid,
     )
+    vm = plan(template=mode, memory_path=memory)
     return L.LaunchSpec(
         sandbox_id=sandbox_id,
         state_dir=str(d),
@@ -271,7 +304,26 @@ def launch_spec(
             if cfg.hypervisor.rootless
             else []
         ),
+        template=mode,
+        template_dir=str(template or save_to or ""),
+        memory_file=memory if mode == "restore" else "",
+        cold_argv=qemu_argv.build_argv(plan()) if mode == "restore" else [],
     )
+
+
+def spec_key(spec: L.LaunchSpec, files: GuestFiles, *extra: object) -> str:
+    """A hash of what a VM is booted from: its launch spec with the sandbox's own names left
+    out, the guest files as they are on disk, and ``extra`` (a pooled VM's and a template's
+    identity: sandbox.pool, sandbox.template)."""
+    raw = dataclasses.asdict(spec)
+    for name in ("sandbox_id", "state_dir", "log_file", "log_format", "debug", "cgroup"):
+        raw.pop(name)
+    stats = []
+    for p in (files.kernel, files.initrd, files.rootfs):
+        st = p.stat()
+        stats.append([str(p), st.st_size, st.st_mtime_ns])
+    blob = json.dumps([raw, stats, *extra], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _launch(cfg: Config, spec: L.LaunchSpec, host: HostFacts) -> Sandbox:
@@ -315,6 +367,8 @@ def _launch(cfg: Config, spec: L.LaunchSpec, host: HostFacts) -> Sandbox:
             float(report["boot_seconds"]),  # type: ignore[arg-type]
             host.accel,
             proc,
+            restored=bool(report.get("restored")),
+            restore_failure=str(report.get("restore_failure") or ""),
         )
     # Failed: the monitor cleaned up after itself; make sure, whatever happened to it.
     mon_log = _tail_file(d / L.MONITOR_LOG)
@@ -380,6 +434,8 @@ def _kill_leftovers(d: Path, proc: subprocess.Popen[bytes] | None) -> None:
     uid = _pid_in(d, L.QEMU_UID)
     if uid:  # a non-root QEMU's uid, whose monitor could not give it back
         qemuuser.release_stale(uid)
+    with contextlib.suppress(FileNotFoundError):  # a restore's RAM copy, not yet handed over
+        clone_memory_file(d).unlink()
     if (d / L.NETWORK_RECORD).exists():  # the monitor died before undoing the network
         from cocoon.runtime.network import record
 

@@ -21,7 +21,7 @@ booted from another configuration, half-booted entries of a fill that died, and 
 a process that died before linking them.
 
 May import: the standard library, grpc, cocoon.runtime.{config, errors, vm_pb2,
-pids, monitor.{hostcgroup, launch}}, cocoon.runtime.sandbox.{client, launcher}.
+pids, monitor.{hostcgroup, launch}}, cocoon.runtime.sandbox.{client, launcher, template}.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -50,7 +49,7 @@ from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.pids import pid_alive
 from cocoon.runtime.sandbox import client as client_mod
-from cocoon.runtime.sandbox import launcher
+from cocoon.runtime.sandbox import launcher, template
 
 log = logging.getLogger("cocoon")
 
@@ -122,18 +121,11 @@ def _int_in(p: Path) -> int | None:
 
 def key(cfg: config_mod.Config, host: launcher.HostFacts) -> str:
     """What a pooled VM was booted from: QEMU's argv and the launch settings with the
-    sandbox's own names left out, and the guest files as they are on disk."""
+    sandbox's own names left out, the guest files as they are on disk, and whether it was
+    restored from a template."""
     cid = 3 if host.channel == "vsock" else 0
     spec = launcher.launch_spec(cfg, Path("/pool"), "pool", host, L.HostCgroup(), vsock_cid=cid)
-    raw = dataclasses.asdict(spec)
-    for name in ("sandbox_id", "state_dir", "log_file", "log_format", "debug", "cgroup"):
-        raw.pop(name)
-    files = []
-    for p in (host.files.kernel, host.files.initrd, host.files.rootfs):
-        st = p.stat()
-        files.append([str(p), st.st_size, st.st_mtime_ns])
-    blob = json.dumps([raw, files], sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return launcher.spec_key(spec, host.files, {"template": cfg.factory.template})
 
 
 def vm_cost_mib(cfg: config_mod.Config, accel: str) -> int:
@@ -179,7 +171,11 @@ def start(
             spawn_fill(cfg, root)
         if sb is not None:
             return sb
-    return launcher.start(
+    tpl = None
+    if cfg.factory.template:
+        host = host or launcher.host_facts(cfg)
+        tpl = template.ensure(cfg, root, host)
+    sb = launcher.start(
         cfg,
         root,
         sandbox_id,
@@ -188,7 +184,16 @@ def start(
         debug=debug,
         cgroups_path=cgroups_path,
         host=host,
+        template=tpl,
     )
+    if sb.restore_failure:
+        log.warning(
+            "sandbox %s: the restore from template %s failed (%s): it was booted cold",
+            sandbox_id,
+            tpl.name if tpl else "?",
+            sb.restore_failure,
+        )
+    return sb
 
 
 def claim(
@@ -375,7 +380,10 @@ def boot_one(
     vmid = "p-" + secrets.token_hex(6)
     d = pool_root(root) / vmid
     launcher.check_socket_room(d)
-    return launcher.boot(cfg, d, vmid, host, cgroups_path=f"{POOL_CGROUP}/{vmid}", pool_key=want)
+    tpl = template.ensure(cfg, root, host) if cfg.factory.template else None
+    return launcher.boot(
+        cfg, d, vmid, host, cgroups_path=f"{POOL_CGROUP}/{vmid}", pool_key=want, template=tpl
+    )
 
 
 def drain(root: Path) -> int:

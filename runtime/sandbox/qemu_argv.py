@@ -22,9 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cocoon.runtime.config import Config
-from cocoon.runtime.monitor.launch import MIB, ROOT_PORT_SLOT, VMEM_BLOCK_MIB, VmLimits
+from cocoon.runtime.monitor.launch import (
+    FS_PORT_ID,
+    FS_PORT_SLOT,
+    MIB,
+    ROOT_PORT_SLOT,
+    SHARE_TAG,
+    VMEM_BLOCK_MIB,
+    VmLimits,
+)
 
-SHARE_TAG = "cocoon"
 AGENT_PORT_NAME = "agent.channel.0"
 VSOCK_AGENT_PORT = 1024
 PMEM_ALIGN = 2 * 1024 * 1024
@@ -102,6 +109,14 @@ class VmPlan:
     # Non-root QEMU: the monitor adds -runas with the sandbox's uid; QEMU starts paused (-S)
     # and the monitor resumes it once it checked QEMU dropped root.
     rootless: bool = False
+    # Templates (sandbox.template): "save" boots the VM a template is saved from, "restore"
+    # starts one paused, waiting for the template's state (-incoming defer). Both keep guest
+    # RAM in ``memory_path`` (a file: saved apart from the device state, copied per clone),
+    # put the root image on an NVDIMM, not virtio-pmem, leave out vhost-user-fs (QEMU 7.2
+    # migrates neither) and add the root port vhost-user-fs is hot-plugged into after a
+    # restore.
+    template: str = ""
+    memory_path: str = ""
 
 
 def _align_up(n: int, a: int) -> int:
@@ -123,6 +138,8 @@ def plan(
     host_cpus: int,
     host_memory_mib: int,
     vsock_cid: int = 0,
+    template: str = "",
+    memory_path: str = "",
 ) -> VmPlan:
     h = cfg.hypervisor
     max_vcpus, max_memory = h.ceilings(host_cpus, host_memory_mib)
@@ -161,15 +178,21 @@ def plan(
         paths=SandboxPaths(state_dir),
         free_page_reporting=h.free_page_reporting,
         rootless=h.rootless,
+        template=template,
+        memory_path=memory_path,
     )
 
 
 def build_argv(p: VmPlan) -> list[str]:
+    if p.template not in ("", "save", "restore") or bool(p.template) != bool(p.memory_path):
+        raise ValueError(f"template mode {p.template!r} with memory {p.memory_path!r}")
     lim = p.limits
     a: list[str] = [p.qemu, "-name", f"sandbox-{p.sandbox_id},debug-threads=on"]
     machine = p.machine
-    if lim.shared_memory:
+    if lim.shared_memory or p.template:
         machine += ",memory-backend=ram0"
+    if p.template:
+        machine += ",nvdimm=on"
     a += ["-machine", machine]
     if p.accel == "tcg" and p.tb_size_mib:
         a += ["-accel", f"tcg,tb-size={p.tb_size_mib}"]
@@ -187,7 +210,12 @@ def build_argv(p: VmPlan) -> list[str]:
         f"{lim.memory_mib}M,slots={max(lim.memory_slots, 1)},"
         f"maxmem={lim.max_memory_mib + pmem_mib}M",
     ]
-    if lim.shared_memory:
+    if p.template:
+        a += [
+            "-object",
+            f"memory-backend-file,id=ram0,size={lim.memory_mib}M,mem-path={p.memory_path},share=on",
+        ]
+    elif lim.shared_memory:
         a += ["-object", f"memory-backend-memfd,id=ram0,size={lim.memory_mib}M,share=on"]
     a += ["-nodefaults", "-no-user-config", "-display", "none", "-vga", "none", "-no-reboot"]
     a += ["-kernel", str(p.kernel), "-initrd", str(p.initrd)]
@@ -201,6 +229,12 @@ def build_argv(p: VmPlan) -> list[str]:
         a += [
             "-device",
             f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1},addr={slot:#x}.{fn}{multi}",
+        ]
+    if p.template and p.shared_fs == "virtio-fs":
+        a += [
+            "-device",
+            f"pcie-root-port,id={FS_PORT_ID},bus=pcie.0,chassis={lim.root_ports + 1},"
+            f"addr={FS_PORT_SLOT:#x}.0",
         ]
     a += ["-device", "virtio-scsi-pci,id=scsi0"]
     if lim.memory_hotplug == "virtio-mem" and lim.max_memory_mib > lim.memory_mib:
@@ -219,7 +253,12 @@ def build_argv(p: VmPlan) -> list[str]:
         f"memory-backend-file,id=rootfs,mem-path={p.rootfs_image},size={p.rootfs_size},"
         "share=on,readonly=on",
         "-device",
-        "virtio-pmem-pci,id=rootfs0,memdev=rootfs",
+        # QEMU 7.2 does not migrate virtio-pmem's state (a restored guest's flush, at its
+        # power-off, would wait forever): a template's root image is an ACPI NVDIMM instead
+        # (read-only: unarmed), which the guest sees as the same /dev/pmem0, without DAX.
+        "nvdimm,id=rootfs0,memdev=rootfs,unarmed=on"
+        if p.template
+        else "virtio-pmem-pci,id=rootfs0,memdev=rootfs",
     ]
     if p.channel == "vsock":
         a += ["-device", f"vhost-vsock-pci,id=vsock0,guest-cid={p.vsock_cid}"]
@@ -232,7 +271,7 @@ def build_argv(p: VmPlan) -> list[str]:
             "-device",
             f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
         ]
-    if p.shared_fs == "virtio-fs":
+    if p.shared_fs == "virtio-fs" and not p.template:
         a += [
             "-chardev",
             f"socket,id=vfs,path={p.paths.virtiofsd_sock}",
@@ -250,8 +289,10 @@ def build_argv(p: VmPlan) -> list[str]:
         # The guest reports free 2 MiB blocks; QEMU drops them from the host (a hole punched
         # in the memfd): an idle guest gives back what boot touched and freed.
         a += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
-    if p.rootless:
+    if p.rootless or p.template == "restore":
         a += ["-S"]
+    if p.template == "restore":
+        a += ["-incoming", "defer"]
     if p.seccomp:
         a += ["-sandbox", SECCOMP_RUNAS if p.rootless else SECCOMP]
     return a

@@ -27,6 +27,7 @@ def processes_mentioning(needle: str) -> list[str]:
 def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("root")
     marked = uid_markers()
+    clones = clone_memory()
     yield root
     # Leak check: nothing of this root may survive the test.
     deadline = time.monotonic() + 15
@@ -40,6 +41,8 @@ def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             ("containers", "*"),
             ("netns", "*"),
             ("pool", "p-*"),
+            ("template", "b-*"),  # a template build's VM
+            ("template", "*.new"),  # a template half saved
         )
         for p in sorted((root / sub).glob(pattern))
     ]
@@ -49,6 +52,13 @@ def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert not sandbox_cgroups(), f"host cgroups left behind: {sandbox_cgroups()}"
     left_marked = sorted(set(uid_markers().items()) - set(marked.items()))
     assert not left_marked, f"non-root QEMU uids left marked (uid, holder): {left_marked}"
+    left_clones = sorted(clone_memory() - clones)
+    assert not left_clones, f"restored VMs' RAM copies left behind: {left_clones}"
+
+
+def clone_memory() -> set[str]:
+    """Copies of a template's RAM made for restored VMs (sandbox.launcher.clone_memory_file)."""
+    return {str(p) for p in sandbox.CLONE_MEMORY_DIR.glob("cocoon-*.mem")}
 
 
 def uid_markers() -> dict[str, str]:

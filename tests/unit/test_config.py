@@ -457,3 +457,18 @@ def test_pool_size_out_of_range_is_refused(tmp_path: Path, value: int) -> None:
     f.write_text(f"[factory]\npool_size = {value}\n")
     with pytest.raises(ConfigError, match=r"factory\.pool_size: must be between 0 and 64"):
         load(f)
+
+
+@pytest.mark.parametrize("value", ['"yes"', "1", "[true]"])
+def test_template_must_be_a_boolean(tmp_path: Path, value: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f"[factory]\ntemplate = {value}\n")
+    with pytest.raises(ConfigError, match=r"factory\.template: expected a boolean"):
+        load(f)
+
+
+def test_template_is_off_by_default_and_on_when_asked(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("[factory]\ntemplate = true\n")
+    assert load(f).config.factory.template is True
+    assert Config().factory.template is False

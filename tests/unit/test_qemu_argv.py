@@ -41,6 +41,7 @@ class Case:
     host_memory_mib: int
     rootfs_size: int
     vsock_cid: int = 0
+    template: str = ""  # "save" or "restore" (sandbox.template)
 
 
 def hv(**kw: Any) -> Config:
@@ -102,6 +103,26 @@ CASES: dict[str, Case] = {
         host_memory_mib=4096,
         rootfs_size=64 * MIB,
     ),
+    "template_save_tcg_serial_virtiofs_seccomp": Case(
+        cfg=Config(),
+        accel="tcg",
+        channel="virtio-serial",
+        seccomp=True,
+        host_cpus=2,
+        host_memory_mib=4096,
+        rootfs_size=64 * MIB,
+        template="save",
+    ),
+    "template_restore_tcg_serial_virtiofs_seccomp": Case(
+        cfg=Config(),
+        accel="tcg",
+        channel="virtio-serial",
+        seccomp=True,
+        host_cpus=2,
+        host_memory_mib=4096,
+        rootfs_size=64 * MIB,
+        template="restore",
+    ),
 }
 
 
@@ -120,6 +141,8 @@ def make_plan(case: Case, sandbox_id: str = "abc123") -> qa.VmPlan:
         host_cpus=case.host_cpus,
         host_memory_mib=case.host_memory_mib,
         vsock_cid=case.vsock_cid,
+        template=case.template,
+        memory_path=str(NOWHERE / "mem" / sandbox_id) if case.template else "",
     )
 
 
@@ -502,3 +525,44 @@ def test_rootless_starts_paused_and_lets_qemu_drop_root_under_seccomp() -> None:
     assert "elevateprivileges=allow" in sandbox and "spawn=deny" in sandbox
     root = argv_of(CASES["root_tcg_serial_virtiofs_seccomp"])
     assert "-S" not in root and "elevateprivileges=deny" in value_of(root, "-sandbox")
+
+
+# ---------------------------------------------------------------------- templates
+@pytest.mark.parametrize("mode", ["save", "restore"])
+def test_template_argv_migrates_only_what_qemu_can(mode: str) -> None:
+    """A template VM and its clones share one machine shape: RAM in a file (not a memfd),
+    the root image on an NVDIMM (QEMU 7.2 does not migrate virtio-pmem), no vhost-user-fs
+    (a migration blocker) but a root port of its own to hot-plug it into after a restore."""
+    cold = argv_of(replace(CASES["template_save_tcg_serial_virtiofs_seccomp"], template=""))
+    argv = argv_of(CASES[f"template_{mode}_tcg_serial_virtiofs_seccomp"])
+    text = " ".join(argv)
+    assert "memory-backend-file,id=ram0,size=256M,mem-path=" in text
+    assert (
+        "memory-backend-memfd,id=ram0" not in text
+        and "memory-backend-memfd,id=ram0" in " ".join(cold)
+    )
+    assert "nvdimm,id=rootfs0,memdev=rootfs,unarmed=on" in argv
+    assert "virtio-pmem-pci,id=rootfs0,memdev=rootfs" not in argv
+    assert value_of(argv, "-machine").endswith(",nvdimm=on")
+    assert not any(a.startswith("vhost-user-fs-pci") for a in argv)
+    assert any(a.startswith("vhost-user-fs-pci") for a in cold)
+    assert "pcie-root-port,id=rpfs,bus=pcie.0,chassis=5,addr=0xf.0" in argv
+    if mode == "restore":
+        assert value_of(argv, "-incoming") == "defer" and "-S" in argv
+    else:
+        assert "-incoming" not in argv
+    # the template and its clones differ only in where their RAM file is and -incoming
+    save = argv_of(CASES["template_save_tcg_serial_virtiofs_seccomp"])
+    restore = argv_of(CASES["template_restore_tcg_serial_virtiofs_seccomp"])
+    assert [a for a in restore if a not in ("-incoming", "defer")] == save
+
+
+@pytest.mark.parametrize("template, memory", [("restore", ""), ("", "/x"), ("clone", "/x")])
+def test_template_mode_needs_its_memory_file(template: str, memory: str) -> None:
+    p = replace(
+        make_plan(CASES["defaults_tcg_serial_virtiofs_seccomp"]),
+        template=template,
+        memory_path=memory,
+    )
+    with pytest.raises(ValueError, match="template mode"):
+        qa.build_argv(p)
