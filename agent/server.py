@@ -126,6 +126,7 @@ class AgentService(pbg.AgentServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except OSError as exc:
             context.abort(grpc.StatusCode.INTERNAL, f"reseed the guest's RNG: {exc}")
+        log.info("RNG reseeded with %d bytes from the host", len(request.data))
         return pb.Empty()
 
     def CopyFile(self, request: pb.CopyFileRequest, context: grpc.ServicerContext) -> pb.Empty:

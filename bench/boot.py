@@ -32,7 +32,7 @@ def floor_once(cfg: config_mod.Config, files: sandbox.GuestFiles, accel: str) ->
     assert files.floor_initrd is not None
     with tempfile.TemporaryDirectory() as td:
         plain = dataclasses.replace(
-            cfg, hypervisor=dataclasses.replace(cfg.hypervisor, shared_fs="none")
+            cfg, hypervisor=dataclasses.replace(cfg.hypervisor, shared_fs="none", rootless=False)
         )
         plan = qemu_argv.plan(
             plain,
