@@ -3,7 +3,10 @@ that what they share (the pmem root image's page cache, Python's and QEMU's code
 among them as it does on a busy host; host PSS per pod by process (QEMU, monitor, shim,
 virtiofsd), the host's MemAvailable drop per pod, and idle pods per GiB.
 
-    python bench/density.py [--pods 10] [--settle 10] [--json out.json]
+    python bench/density.py [--pods 10] [--settle 10] [--template 1] [--json out.json]
+
+``--template 1``: the pods' VMs are restored from a template ([factory] template) instead of
+booted.
 
 Not a test: it asserts nothing and prints numbers.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,11 +36,17 @@ def mem_available_mib() -> float:
 
 
 def main() -> int:
-    args = bench_args(__doc__, 1, pods=10, settle=10)
-    res: dict[str, Any] = {"pods": args.pods}
+    args = bench_args(__doc__, 1, pods=10, settle=10, template=0)
+    res: dict[str, Any] = {"pods": args.pods, "template": bool(args.template)}
     with tempfile.TemporaryDirectory(prefix="cocoon-bench-density-") as td:
         work = Path(td)
-        rt = Runtime("cocoon", work / "root")
+        conf = None
+        if args.template:  # pods restored from a template VM instead of booted
+            conf = work / "template.toml"
+            conf.write_text("[factory]\ntemplate = true\n")
+        rt = Runtime("cocoon", work / "root", conf)
+        if args.template:
+            subprocess.run([*rt.argv, "template", "build"], check=True, stdout=subprocess.DEVNULL)
         bundle = busybox.make_bundle(work / "idle", ["sleep", "100000"])
         before = mem_available_mib()
         with idle_sandboxes(rt, bundle, work, args.pods) as shims:
@@ -45,6 +55,8 @@ def main() -> int:
                 sandbox_pss_mib(rt, f"idle{os.getpid()}-{i}", shim) for i, shim in enumerate(shims)
             ]
             res["mem_available_drop_mib_per_pod"] = (before - mem_available_mib()) / args.pods
+        if args.template:
+            subprocess.run([*rt.argv, "template", "drop"], check=False, stdout=subprocess.DEVNULL)
     res["pss_mib_per_pod"] = {k: statistics.mean(p[k] for p in per) for k in per[0]}
     res["idle_pods_per_gib"] = 1024 / res["pss_mib_per_pod"]["total"]
     pss = res["pss_mib_per_pod"]

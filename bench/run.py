@@ -20,6 +20,13 @@ measured alternately in the same run (cocoon, then runc or the floor, then cocoo
    guest (the in-guest floor), against runc and against a cold run, and an idle pooled VM's PSS;
 9. hardening switches (bench/hardening.py): agent-ready and PSS with QEMU's seccomp sandbox on
    and off;
+10. templates (bench/template.py): restore to agent-ready against the boot floor and a cold
+   boot, a warm ``run`` restored from the template against a cold one and runc, and the idle
+   PSS of a restored sandbox next to a cold one;
+11. the data path (bench/stdio.py): stdout and stdin throughput and exec latency against runc
+   and the in-guest floors, and the shim's and monitor's PSS;
+12. density (bench/density.py): host PSS per idle pod by process with 10 pods up at once,
+   booted and restored from a template, and idle pods per GiB;
 and the Python import time of the CLI, monitor and shim (the agent's is in the guest stages).
 
     scripts/bench [--runs 5] [--json bench-results.json] [--budget-mib 2048] [--max-sandboxes 6]
@@ -186,11 +193,12 @@ def import_time_ms(module: str) -> float:
     return statistics.median(runs)
 
 
-def sub_bench(script: str, work: Path, timeout: float) -> Any:
-    """Runs bench/<script> --runs 3 and returns the JSON it wrote."""
-    out = work / f"{Path(script).stem}.json"
+def sub_bench(script: str, work: Path, timeout: float, *extra: str) -> Any:
+    """Runs bench/<script> --runs 3 (and ``extra``) and returns the JSON it wrote."""
+    out = work / f"{Path(script).stem}-{len(list(work.glob(Path(script).stem + '-*')))}.json"
     subprocess.run(
-        [sys.executable, str(Path(__file__).parent / script), "--runs", "3", "--json", str(out)],
+        [sys.executable, str(Path(__file__).parent / script), "--runs", "3", "--json", str(out),
+         *extra],
         check=True, stdout=subprocess.DEVNULL, timeout=timeout,
     )  # fmt: skip
     return json.loads(out.read_text())
@@ -338,6 +346,12 @@ def main() -> int:
         res["pods"] = sub_bench("pods.py", work, 900)
         res["pool"] = sub_bench("pool.py", work, 900)
         res["hardening"] = sub_bench("hardening.py", work, 900)
+        res["template"] = sub_bench("template.py", work, 900)
+        res["stdio"] = sub_bench("stdio.py", work, 900, "--mib", "32")
+        res["pod_density"] = {
+            "booted": sub_bench("density.py", work, 900, "--pods", "10"),
+            "template": sub_bench("density.py", work, 900, "--pods", "10", "--template", "1"),
+        }
 
     res["python_import_ms"] = {
         m: import_time_ms(m)
@@ -416,6 +430,19 @@ def report(r: dict[str, Any], why: str) -> None:
     for name, rows in r["hardening"].items():
         for k, s in rows.items():
             print(f"   {name + ' ' + k:36s} {_f(s, 'x' if 'ratio' in k else '')}")
+    print("\n10. templates (restored instead of booted):")
+    for k, s in r["template"]["rows"].items():
+        print(f"   {k:36s} {_f(s, 'x' if '/' in k else 's')}")
+    for kind, by in r["template"]["idle_pss_mib"].items():
+        print(f"   {'idle ' + kind + ' sandbox PSS':36s} {by['total']['median']:8.1f} MiB")
+    print("\n11. the data path (32 MiB per stream):")
+    for k, s in r["stdio"]["rows"].items():
+        print(f"   {k:36s} {_f(s, 'x' if '/' in k else '')}")
+    print("\n12. density, 10 idle 1-container pods (host PSS per pod, MiB):")
+    for kind, d in r["pod_density"].items():
+        pss = d["pss_mib_per_pod"]
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in pss.items())
+        print(f"   {kind:9s} {parts}; {d['idle_pods_per_gib']:.2f} pods/GiB")
     print("\nPython import time (ms): " + ", ".join(
         f"{m} {v:.0f}" for m, v in r["python_import_ms"].items()))  # fmt: skip
     print(f"wall time: {r['wall_seconds']:.0f}s")
