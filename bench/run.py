@@ -437,7 +437,7 @@ def report(r: dict[str, Any], why: str) -> None:
         print(f"   {'idle ' + kind + ' sandbox PSS':36s} {by['total']['median']:8.1f} MiB")
     print("\n11. the data path (32 MiB per stream):")
     for k, s in r["stdio"]["rows"].items():
-        print(f"   {k:36s} {_f(s, 'x' if '/' in k else '')}")
+        print(f"   {k:36s} {_f(s, 'x' if ' / ' in k else '')}")
     print("\n12. density, 10 idle 1-container pods (host PSS per pod, MiB):")
     for kind, d in r["pod_density"].items():
         pss = d["pss_mib_per_pod"]
