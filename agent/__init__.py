@@ -13,10 +13,12 @@ What lives here:
     network                   interfaces, routes, neighbours and identity (pyroute2)
     guest                     what the guest is (kernel, CPUs, memory) from /proc and /sys
     entropy                   reseeding the kernel's RNG from host bytes (a restored clone)
+    kmod                      the kernel modules loaded after the agent serves
     proc                      spawning and reaping processes where the agent is PID 1
     mounts                    mounting in the guest
     logbuf                    the in-memory log the host reads (ReadLogs)
-    libc                      the one libc seam (setns, unshare, mount, umount2, reboot),
+    libc                      the one libc seam (setns, unshare, mount, umount2, reboot,
+                              finit_module),
                               which the host side imports too
     errors                    every error class of the agent, kinds as an Enum
 

@@ -1,4 +1,4 @@
-"""The one seam to libc: setns, unshare, mount, umount2, reboot and their constants.
+"""The one seam to libc: setns, unshare, mount, umount2, reboot, finit_module, and constants.
 
 Both sides use it: the agent in the guest (mounts, joining a container's network namespace,
 power-off), and the host side (the shim joining a netns, the network package, the sandbox
@@ -41,6 +41,7 @@ MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MNT_DETACH = 2
 RB_POWER_OFF = 0x4321FEDC
+SYS_FINIT_MODULE = 313  # x86_64; the guest is x86_64 (glibc has no wrapper)
 
 T = TypeVar("T")
 
@@ -53,6 +54,7 @@ class Libc(Protocol):
     ) -> None: ...
     def umount2(self, target: str, flags: int) -> None: ...
     def reboot(self, cmd: int) -> None: ...
+    def finit_module(self, fd: int) -> None: ...
 
 
 def _b(s: str | None) -> bytes | None:
@@ -89,6 +91,9 @@ class CLibc:
     def reboot(self, cmd: int) -> None:
         self._call("reboot", "reboot", cmd)
 
+    def finit_module(self, fd: int) -> None:
+        self._call("syscall", f"finit_module({fd})", SYS_FINIT_MODULE, fd, b"", 0)
+
 
 current: Libc = CLibc()
 
@@ -118,6 +123,11 @@ def umount2(target: str, flags: int = 0) -> None:
 def reboot(cmd: int) -> None:
     """reboot(2); with RB_POWER_OFF it returns only if it failed (OSError)."""
     current.reboot(cmd)
+
+
+def finit_module(fd: int) -> None:
+    """Loads the kernel module open at ``fd`` (finit_module(2), no parameters)."""
+    current.finit_module(fd)
 
 
 def join_netns(path: str) -> None:

@@ -11,8 +11,8 @@ The agent's own errors (cocoon.agent.errors) come back to the host as the gRPC s
 kind (``_CODES``) with their message as the details; any other OSError is INTERNAL.
 
 May import: the standard library, grpc, cocoon.agent (AGENT_VERSION, api_hash),
-cocoon.agent.{agent_pb2, agent_pb2_grpc, containers, devices, entropy, errors, guest, logbuf,
-network}.
+cocoon.agent.{agent_pb2, agent_pb2_grpc, containers, devices, entropy, errors, guest, kmod,
+logbuf, network}.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from cocoon.agent import agent_pb2_grpc as pbg
 from cocoon.agent.containers import Manager
 from cocoon.agent.devices import Devices
 from cocoon.agent.errors import AgentError, ContainerError, ErrorKind
+from cocoon.agent.kmod import LateModules
 from cocoon.agent.logbuf import LogBuffer
 from cocoon.agent.network import Iface, Network, RouteSpec
 
@@ -48,8 +49,10 @@ class AgentService(pbg.AgentServiceServicer):
         poweroff: Callable[[], None],
         root: Path = Path("/"),
         containers: Manager | None = None,
+        modules: LateModules | None = None,
     ) -> None:
         self._containers = containers
+        self._modules = modules
         self._devices = Devices(root)
         self._network = Network(root)
         self._logs = logs
@@ -71,6 +74,12 @@ class AgentService(pbg.AgentServiceServicer):
 
     def mark_ready(self) -> None:
         self._ready_uptime = guest.read_facts(self._root).uptime
+
+    def _devices_loaded(self) -> None:
+        """Calls that need a late kernel module (the share, disks, NICs, virtio-mem) wait
+        for them (kmod.LateModules); OSError if one failed to load."""
+        if self._modules is not None:
+            self._modules.wait()
 
     def Check(self, request: pb.CheckRequest, context: grpc.ServicerContext) -> pb.CheckResponse:
         return pb.CheckResponse(status=pb.CheckResponse.SERVING)
@@ -169,6 +178,7 @@ class AgentService(pbg.AgentServiceServicer):
         self, request: pb.CreateContainerRequest, context: grpc.ServicerContext
     ) -> pb.Empty:
         with _errors(context):
+            self._devices_loaded()
             self.containers.create(
                 request.container_id,
                 request.oci_spec_json,
@@ -327,6 +337,7 @@ class AgentService(pbg.AgentServiceServicer):
         with _errors(context):
             online = self._devices.online_cpus(request.nb_cpus)
             if request.online_memory:
+                self._devices_loaded()
                 self._devices.online_memory()
         return self._cpumem(online)
 
@@ -346,6 +357,7 @@ class AgentService(pbg.AgentServiceServicer):
     ) -> pb.WaitDeviceResponse:
         timeout = (request.timeout_ms or 10000) / 1000
         with _errors(context):
+            self._devices_loaded()
             path = self._devices.wait_device(request.type, request.address, timeout)
         if request.type in ("pci", "virtiofs"):
             return pb.WaitDeviceResponse(sysfs_path=path)
@@ -367,6 +379,7 @@ class AgentService(pbg.AgentServiceServicer):
             ],
         )
         with _errors(context):
+            self._devices_loaded()
             device = self._network.update_interface(iface)
         out = pb.Interface()
         out.CopyFrom(i)
@@ -377,6 +390,7 @@ class AgentService(pbg.AgentServiceServicer):
         self, request: pb.ListInterfacesRequest, context: grpc.ServicerContext
     ) -> pb.Interfaces:
         with _errors(context):
+            self._devices_loaded()
             ifaces = self._network.list_interfaces()
         return pb.Interfaces(
             interfaces=[

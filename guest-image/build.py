@@ -142,7 +142,7 @@ def _need(tool: str, package: str) -> None:
 
 def build_kernel(cache: Path, key: str, spec: dict[str, object], prog: Progress) -> Path:
     out = cache / f"kernel-{key}"
-    if (out / "modules.list").exists():
+    if (out / "late-modules.list").exists():
         return out
     _need("apt-get", "apt")
     _need("modprobe", "kmod")
@@ -163,26 +163,36 @@ def build_kernel(cache: Path, key: str, spec: dict[str, object], prog: Progress)
         _run(["depmod", "-b", str(tree), rel])
         stage = tmp / "out"
         (stage / "modules").mkdir(parents=True)
+        (stage / "late").mkdir()
         order: list[str] = []
-        for mod in spec["modules"]:  # type: ignore[attr-defined]
-            res = subprocess.run(
-                ["modprobe", "-d", str(tree), "-S", rel, "--show-depends", mod],
-                capture_output=True,
-                text=True,
-            )
-            if res.returncode != 0:
-                raise ImageError(f"kernel {rel} has no module {mod}: {res.stderr.strip()}")
-            for line in res.stdout.splitlines():
-                words = line.split()
-                if words and words[0] == "insmod":
-                    name = Path(words[1]).name
-                    if name not in order:
-                        order.append(name)
-                        shutil.copy2(words[1], stage / "modules" / name)
+        late: list[str] = []
+        for listing, out_dir, mods in (
+            (order, stage / "modules", spec["modules"]),
+            (late, stage / "late", spec.get("late_modules", [])),
+        ):
+            for mod in mods:  # type: ignore[attr-defined]
+                for path in _module_with_deps(tree, rel, str(mod)):
+                    name = Path(path).name
+                    if name not in order and name not in late:
+                        listing.append(name)
+                        shutil.copy2(path, out_dir / name)
         shutil.copy2(tree / "boot" / f"vmlinuz-{rel}", stage / "vmlinuz")
         (stage / "modules.list").write_text("\n".join(order) + "\n")
+        (stage / "late-modules.list").write_text("\n".join(late) + "\n")
         stage.rename(out)
     return out
+
+
+def _module_with_deps(tree: Path, rel: str, mod: str) -> list[str]:
+    """The .ko paths ``mod`` needs, dependencies first (modprobe --show-depends)."""
+    res = subprocess.run(
+        ["modprobe", "-d", str(tree), "-S", rel, "--show-depends", mod],
+        capture_output=True,
+        text=True,
+    )
+    if res.returncode != 0:
+        raise ImageError(f"kernel {rel} has no module {mod}: {res.stderr.strip()}")
+    return [w[1] for w in (line.split() for line in res.stdout.splitlines()) if w[:1] == ["insmod"]]
 
 
 def build_base(cache: Path, key: str, spec: dict[str, object], prog: Progress) -> Path:
@@ -276,6 +286,12 @@ def build_image(cache: Path, key: str, kernel: Path, base: Path, rel: str, prog:
         dest.mkdir(parents=True)
         for src in agent_sources():
             shutil.copy2(src, dest / src.name)
+        # The modules the agent loads once it serves (cocoon.agent.kmod), in the root image.
+        mods = stage / "usr" / "lib" / "cocoon" / "modules"
+        mods.mkdir(parents=True)
+        for ko in (kernel / "late").iterdir():
+            shutil.copy2(ko, mods / ko.name)
+        shutil.copy2(kernel / "late-modules.list", mods.parent / "late-modules.list")
         _run(
             [
                 "chroot",

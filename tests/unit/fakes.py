@@ -233,3 +233,6 @@ class FakeLibc:
 
     def reboot(self, cmd: int) -> None:
         self._record("reboot", cmd)
+
+    def finit_module(self, fd: int) -> None:
+        self._record("finit_module", os.readlink(f"/proc/self/fd/{fd}"))

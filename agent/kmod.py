@@ -1,0 +1,65 @@
+"""Kernel modules the guest loads after the agent serves (``late-modules.list``).
+
+The first stage loads only what the boot needs (the PCI transport, the agent's port, the root
+image, the vsock transport); disks, the share, NICs, virtio-mem and the balloon are loaded by
+``LateModules`` in a thread of the agent once it answers the host, while the host works on its
+side of a start, instead of before the agent starts. Every call that needs one of them (a
+container's share, a device wait, memory onlining, a NIC, a storage) first ``wait``s for the
+set. A module that fails to load is logged and counted: ``wait`` then raises, naming it.
+
+May import: the standard library, cocoon.agent.libc.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from cocoon.agent import libc
+
+log = logging.getLogger("cocoon.agent.kmod")
+
+LIST = Path("/usr/lib/cocoon/late-modules.list")  # names, in load order (the image's build)
+DIR = Path("/usr/lib/cocoon/modules")
+
+
+class LateModules:
+    def __init__(self, listing: Path = LIST, directory: Path = DIR) -> None:
+        self._listing, self._dir = listing, directory
+        self._done = threading.Event()
+        self.failed: list[str] = []
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        threading.Thread(target=self._load_all, name="late-modules", daemon=True).start()
+
+    def _load_all(self) -> None:
+        t = time.monotonic()
+        try:
+            names = self._listing.read_text().split() if self._listing.exists() else []
+            for name in names:
+                try:
+                    fd = os.open(self._dir / name, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        libc.finit_module(fd)
+                    finally:
+                        os.close(fd)
+                except OSError as exc:
+                    if exc.errno != errno.EEXIST:  # built in, or loaded already
+                        log.error("module %s: %s", name, exc)
+                        self.failed.append(name)
+            self.seconds = time.monotonic() - t
+            log.info("%d late modules loaded in %.2fs", len(names), self.seconds)
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float = 60.0) -> None:
+        """Returns once every late module is in (OSError if one is not, or on timeout)."""
+        if not self._done.wait(timeout):
+            raise OSError(errno.ETIMEDOUT, f"kernel modules still loading after {timeout:g}s")
+        if self.failed:
+            raise OSError(errno.ENOENT, f"kernel modules failed to load: {', '.join(self.failed)}")
