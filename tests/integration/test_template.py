@@ -19,6 +19,9 @@ import pytest
 from cocoon.runtime.container import busybox
 from cocoon.runtime.monitor import launch as L
 from tests.integration.cli import Cli
+from tests.integration.test_network import HTTP_PORT, Lab, fetch_from, lab, server_bundle
+
+__all__ = ["lab"]  # a fixture: the network test's container namespace with two peers
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 
@@ -200,3 +203,21 @@ def test_pooled_vms_are_restored_from_the_template(
     finally:
         tpl.configure(factory="pool_size = 0")
         cli.ok("pool", "drain")
+
+
+def test_a_restored_vm_gets_the_containers_network(
+    tpl: Templates, cli: Cli, lab: Lab, tmp_path: Path
+) -> None:
+    """NICs are hot-plugged into a restored VM as into a booted one (its PCI layout has the
+    share's root port besides)."""
+    cli.ok("template", "build")
+    r = cli.create("n1", server_bundle(tmp_path, str(lab.netns)))
+    assert r.returncode == 0, r.stderr
+    assert "restored from template" in tpl.monitor_log("n1")
+    cli.ok("start", "n1")
+    for lk in lab.links:
+        assert fetch_from(lk.peer_ns, lk.v4, HTTP_PORT) == b"hello from the guest\n"
+    assert cli.ok("exec", "n1", "cat", f"/sys/class/net/{lab.links[1].name}/address").strip() == (
+        lab.links[1].mac
+    )
+    cli.ok("delete", "--force", "n1")
