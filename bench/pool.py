@@ -95,7 +95,11 @@ def wait_ready(rt: Runtime, n: int, timeout: float = 180) -> dict[str, Any]:
 
 
 def pooled_pss_mib(root: Path, vmid: str) -> dict[str, float]:
-    d = root / "pool" / vmid
+    return vm_pss_mib(root / "pool" / vmid)
+
+
+def vm_pss_mib(d: Path) -> dict[str, float]:
+    """Host PSS of the VM whose state directory is ``d``: QEMU, virtiofsd, the monitor."""
     pids = {
         "monitor": int((d / "monitor.pid").read_text()),
         "qemu": int((d / "qemu.pid").read_text()),

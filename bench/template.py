@@ -30,7 +30,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like pool.py
 from bench import boot
-from bench.run import Runtime, bench_args, pss_kib, summary
+from bench.pool import vm_pss_mib
+from bench.run import Runtime, bench_args, summary
 from cocoon.runtime import config as config_mod
 from cocoon.runtime.container import busybox
 from cocoon.runtime.sandbox import launcher, template
@@ -44,21 +45,9 @@ def start_once(
     sb = launcher.start(cfg, root, sid, host=host, template=tpl)
     ready = time.monotonic() - t
     time.sleep(2)  # settled, as density.py measures
-    pss = sandbox_pss_mib(sb.dir)
+    pss = vm_pss_mib(sb.dir)
     launcher.stop(root, sid)
     return ready, pss, sb.restored
-
-
-def sandbox_pss_mib(d: Path) -> dict[str, float]:
-    pids = {
-        "monitor": int((d / "monitor.pid").read_text()),
-        "qemu": int((d / "qemu.pid").read_text()),
-    }
-    vfs = subprocess.run(["pgrep", "-f", f"virtiofsd.*{d}/"], capture_output=True, text=True)
-    out = {k: pss_kib(p) / 1024 for k, p in pids.items()}
-    out["virtiofsd"] = sum(pss_kib(int(p)) for p in vfs.stdout.split()) / 1024
-    out["total"] = sum(out.values())
-    return out
 
 
 def main() -> int:

@@ -46,11 +46,7 @@ async def save(qmp: QmpFn, pass_fd: PassFdFn, state: Path, timeout: float) -> No
     """The running VM paused and its device state written to ``state`` (a new file)."""
     await qmp("stop", None)
     await qmp("migrate-set-capabilities", IGNORE_SHARED)
-    fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        await pass_fd(fd, STATE_FD)
-    finally:
-        os.close(fd)
+    await _hand_over(pass_fd, state, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     await qmp("migrate", {"uri": f"fd:{STATE_FD}"})
     await _wait(qmp, timeout, "saving the template")
 
@@ -59,13 +55,18 @@ async def load(qmp: QmpFn, pass_fd: PassFdFn, state: Path, timeout: float) -> No
     """A QEMU started with ``-incoming defer`` fed the template's device state from ``state``;
     it stays paused (``-S``) until the caller resumes it."""
     await qmp("migrate-set-capabilities", IGNORE_SHARED)
-    fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+    await _hand_over(pass_fd, state, os.O_RDONLY)
+    await qmp("migrate-incoming", {"uri": f"fd:{STATE_FD}"})
+    await _wait(qmp, timeout, "restoring the template")
+
+
+async def _hand_over(pass_fd: PassFdFn, state: Path, flags: int) -> None:
+    """``state`` opened by the monitor and given to QEMU as ``STATE_FD``."""
+    fd = os.open(state, flags | os.O_CLOEXEC, 0o600)
     try:
         await pass_fd(fd, STATE_FD)
     finally:
         os.close(fd)
-    await qmp("migrate-incoming", {"uri": f"fd:{STATE_FD}"})
-    await _wait(qmp, timeout, "restoring the template")
 
 
 async def _wait(qmp: QmpFn, timeout: float, what: str) -> None:

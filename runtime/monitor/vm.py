@@ -236,17 +236,23 @@ class Vm:
             with contextlib.suppress(BaseException):
                 await task
         self.tasks = []
+        await self._close_links()
+        self.qmp = QMPClient(f"sandbox-{self.spec.sandbox_id}")
+        self.qemu, self.link, self.agent, self.calls = None, None, None, None
+        self.qemu_exit = asyncio.get_running_loop().create_future()
+
+    async def _close_links(self) -> None:
+        """The agent's channel, its link and QMP closed; a restore's RAM copy that QEMU never
+        mapped removed."""
         if self.agent is not None:
             await self.agent.close()
         if self.link is not None:
             await self.link.close()
         with contextlib.suppress(Exception):
             await self.qmp.disconnect()
-        self.qmp = QMPClient(f"sandbox-{self.spec.sandbox_id}")
-        self.qemu, self.link, self.agent, self.calls = None, None, None, None
-        self.qemu_exit = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(FileNotFoundError):
-            Path(self.spec.memory_file).unlink()
+        if self.spec.memory_file:
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.spec.memory_file).unlink()
 
     async def save_template(self, timeout: float) -> None:
         """A VM booted with ``template = "save"`` paused and saved into its template
@@ -584,15 +590,7 @@ class Vm:
         await self.stdio.close()
         if self.server is not None:
             await self.server.stop(grace=1.0)
-        if self.agent is not None:
-            await self.agent.close()
-        if self.link is not None:
-            await self.link.close()
-        with contextlib.suppress(Exception):
-            await self.qmp.disconnect()
-        if self.spec.memory_file:  # a restore that failed before QEMU mapped it
-            with contextlib.suppress(FileNotFoundError):
-                Path(self.spec.memory_file).unlink()
+        await self._close_links()
         if self.virtiofsd is not None and self.virtiofsd.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.virtiofsd.terminate()
