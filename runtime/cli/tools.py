@@ -83,6 +83,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         kvm_probe = probe.kvm_prober(cfg, host, img.kernel, img.floor_initrd)
     checks = hostcheck.run_checks(cfg, host, image_probe, kvm_probe)
     checks.append(_pool_check(cfg, Path(args.root)))
+    checks.append(_template_check(cfg, Path(args.root), built=ok))
     print(hostcheck.format_checks(checks))
     return hostcheck.exit_code(checks)
 
@@ -108,6 +109,33 @@ def _pool_check(cfg: config_mod.Config, root: Path) -> Any:
         else "no pool: every sandbox boots its VM (factory.pool_size)"
     )
     return hostcheck.Check("pool", True, False, detail, meaning)
+
+
+def _template_check(cfg: config_mod.Config, root: Path, built: bool) -> Any:
+    """The template's line of ``check``: off, or whether a template is ready to restore."""
+    from cocoon.runtime.sandbox import hostcheck, launcher, template
+
+    if not cfg.factory.template:
+        return hostcheck.Check(
+            "template", True, False, "off", "every sandbox boots its VM (factory.template)"
+        )
+    if not built:
+        return hostcheck.Check(
+            "template", False, False, "no guest image yet", "the first start builds both"
+        )
+    try:
+        st = template.status(cfg, root, launcher.host_facts(cfg))
+    except CocoonError as exc:
+        return hostcheck.Check("template", False, False, str(exc), "sandboxes boot cold")
+    if st["ready"]:
+        meta = st["meta"]
+        assert isinstance(meta, dict)
+        detail = f"{st['key']} ready ({meta['memory_size'] // 2**20} MiB RAM) in {root}"
+        return hostcheck.Check("template", True, False, detail, "sandboxes are restored from it")
+    why = st["failed"] or st["why_not"]
+    return hostcheck.Check(
+        "template", False, False, f"{st['key']}: {why}", "the next start builds it, or boots cold"
+    )
 
 
 def cmd_env(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ def cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_check_reports_every_capability(state_root: Path, image: sandbox.GuestFiles) -> None:
     r = cli(state_root, "check")
     assert r.returncode == 0, r.stdout + r.stderr
-    for name in ("qemu", "kvm", "vsock", "vhost-net", "tun", "macvtap", "9p", "image"):
+    for name in ("qemu", "kvm", "vsock", "vhost-net", "tun", "macvtap", "9p", "image", "template"):
         assert any(line.split()[1:2] == [name] for line in r.stdout.splitlines()), name
     if not os.path.exists("/dev/vhost-vsock"):
         assert "virtio-serial" in r.stdout  # says what the missing device means

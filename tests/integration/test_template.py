@@ -97,6 +97,8 @@ def test_two_clones_of_one_template_are_restored_apart_and_work(
     meta = st["meta"]
     assert meta["state_size"] < 16 * 1024 * 1024  # devices only: RAM stays in its file
     assert meta["memory_size"] == 256 * 1024 * 1024
+    (line,) = [x for x in cli.ok("check").splitlines() if x.split()[1:2] == ["template"]]
+    assert f"{st['key']} ready (256 MiB RAM)" in line, line
     time.sleep(8)  # the template's clock falls behind: a clone must not inherit it
 
     reads: dict[str, tuple[str, str, float]] = {}
@@ -150,6 +152,8 @@ def test_template_is_rebuilt_when_its_inputs_change_and_when_damaged(
     with open(mem, "r+b") as f:
         f.truncate(mem.stat().st_size // 2)
     assert "memory is" in tpl.status()["why_not"]
+    (line,) = [x for x in cli.ok("check").splitlines() if x.split()[1:2] == ["template"]]
+    assert "memory is" in line and "the next start builds it" in line, line
     r = cli.create("c4", sleeper(tmp_path, "c4"))
     assert r.returncode == 0, r.stderr
     assert "restored from template" in tpl.monitor_log("c4")
