@@ -71,12 +71,7 @@ async def amain(spec: L.LaunchSpec, ready_fd: int, umask: int = 0o022) -> int:
     try:
         await start(vm)
     except (StartError, OSError, QMPError) as exc:
-        details = vm.diagnostics()
-        log.error("sandbox %s failed to start: %s", spec.sandbox_id, exc)
-        await vm.teardown()
-        end(vm.spec)
-        report(ready_fd, {"ok": False, "error": str(exc), "details": details})
-        return 1
+        return await failed(vm, ready_fd, exc, f"sandbox {spec.sandbox_id} failed to start")
     if spec.pool_key:  # a pooled VM: free to claim from now on (sandbox.pool)
         (spec.dir / L.POOL_READY).write_text(f"{os.getpid()}\n")
     report(
@@ -100,6 +95,17 @@ async def amain(spec: L.LaunchSpec, ready_fd: int, umask: int = 0o022) -> int:
     return 0
 
 
+async def failed(vm: Vm, ready_fd: int, exc: BaseException, what: str) -> int:
+    """A start that failed: logged, everything torn down, the failure reported (with QEMU's
+    and the console's tails, read before teardown removes them)."""
+    details = vm.diagnostics()
+    log.error("%s: %s", what, exc)
+    await vm.teardown()
+    end(vm.spec)
+    report(ready_fd, {"ok": False, "error": str(exc), "details": details})
+    return 1
+
+
 async def save_template(vm: Vm, ready_fd: int) -> int:
     """``template = "save"``: the VM booted to agent-ready, saved into its template directory
     (monitor.snapshot), and gone again; the report says whether the save worked."""
@@ -107,12 +113,7 @@ async def save_template(vm: Vm, ready_fd: int) -> int:
         await vm.start()
         await vm.save_template(max(vm.spec.ready_timeout_s, 30.0))
     except (StartError, OSError, QMPError) as exc:
-        details = vm.diagnostics()
-        log.error("template %s could not be saved: %s", vm.spec.template_dir, exc)
-        await vm.teardown()
-        end(vm.spec)
-        report(ready_fd, {"ok": False, "error": str(exc), "details": details})
-        return 1
+        return await failed(vm, ready_fd, exc, f"template {vm.spec.template_dir} not saved")
     boot = vm.boot_seconds
     await vm.teardown()
     end(vm.spec)

@@ -3,8 +3,8 @@
 A template is two files (sandbox.template names them): the guest's RAM, which the template VM
 had in a file (``memory-backend-file,share=on``), and QEMU's device state, which ``save``
 writes with a migration to an fd the monitor opened. The ``x-ignore-shared`` capability leaves
-shared RAM out of the stream: guest RAM (kept in its file), the read-only root image on
-virtio-pmem (the same file on both sides) and the unplugged virtio-mem region, so the state is
+shared RAM out of the stream: guest RAM (kept in its file), the read-only root image on an
+NVDIMM (the same file on both sides) and the unplugged virtio-mem region, so the state is
 ~0.5 MiB and a restore reads no RAM through the stream. ``copy_memory`` gives each clone its
 own copy of the template's RAM (only the extents that hold data: the file is sparse), which
 QEMU maps shared again because vhost-user needs it; ``load`` feeds the state to a QEMU started

@@ -311,10 +311,25 @@ def launch_spec(
     )
 
 
+def boot_key(
+    cfg: Config,
+    host: HostFacts,
+    d: Path,
+    name: str,
+    *extra: object,
+    save_to: Path | None = None,
+) -> str:
+    """A hash of what a VM of this configuration is booted from (a pooled VM's and a
+    template's identity: sandbox.pool, sandbox.template): the launch spec it would get in the
+    fixed directory ``d`` under the fixed name ``name``, with one vsock CID for all."""
+    cid = 3 if host.channel == "vsock" else 0
+    spec = launch_spec(cfg, d, name, host, L.HostCgroup(), vsock_cid=cid, save_to=save_to)
+    return spec_key(spec, host.files, *extra)
+
+
 def spec_key(spec: L.LaunchSpec, files: GuestFiles, *extra: object) -> str:
     """A hash of what a VM is booted from: its launch spec with the sandbox's own names left
-    out, the guest files as they are on disk, and ``extra`` (a pooled VM's and a template's
-    identity: sandbox.pool, sandbox.template)."""
+    out, the guest files as they are on disk, and ``extra``."""
     raw = dataclasses.asdict(spec)
     for name in ("sandbox_id", "state_dir", "log_file", "log_format", "debug", "cgroup"):
         raw.pop(name)

@@ -123,9 +123,7 @@ def key(cfg: config_mod.Config, host: launcher.HostFacts) -> str:
     """What a pooled VM was booted from: QEMU's argv and the launch settings with the
     sandbox's own names left out, the guest files as they are on disk, and whether it was
     restored from a template."""
-    cid = 3 if host.channel == "vsock" else 0
-    spec = launcher.launch_spec(cfg, Path("/pool"), "pool", host, L.HostCgroup(), vsock_cid=cid)
-    return launcher.spec_key(spec, host.files, {"template": cfg.factory.template})
+    return launcher.boot_key(cfg, host, Path("/pool"), "pool", {"template": cfg.factory.template})
 
 
 def vm_cost_mib(cfg: config_mod.Config, accel: str) -> int:

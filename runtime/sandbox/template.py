@@ -4,7 +4,7 @@ A template is the directory ``<root>/template/<key>/``: ``memory`` (the template
 sparse file), ``state`` (QEMU's device state, ~0.5 MiB) and ``meta.json`` (the key, both
 files' sizes, the state's sha256, when it was made). The key is a hash of what the template
 VM was booted from: QEMU's argv with the sandbox's own paths left out, the launch settings and
-the guest files as they are on disk (``launcher.spec_key``, as the pool's). A template whose
+the guest files as they are on disk (``launcher.boot_key``, as the pool's). A template whose
 key is not the current configuration's is never restored, and the next build removes it; one
 whose files do not match its meta (truncated, replaced) is removed and rebuilt.
 
@@ -49,25 +49,14 @@ def template_root(root: Path) -> Path:
 
 def key(cfg: config_mod.Config, host: launcher.HostFacts) -> str:
     """What the template VM is booted from, as a hash (the name of its directory)."""
-    cid = 3 if host.channel == "vsock" else 0
-    spec = launcher.launch_spec(
-        cfg,
-        Path("/template/vm"),
-        "template",
-        host,
-        L.HostCgroup(),
-        vsock_cid=cid,
-        save_to=Path("/template/out"),
+    return launcher.boot_key(
+        cfg, host, Path("/template/vm"), "template", save_to=Path("/template/out")
     )
-    return launcher.spec_key(spec, host.files)
 
 
 def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
     with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check(d: Path, want: str) -> str:

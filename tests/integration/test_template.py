@@ -46,6 +46,12 @@ class Templates:
     def dir(self) -> Path:
         return Path(self.status()["dir"])
 
+    def create_restored(self, cid: str, bundle: Path) -> None:
+        """``create`` succeeds and its sandbox was restored from the template, not booted."""
+        r = self.cli.create(cid, bundle)
+        assert r.returncode == 0, r.stderr
+        assert "restored from template" in self.monitor_log(cid)
+
     def monitor_log(self, cid: str) -> str:
         return (self.cli.root / "sandboxes" / cid / L.MONITOR_LOG).read_text()
 
@@ -105,9 +111,7 @@ def test_two_clones_of_one_template_are_restored_apart_and_work(
     stamps: dict[str, float] = {}
     for cid in ("c1", "c2"):
         mem = {"memory": {"limit": 512 * 1024 * 1024}}
-        r = cli.create(cid, sleeper(tmp_path, cid, resources=mem))
-        assert r.returncode == 0, r.stderr
-        assert "restored from template" in tpl.monitor_log(cid)
+        tpl.create_restored(cid, sleeper(tmp_path, cid, resources=mem))
         console = (cli.root / "sandboxes" / cid / "console.log").read_text(errors="replace")
         assert "RNG reseeded with 64 bytes from the host" in console
         cli.ok("start", cid)
@@ -139,9 +143,7 @@ def test_template_is_rebuilt_when_its_inputs_change_and_when_damaged(
     assert second["key"] != first["key"] and not second["ready"]
     assert Path(first["dir"]).name in second["stale"]
 
-    r = cli.create("c3", sleeper(tmp_path, "c3"))  # builds the new template, then restores
-    assert r.returncode == 0, r.stderr
-    assert "restored from template" in tpl.monitor_log("c3")
+    tpl.create_restored("c3", sleeper(tmp_path, "c3"))  # builds the new template first
     now = tpl.status()
     assert now["ready"] and now["meta"]["memory_size"] == 320 * 1024 * 1024
     assert now["stale"] == []  # the old key's template was removed by the build
@@ -154,9 +156,7 @@ def test_template_is_rebuilt_when_its_inputs_change_and_when_damaged(
     assert "memory is" in tpl.status()["why_not"]
     (line,) = [x for x in cli.ok("check").splitlines() if x.split()[1:2] == ["template"]]
     assert "memory is" in line and "the next start builds it" in line, line
-    r = cli.create("c4", sleeper(tmp_path, "c4"))
-    assert r.returncode == 0, r.stderr
-    assert "restored from template" in tpl.monitor_log("c4")
+    tpl.create_restored("c4", sleeper(tmp_path, "c4"))
     assert any("unusable" in m and "rebuilding" in m for m in tpl.log_messages())
     assert tpl.status()["ready"]
     cli.ok("delete", "--force", "c4")
@@ -215,9 +215,7 @@ def test_a_restored_vm_gets_the_containers_network(
     """NICs are hot-plugged into a restored VM as into a booted one (its PCI layout has the
     share's root port besides)."""
     cli.ok("template", "build")
-    r = cli.create("n1", server_bundle(tmp_path, str(lab.netns)))
-    assert r.returncode == 0, r.stderr
-    assert "restored from template" in tpl.monitor_log("n1")
+    tpl.create_restored("n1", server_bundle(tmp_path, str(lab.netns)))
     cli.ok("start", "n1")
     for lk in lab.links:
         assert fetch_from(lk.peer_ns, lk.v4, HTTP_PORT) == b"hello from the guest\n"
