@@ -150,7 +150,9 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
             create_mod.remove_netns(Path(st.netns))
         st.status = Status.STOPPED.value
         run_hooks("poststop", st.hooks.get("poststop", []), st.oci())  # failures: logged
-    store.remove(cid)
+        # Removed under the lock: a delete waiting on it then finds the id gone, never
+        # a state that vanishes between its check and its load.
+        store.remove(cid)
 
 
 # ---------------------------------------------------------------------------------- exec
