@@ -81,7 +81,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--console-socket")
     p.add_argument("--pid-file")
     p.add_argument("--detach", "-d", action="store_true")
-    p.add_argument("--keep", action="store_true")
+    p.add_argument("--keep", action="store_true", help="do not delete the container when it exits")
     p.add_argument("--no-pivot", action="store_true")
     p.add_argument("--no-new-keyring", action="store_true")
     p.add_argument("--preserve-fds", type=int, default=0)
@@ -191,6 +191,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
         _pid_file(args),
         args.console_socket,
         args.detach,
+        keep=args.keep,
     )
 
 

@@ -343,8 +343,11 @@ def run_foreground(
     pid_file: Path | None,
     console_socket: str | None,
     detach: bool,
+    keep: bool = False,
 ) -> int:
-    """runc run: create + start; without -d, wait and delete, returning the status."""
+    """runc run: create + start; without -d, wait and delete (unless ``keep``: runc's --keep
+    leaves the stopped container for state, exec-less inspection and delete), returning the
+    workload's status."""
     # In the foreground without --console-socket, a terminal is the caller's own (stdin).
     _, shim = create_mod.create(
         ctx, cid, bundle, pid_file, console_socket, foreground_tty=not detach
@@ -358,6 +361,7 @@ def run_foreground(
     if detach:
         return 0
     status = shimmod.wait_forwarding(shim)
-    with contextlib.suppress(CocoonError, SandboxError):
-        delete(ctx, cid, force=True)
+    if not keep:
+        with contextlib.suppress(CocoonError, SandboxError):
+            delete(ctx, cid, force=True)
     return status

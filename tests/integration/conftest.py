@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,12 +14,8 @@ import pytest
 from cocoon.runtime import config as config_mod
 from cocoon.runtime.monitor import qemuuser
 from cocoon.runtime.sandbox import launcher as sandbox
+from cocoon.testing.leaks import mounts_under, processes_left, sandbox_cgroups
 from tests.integration.cli import Cli
-from tests.integration.procs import live_processes, sandbox_cgroups
-
-
-def processes_mentioning(needle: str) -> list[str]:
-    return [f"{pid}: {cmd[:200]}" for pid, cmd in live_processes() if needle in cmd]
 
 
 @pytest.fixture
@@ -30,10 +25,7 @@ def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     clones = clone_memory()
     yield root
     # Leak check: nothing of this root may survive the test.
-    deadline = time.monotonic() + 15
-    while processes_mentioning(str(root)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    leaked = processes_mentioning(str(root))
+    leaked = processes_left(str(root))
     left = [
         str(p)
         for sub, pattern in (
@@ -68,13 +60,6 @@ def uid_markers() -> dict[str, str]:
         with contextlib.suppress(OSError):
             out[p.name] = p.read_text()
     return out
-
-
-def mounts_under(d: Path) -> list[str]:
-    prefix = str(d.resolve())
-    with open("/proc/self/mountinfo") as f:
-        mps = [line.split()[4] for line in f]
-    return [m for m in mps if m == prefix or m.startswith(prefix + "/")]
 
 
 @pytest.fixture

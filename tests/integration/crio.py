@@ -47,6 +47,7 @@ from pathlib import Path
 
 import pytest
 
+from cocoon.testing.leaks import mounts_under
 from tests.integration import callers as C
 from tests.integration import cri as R
 
@@ -373,12 +374,6 @@ def start_crio(base: Path, netns: Path, crictl: str, crio: str, pinns: str) -> C
         raise
     c = Crio(netns=netns, crictl_path=crictl, registry=reg, home=base, crio_daemon=d)
     return R.pulled(c, IMAGES, stop_crio)
-
-
-def mounts_under(path: Path) -> list[str]:
-    prefix = str(path)
-    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-    return [p for p in points if p == prefix or p.startswith(prefix + "/")]
 
 
 def cleanup(base: Path) -> None:

@@ -33,8 +33,8 @@ from cocoon.runtime import config as config_mod
 from cocoon.runtime.container import busybox
 from cocoon.runtime.errors import ConfigError
 from cocoon.runtime.sandbox import launcher as sandbox
+from cocoon.testing.leaks import mounts_under, processes_left, processes_mentioning
 from tests.integration.cli import Cli
-from tests.integration.conftest import mounts_under, processes_mentioning
 from tests.integration.procs import live_processes
 from tests.integration.test_pods import CRI_SANDBOX, CRI_TYPE, member_bundle
 
@@ -187,11 +187,9 @@ def compile_probe(out: Path) -> bool:
 
 
 def leak_check(root: Path) -> None:
-    deadline = time.monotonic() + 15
-    while processes_mentioning(str(root)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    leaked = processes_left(str(root))
     left = [str(p) for sub in ("sandboxes", "containers", "netns") for p in (root / sub).glob("*")]
-    assert not processes_mentioning(str(root)), processes_mentioning(str(root))
+    assert not leaked, leaked
     assert not left, f"state left behind: {left}"
     assert not mounts_under(root), f"mounts left behind: {mounts_under(root)}"
 

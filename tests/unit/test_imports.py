@@ -17,6 +17,7 @@ PACKAGES = {  # folder -> import name
     "agent": "cocoon.agent",
     "shim": "cocoon.shim",
     "guest-image": "cocoon.guest_image",
+    "testing": "cocoon.testing",
 }
 STDLIB = "the standard library"
 
