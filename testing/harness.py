@@ -288,6 +288,8 @@ def write_bundle(
                 raise CocoonTestError(f"image {src}: unreadable config.json: {exc}") from None
             spec["root"]["path"] = str((src / rootfs).resolve())
         elif src.is_dir():
+            if cmd is None:
+                raise CocoonTestError(f"image {src}: give a cmd (a root filesystem names none)")
             spec = default_spec()
             spec["root"] = {"path": str(src.resolve())}
         else:

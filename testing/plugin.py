@@ -17,7 +17,7 @@ VM's console, the agent's log and the monitor's log. Teardown always runs and fa
 whose containers left anything on the host.
 
 May import: the standard library, pytest, cocoon.runtime.{config, errors,
-sandbox.hostcheck}, cocoon.testing.harness (lazily: fixtures only).
+sandbox.hostcheck}, cocoon.testing.{harness, leaks} (lazily: fixtures only).
 """
 
 from __future__ import annotations

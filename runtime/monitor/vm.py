@@ -346,6 +346,10 @@ class Vm:
     async def _connect_qmp(self, deadline: float) -> None:
         path = str(self.dir / "qmp.sock")
         while True:
+            if not os.path.exists(path) and time.monotonic() <= deadline:
+                # Not yet bound: no connect attempt, which qemu.qmp would log as an ERROR.
+                await asyncio.sleep(0.02)
+                continue
             try:
                 await self.qmp.connect(path)
                 return

@@ -204,6 +204,24 @@ def test_a_pool_makes_a_container_a_warm_start(pytester: pytest.Pytester) -> Non
     nothing_left(pytester)
 
 
+TEMPLATED = """
+import pytest
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_container_is_restored_from_the_template(cocoon, n):
+    box = cocoon.run()
+    assert "restored from template" in box.diagnostics()["monitor log"]
+    assert box.exec("cat /proc/sys/kernel/random/boot_id").ok
+"""
+
+
+def test_a_template_restores_each_vm(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_templated=TEMPLATED)
+    result = run(pytester, "--cocoon-template")
+    result.assert_outcomes(passed=2)
+    nothing_left(pytester)
+
+
 PARALLEL = """
 import pytest
 
