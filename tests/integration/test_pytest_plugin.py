@@ -204,6 +204,55 @@ def test_a_pool_makes_a_container_a_warm_start(pytester: pytest.Pytester) -> Non
     nothing_left(pytester)
 
 
+API = """
+import pytest
+from cocoon.runtime.container import busybox
+
+def test_a_users_bundle_runs_its_own_process(cocoon, tmp_path):
+    b = busybox.make_bundle(tmp_path / "mine", ["sh", "-c", "echo out; echo oops >&2; exit 5"])
+    box = cocoon.run(b, name="mine", memory="128M")
+    assert box.wait() == 5
+    assert (box.stdout(), box.stderr()) == ("out\\n", "oops\\n")
+    assert box.logs() == "out\\noops\\n"
+    assert box.status == "stopped"
+
+def test_kill_ends_the_workload_with_its_signal(cocoon_session):
+    box = cocoon_session.run(cmd=["sleep", "100000"], name="victim")
+    assert box.status == "running" and box.pid > 0
+    box.kill("KILL")
+    assert box.wait() == 137
+
+def test_a_directory_goes_in_and_comes_back(cocoon_session, tmp_path):
+    src = tmp_path / "d"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_text("x")
+    box = cocoon_session.run(name="files")
+    box.copy_in(src, "/in/d")
+    box.exec("echo y > /in/d/sub/g", check=True)
+    back = box.copy_out("/in/d", tmp_path / "back")
+    assert (back / "sub" / "f").read_text() == "x"
+    assert (back / "sub" / "g").read_text() == "y\\n"
+
+def test_a_root_filesystem_is_used_in_place(cocoon, tmp_path):
+    rootfs = busybox.make_rootfs(tmp_path / "rootfs")
+    box = cocoon.run(rootfs, cmd="echo hi > /written && exec sleep 100000", cpus=2)
+    box.exec("while [ ! -s /written ]; do sleep 0.1; done; nproc", check=True)
+    assert (rootfs / "written").read_text() == "hi\\n"
+    assert box.exec("nproc").stdout.strip() == "2"
+    assert box.exec("id -u", user="65534").stdout == "65534\\n"
+    assert box.exec("pwd; echo $X", cwd="/tmp", env={"X": "y"}).stdout == "/tmp\\ny\\n"
+"""
+
+
+def test_the_api_on_real_guests(pytester: pytest.Pytester) -> None:
+    """Bundles and root filesystems of the user's, exit status, signals, logs, directory
+    copies, exec options, and a session-scoped fixture whose containers go at the end."""
+    pytester.makepyfile(test_api=API)
+    result = run(pytester, "-v")
+    result.assert_outcomes(passed=4)
+    nothing_left(pytester)
+
+
 TEMPLATED = """
 import pytest
 
