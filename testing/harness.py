@@ -789,7 +789,10 @@ class Cocoon:
                         CRI_TYPE: "sandbox",
                         CRI_SANDBOX: cid,
                     }
-                ep = network.attach(cid) if network is not None else None
+                try:
+                    ep = network.attach(cid) if network is not None else None
+                except ValueError as exc:
+                    raise CocoonTestError(str(exc)) from None
                 _set_namespace(spec, "network", str(ep.netns) if ep else None)
                 ip = ep.ip if ep else None
             (bundle / "config.json").write_text(json.dumps(spec, indent=1))

@@ -17,6 +17,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ class Network:
         self.hub = directory / "hub"
         self.endpoints: dict[str, Endpoint] = {}
         self._next = 2
+        self._lock = threading.Lock()  # containers may be started from several threads
         directory.mkdir(parents=True)
         try:
             N.create_netns(self.hub)
@@ -58,6 +60,9 @@ class Network:
         except BaseException:
             self.close()
             raise
+
+    def __repr__(self) -> str:
+        return f"<cocoon network {self.name} {self.subnet}>"
 
     def _make_bridge(self) -> None:
         with N.iproute() as ipr:
@@ -70,12 +75,13 @@ class Network:
 
     def attach(self, name: str) -> Endpoint:
         """A new namespace for container ``name`` with ``eth0`` on this network."""
-        if name in self.endpoints:
-            raise ValueError(f"{name} is on network {self.name} already")
-        n = self._next
-        if n > MAX_HOSTS:
-            raise ValueError(f"network {self.name} is full ({MAX_HOSTS - 1} containers)")
-        self._next += 1
+        with self._lock:
+            if name in self.endpoints:
+                raise ValueError(f"{name} is on network {self.name} already")
+            n = self._next
+            if n > MAX_HOSTS:
+                raise ValueError(f"network {self.name} is full ({MAX_HOSTS - 1} containers)")
+            self._next += 1
         ip = str(self.subnet.network_address + n)
         ep = Endpoint(self.dir / f"c{n}", ip, f"v{n}")
         N.create_netns(ep.netns)
@@ -84,7 +90,8 @@ class Network:
         except BaseException:
             N.remove_netns(ep.netns)
             raise
-        self.endpoints[name] = ep
+        with self._lock:
+            self.endpoints[name] = ep
         return ep
 
     def _wire(self, ep: Endpoint) -> None:
@@ -124,7 +131,8 @@ class Network:
 
     def detach(self, name: str) -> None:
         """Removes the container's namespace (its veth, and so the bridge's end, go too)."""
-        ep = self.endpoints.pop(name, None)
+        with self._lock:
+            ep = self.endpoints.pop(name, None)
         if ep is not None:
             N.remove_netns(ep.netns)
 

@@ -11,8 +11,10 @@ long-lived monitor across execs, and the host's available memory."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -249,3 +251,84 @@ def test_two_deletes_of_one_id(cli: Cli, tmp_path: Path) -> None:
                 if r.returncode:
                     one_clean_error(r)
         assert cli.ok("list", "-q").split() == []
+
+
+STREAM_BYTES = (1 << 30) if FULL else (64 << 20)
+
+
+def test_a_long_stream_without_newlines_arrives_byte_exact(cli: Cli, tmp_path: Path) -> None:
+    """1 GiB (64 MiB in the reduced set) of stdout with no newline, through exec: counted and
+    hashed as it arrives, never held whole."""
+    assert cli.create("big", sleeper(tmp_path, "big")).returncode == 0
+    cli.ok("start", "big")
+    script = f"yes abcdefgh | tr -d '\\n' | head -c {STREAM_BYTES}"
+    proc = subprocess.Popen(
+        [*cli.argv, "exec", "big", "sh", "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+    )
+    got, n = hashlib.sha256(), 0
+    assert proc.stdout is not None
+    while chunk := proc.stdout.read(1 << 20):
+        got.update(chunk)
+        n += len(chunk)
+    assert proc.wait(60) == 0
+    want = hashlib.sha256()
+    block = b"abcdefgh" * (1 << 17)  # 1 MiB
+    for _ in range(STREAM_BYTES // len(block)):
+        want.update(block)
+    assert (n, got.hexdigest()) == (STREAM_BYTES, want.hexdigest())
+    cli.ok("delete", "--force", "big")
+
+
+def _children(pid: int) -> list[int]:
+    kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(k) for k in kids]
+
+
+def test_a_stalled_reader_and_a_killed_shim_stop_only_their_own_stream(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """An exec whose stdout nobody reads blocks its workload only: other execs in the same
+    container go on at full speed. Its shim SIGKILLed mid-stream ends that workload (the
+    abandoned process is killed, as runc's would lose its pipe), and the container, its VM's
+    monitor and later execs carry on."""
+    assert cli.create("st", sleeper(tmp_path, "st")).returncode == 0
+    cli.ok("start", "st")
+    stalled = subprocess.Popen(
+        [*cli.argv, "exec", "st", "sh", "-c", "echo $$ > /tmp/writer; exec yes stalled"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,  # never read: the pipe fills and the writer blocks
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while cli("exec", "st", "test", "-s", "/tmp/writer").returncode:
+            assert time.monotonic() < deadline, "the writer did not start"
+            time.sleep(0.2)
+        writer = cli.ok("exec", "st", "cat", "/tmp/writer").strip()
+        r = cli("exec", "st", "sh", "-c", "head -c 8388608 /dev/zero | wc -c")
+        assert (r.returncode, r.stdout.strip()) == (0, "8388608"), r.stderr
+        # The writer still runs, blocked on its full stdout (state S, in pipe_write).
+        assert cli("exec", "st", "kill", "-0", writer).returncode == 0
+        assert stalled.poll() is None
+        shims = [p for p in _children(stalled.pid) if b"cocoon.shim" in _cmdline(p)]
+        assert len(shims) == 1, _children(stalled.pid)
+        os.kill(shims[0], signal.SIGKILL)
+        assert stalled.wait(60) == 137
+        deadline = time.monotonic() + 30
+        while cli("exec", "st", "kill", "-0", writer).returncode == 0:
+            assert time.monotonic() < deadline, "the abandoned writer still runs"
+            time.sleep(0.2)
+    finally:
+        stalled.kill()
+        stalled.wait()
+    assert json.loads(cli.ok("state", "st"))["status"] == "running"
+    assert cli.ok("exec", "st", "echo", "carries on") == "carries on\n"
+    cli.ok("delete", "--force", "st")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
