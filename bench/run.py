@@ -27,6 +27,8 @@ measured alternately in the same run (cocoon, then runc or the floor, then cocoo
    and the in-guest floors, and the shim's and monitor's PSS;
 12. density (bench/density.py): host PSS per idle pod by process with 10 pods up at once,
    booted and restored from a template, and idle pods per GiB;
+13. the pytest plugin (bench/plugin.py): ``cocoon.run()`` to a running container, cold, from
+   a pool and restored from a template, the first exec and the teardown's remove;
 and the Python import time of the CLI, monitor and shim (the agent's is in the guest stages).
 
     scripts/bench [--runs 5] [--json bench-results.json] [--budget-mib 2048] [--max-sandboxes 6]
@@ -352,6 +354,7 @@ def main() -> int:
             "booted": sub_bench("density.py", work, 900, "--pods", "10"),
             "template": sub_bench("density.py", work, 900, "--pods", "10", "--template", "1"),
         }
+        res["plugin"] = sub_bench("plugin.py", work, 900)
 
     res["python_import_ms"] = {
         m: import_time_ms(m)
@@ -443,6 +446,9 @@ def report(r: dict[str, Any], why: str) -> None:
         pss = d["pss_mib_per_pod"]
         parts = ", ".join(f"{k} {v:.1f}" for k, v in pss.items())
         print(f"   {kind:9s} {parts}; {d['idle_pods_per_gib']:.2f} pods/GiB")
+    print("\n13. the pytest plugin (cocoon.run() to a running container):")
+    for k, s in r["plugin"]["rows"].items():
+        print(f"   {k:36s} {_f(s, 'x' if '/' in k else 's')}")
     print("\nPython import time (ms): " + ", ".join(
         f"{m} {v:.0f}" for m, v in r["python_import_ms"].items()))  # fmt: skip
     print(f"wall time: {r['wall_seconds']:.0f}s")

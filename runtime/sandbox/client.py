@@ -21,8 +21,12 @@ from cocoon.runtime.monitor import launch as L
 
 
 def rpc_error(what: str, exc: grpc.RpcError) -> LifecycleError:
-    """``what: <the agent's or monitor's details>``, for a call that failed."""
+    """``what: <the agent's or monitor's details>``, for a call that failed; a deadline says
+    so in words (the sandbox's monitor or guest did not finish in time)."""
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    code = exc.code() if hasattr(exc, "code") else None
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        details = "the sandbox did not finish it in time (Deadline Exceeded; see its console.log)"
     return LifecycleError(f"{what}: {details}")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +46,28 @@ def state_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     assert not left_marked, f"non-root QEMU uids left marked (uid, holder): {left_marked}"
     left_clones = sorted(clone_memory() - clones)
     assert not left_clones, f"restored VMs' RAM copies left behind: {left_clones}"
+
+
+LOG_TAIL = 60
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test's report carries the tails of each of its sandboxes' console (the
+    guest's init and agent) and monitor logs, read before teardown removes them."""
+    report = yield
+    root = getattr(item, "funcargs", {}).get("state_root")
+    if report.failed and call.when == "call" and isinstance(root, Path):
+        for link in sorted((root / "sandboxes").glob("*")):
+            for name in ("console.log", "monitor.log"):
+                with contextlib.suppress(OSError):
+                    lines = (link.resolve() / name).read_text(errors="replace").splitlines()
+                    if lines:
+                        text = "\n".join(lines[-LOG_TAIL:])
+                        report.sections.append((f"sandbox {link.name} {name}", text))
+    return report
 
 
 def clone_memory() -> set[str]:
