@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like pool.py
-from bench.run import bench_args, summary
+from bench.run import bench_args, print_rows, summary
 from cocoon.runtime import config as config_mod
 from cocoon.testing import harness
 from cocoon.testing.plugin import RUN_DIR
@@ -83,9 +83,7 @@ def main() -> int:
     for mode in ("pooled", "restored"):
         ratio = [w / c for w, c in zip(raw[mode]["run"], raw["cold"]["run"], strict=True)]
         rows[f"run, {mode} / cold"] = summary(ratio)
-    for k, s in rows.items():
-        unit = "x" if "/" in k else "s"
-        print(f"{k:28s} {s['median']:7.2f}{unit} ({s['min']:.2f}-{s['max']:.2f})")
+    print_rows(rows, 28)
     if args.json:
         args.json.write_text(json.dumps(res, indent=1) + "\n")
     return 0

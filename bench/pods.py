@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like hotplug.py
-from bench.run import Runtime, bench_args, pss_kib, sandbox_pids, summary
+from bench.run import Runtime, bench_args, print_rows, pss_kib, sandbox_pids, summary
 from cocoon.runtime.container import busybox
 
 CRI_TYPE = "io.kubernetes.cri.container-type"
@@ -139,9 +139,7 @@ def main() -> int:
         "host_pss_mib": pss,
         "runs": args.runs,
     }
-    for k, s in res["seconds"].items():
-        unit = "x" if "/" in k else "s"
-        print(f"{k:44s} {s['median']:8.2f}{unit}  ({s['min']:.2f}-{s['max']:.2f})")
+    print_rows(res["seconds"], 44)
     for k, v in pss.items():
         print(f"host PSS, {k:34s} {v:8.1f} MiB")
     if args.json:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like pods.py
-from bench.run import Runtime, bench_args, pss_kib, summary
+from bench.run import Runtime, bench_args, print_rows, pss_kib, summary
 from cocoon.runtime.container import busybox
 
 ALL_CAPS = [
@@ -151,9 +151,7 @@ def main() -> int:
     ):
         rows[name] = [x / y for x, y in zip(w, rows[other], strict=False)]
     res["rows"] = {k: summary(v) for k, v in rows.items()}
-    for k, s in res["rows"].items():
-        unit = "x" if "/" in k else "s"
-        print(f"{k:32} {s['median']:8.3f}{unit}  ({s['min']:.3f}-{s['max']:.3f})")
+    print_rows(res["rows"], 32, 3)
     pss = res["pooled_vm_pss_mib"]
     print("idle pooled VM PSS: " + ", ".join(f"{k} {v:.1f} MiB" for k, v in pss.items()))
     if args.json:

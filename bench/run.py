@@ -67,6 +67,14 @@ def summary(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
+def print_rows(rows: dict[str, dict[str, float]], width: int, digits: int = 2) -> None:
+    """One line per summary row: a name with "/" in it is a ratio (x), any other seconds."""
+    for k, s in rows.items():
+        unit = "x" if "/" in k else "s"
+        lo, hi = f"{s['min']:.{digits}f}", f"{s['max']:.{digits}f}"
+        print(f"{k:{width}s} {s['median']:8.{digits}f}{unit}  ({lo}-{hi})")
+
+
 class Runtime:
     def __init__(self, name: str, root: Path, config: Path | None = None) -> None:
         self.name, self.root = name, root

@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like pool.py
 from bench import boot
 from bench.pool import vm_pss_mib
-from bench.run import Runtime, bench_args, summary
+from bench.run import Runtime, bench_args, print_rows, summary
 from cocoon.runtime import config as config_mod
 from cocoon.runtime.container import busybox
 from cocoon.runtime.sandbox import launcher, template
@@ -108,9 +108,7 @@ def main() -> int:
     res["idle_pss_mib"] = {
         kind: {k: summary([p[k] for p in ps]) for k in ps[0]} for kind, ps in pss.items()
     }
-    for k, s in res["rows"].items():
-        unit = "x" if "/" in k else "s"
-        print(f"{k:36} {s['median']:8.3f}{unit}  ({s['min']:.3f}-{s['max']:.3f})")
+    print_rows(res["rows"], 36, 3)
     for kind, by in res["idle_pss_mib"].items():
         print(
             f"idle {kind} sandbox PSS: "
