@@ -559,12 +559,7 @@ class Container:
         out = {"stdout": _tail(self.stdout()), "stderr": _tail(self.stderr())}
         vm = self.vm_dir or (self.pod.sandbox.vm_dir if self.pod and self.pod.sandbox else None)
         if vm is not None:
-            console = _read(vm / "console.log").splitlines()
-            agent = [x for x in console if x.startswith("cocoon-agent:")]
-            rest = [x for x in console if not x.startswith("cocoon-agent:")]
-            out["console"] = _tail("\n".join(rest))
-            out["agent log"] = _tail("\n".join(agent))
-            out["monitor log"] = _tail(_read(vm / "monitor.log"))
+            out |= vm_logs(vm)
         return {k: v for k, v in out.items() if v.strip()}
 
     def remove(self) -> list[str]:
@@ -609,6 +604,19 @@ class Container:
         if self.network is not None and self.owns_vm:
             found += [f"netns device left: {d}" for d in self.network.leftovers(self.id)]
         return found
+
+
+def vm_logs(vm: Path, lines: int = LOG_TAIL) -> dict[str, str]:
+    """The tails of a VM's logs, from its state directory: the console without the agent's
+    lines, the agent's log (its lines on the console) and the monitor's log."""
+    console = _read(vm / "console.log").splitlines()
+    agent = [x for x in console if x.startswith("cocoon-agent:")]
+    rest = [x for x in console if not x.startswith("cocoon-agent:")]
+    return {
+        "console": _tail("\n".join(rest), lines),
+        "agent log": _tail("\n".join(agent), lines),
+        "monitor log": _tail(_read(vm / "monitor.log"), lines),
+    }
 
 
 def _read(p: Path) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from cocoon.runtime.container import busybox
-from tests.integration.procs import live_processes, sandbox_cgroups
+from cocoon.testing.leaks import live_processes, sandbox_cgroups
 
 COCOON = "/usr/local/bin/cocoon"
 CONTAINERD = "/usr/bin/containerd"

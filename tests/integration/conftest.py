@@ -14,6 +14,7 @@ import pytest
 from cocoon.runtime import config as config_mod
 from cocoon.runtime.monitor import qemuuser
 from cocoon.runtime.sandbox import launcher as sandbox
+from cocoon.testing.harness import vm_logs
 from cocoon.testing.leaks import mounts_under, processes_left, sandbox_cgroups
 from tests.integration.cli import Cli
 
@@ -55,18 +56,16 @@ LOG_TAIL = 60
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A failing test's report carries the tails of each of its sandboxes' console (the
-    guest's init and agent) and monitor logs, read before teardown removes them."""
+    """A failing test's report carries the tails of each of its sandboxes' console, agent and
+    monitor logs (harness.vm_logs, as the plugin's reports), read before teardown removes
+    them."""
     report = yield
     root = getattr(item, "funcargs", {}).get("state_root")
     if report.failed and call.when == "call" and isinstance(root, Path):
         for link in sorted((root / "sandboxes").glob("*")):
-            for name in ("console.log", "monitor.log"):
-                with contextlib.suppress(OSError):
-                    lines = (link.resolve() / name).read_text(errors="replace").splitlines()
-                    if lines:
-                        text = "\n".join(lines[-LOG_TAIL:])
-                        report.sections.append((f"sandbox {link.name} {name}", text))
+            for kind, text in vm_logs(link.resolve(), LOG_TAIL).items():
+                if text.strip():
+                    report.sections.append((f"sandbox {link.name} {kind}", text))
     return report
 
 

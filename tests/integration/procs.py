@@ -1,13 +1,9 @@
-"""Live processes on the host, for leak checks (cocoon.testing.leaks, which the pytest plugin
-shares), and the cgroup a process is in."""
+"""The cgroup a process is in (live processes, mounts and sandbox cgroups, for leak checks,
+are cocoon.testing.leaks, which the pytest plugin shares)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from cocoon.testing.leaks import live_processes, mounts_under, sandbox_cgroups
-
-__all__ = ["cgroup_of", "live_processes", "mounts_under", "sandbox_cgroups"]
 
 
 def cgroup_of(pid: int) -> dict[str, str]:

@@ -25,9 +25,10 @@ import pytest
 
 from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.network import netns as N
+from cocoon.testing.leaks import live_processes, sandbox_cgroups
 from tests.integration import callers as C
 from tests.integration.cri import BUSYBOX_IMAGE, Cri, CriClient, cri_containerd, cri_namespace
-from tests.integration.procs import cgroup_of, live_processes, sandbox_cgroups
+from tests.integration.procs import cgroup_of
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.daemon("containerd")]
 

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from cocoon.runtime.network import netns as N
+from cocoon.testing.leaks import live_processes, sandbox_cgroups
 from tests.integration import callers as C
 from tests.integration.cri import cri_namespace
 from tests.integration.crio import Crio, crio_in
-from tests.integration.procs import live_processes, sandbox_cgroups
 from tests.integration.test_cri_pods import (
     a_pod_of_two_containers,
     kubelet_cgroup,

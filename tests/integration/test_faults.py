@@ -26,8 +26,8 @@ from cocoon.runtime import faults
 from cocoon.runtime.container import busybox
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.sandbox import launcher
+from cocoon.testing.leaks import live_processes
 from tests.integration.cli import Cli
-from tests.integration.procs import live_processes
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.soak]
 

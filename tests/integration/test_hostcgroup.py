@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from cocoon.runtime.monitor import hostcgroup as H
-from tests.integration.procs import cgroup_of, sandbox_cgroups
+from cocoon.testing.leaks import sandbox_cgroups
+from tests.integration.procs import cgroup_of
 
 pytestmark = [pytest.mark.root]
 

@@ -33,9 +33,8 @@ from cocoon.runtime import config as config_mod
 from cocoon.runtime.container import busybox
 from cocoon.runtime.errors import ConfigError
 from cocoon.runtime.sandbox import launcher as sandbox
-from cocoon.testing.leaks import mounts_under, processes_left, processes_mentioning
+from cocoon.testing.leaks import live_processes, mounts_under, processes_left, processes_mentioning
 from tests.integration.cli import Cli
-from tests.integration.procs import live_processes
 from tests.integration.test_pods import CRI_SANDBOX, CRI_TYPE, member_bundle
 
 VM = [pytest.mark.qemu, pytest.mark.root]

@@ -17,8 +17,9 @@ import pytest
 
 from cocoon.runtime.container import busybox
 from cocoon.runtime.monitor import hostcgroup
+from cocoon.testing.leaks import live_processes, sandbox_cgroups
 from tests.integration.cli import Cli
-from tests.integration.procs import cgroup_of, live_processes, sandbox_cgroups
+from tests.integration.procs import cgroup_of
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 

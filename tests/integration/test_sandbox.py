@@ -19,8 +19,8 @@ from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import Config
 from cocoon.runtime.container import busybox
 from cocoon.runtime.sandbox import launcher as sandbox
+from cocoon.testing.leaks import live_processes
 from tests.integration.cli import Cli
-from tests.integration.procs import live_processes
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 MIB = 1024 * 1024

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from cocoon.runtime.container import busybox
+from cocoon.runtime.container import shim as shimmod
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.sandbox import launcher
 from tests.integration.cli import Cli
@@ -316,7 +317,7 @@ def test_a_stalled_reader_and_a_killed_shim_stop_only_their_own_stream(
         # The writer still runs, blocked on its full stdout (state S, in pipe_write).
         assert cli("exec", "st", "kill", "-0", writer).returncode == 0
         assert stalled.poll() is None
-        shims = [p for p in _children(stalled.pid) if b"cocoon.shim" in _cmdline(p)]
+        shims = [p for p in _children(stalled.pid) if shimmod.is_shim(p, "st")]
         assert len(shims) == 1, _children(stalled.pid)
         os.kill(shims[0], signal.SIGKILL)
         assert stalled.wait(60) == 137
@@ -330,10 +331,3 @@ def test_a_stalled_reader_and_a_killed_shim_stop_only_their_own_stream(
     assert json.loads(cli.ok("state", "st"))["status"] == "running"
     assert cli.ok("exec", "st", "echo", "carries on") == "carries on\n"
     cli.ok("delete", "--force", "st")
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
