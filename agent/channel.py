@@ -6,6 +6,11 @@ Two transports, the same gRPC server behind both (it listens on a unix socket):
 - vsock: a plain AF_VSOCK listener; each accepted connection is relayed to the local socket
   (grpcio as shipped cannot listen on vsock itself).
 
+A mux session may also be a raw stream (cocoon.agent.mux): ``streams`` gives the fd of the
+process's stdout, stderr or stdin, and a thread of its own sends that pipe's bytes as DATA
+frames within the window the host grants, or writes the host's DATA to it and grants each
+chunk back. Stdio then skips protobuf and HTTP/2 in the guest.
+
 Threads, not asyncio: the port is a character device that reports host disconnects only as
 POLLHUP, which a poll loop handles plainly.
 
@@ -18,10 +23,12 @@ import contextlib
 import errno
 import logging
 import os
+import queue
 import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cocoon.agent import mux
@@ -54,18 +61,65 @@ def has_vsock_device(drivers: Path = Path("/sys/bus/virtio/drivers")) -> bool:
     return d.is_dir() and any(p.name.startswith("virtio") for p in d.iterdir())
 
 
+# The fd to read for a raw stream: (container id, exec id, "stdout" | "stderr") -> the fd, None
+# for a stream the process does not have, or an exception naming why not (no such process).
+StreamSource = Callable[[str, str, str], "int | None"]
+
+
+class _Raw:
+    """A raw stream's sending side: the pipe it reads and the bytes the host still takes."""
+
+    def __init__(self, fd: int, window: int) -> None:
+        self.fd = fd
+        self.credit = window
+        self.ended = False
+        self.cond = threading.Condition()
+
+    def grant(self, n: int) -> None:
+        with self.cond:
+            self.credit += n
+            self.cond.notify()
+
+    def end(self) -> None:
+        with self.cond:
+            self.ended = True
+            self.cond.notify()
+
+    def wait_credit(self) -> int:
+        """The bytes it may send now (0: the stream ended)."""
+        with self.cond:
+            while self.credit <= 0 and not self.ended:
+                self.cond.wait()
+            return 0 if self.ended else self.credit
+
+
+class _RawIn:
+    """A raw stdin stream's receiving side: the host's chunks, written to the pipe in order by
+    a thread of its own (a full pipe must not stall the port), each granted back once written."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+
+    def end(self) -> None:
+        self.chunks.put(None)
+
+
 class SerialMux:
     """Demultiplexes the framed serial port into connections to ``target`` (a unix socket)."""
 
-    def __init__(self, port: Path | int, target: str) -> None:
-        """``port`` is the port's device path, or an open fd (tests use a socket)."""
+    def __init__(self, port: Path | int, target: str, streams: StreamSource | None = None) -> None:
+        """``port`` is the port's device path, or an open fd (tests use a socket);
+        ``streams`` serves raw streams (without it, their OPEN is answered with CLOSE)."""
         if isinstance(port, int):
             self._fd = port
         else:
             self._fd = os.open(port, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
         self._target = target
+        self._streams = streams
         self._wlock = threading.Lock()
         self._sessions: dict[int, socket.socket] = {}
+        self._raw: dict[int, _Raw | _RawIn] = {}
         self._slock = threading.Lock()
         self._decoder = mux.Decoder(resync=True)
         self._garbage = False  # a malformed frame was seen: only a HELLO is heard until one
@@ -87,8 +141,88 @@ class SerialMux:
     def _drop_all(self) -> None:
         with self._slock:
             sessions, self._sessions = self._sessions, {}
+            raws, self._raw = self._raw, {}
         for sock in sessions.values():
             _close(sock)
+        for raw in raws.values():
+            raw.end()
+
+    def _raw_reader(self, sid: int, raw: _Raw) -> None:
+        """Sends the pipe's bytes within the host's window, then CLOSE at its EOF. Like
+        ``_session_reader``, the check that the stream is current and the write are one step
+        under _wlock, so nothing of it follows a HELLO_ACK."""
+        try:
+            while n := raw.wait_credit():
+                ready, _, _ = select.select([raw.fd], [], [], 1.0)
+                if not ready:
+                    if self._raw.get(sid) is not raw:
+                        return
+                    continue
+                try:
+                    data = os.read(raw.fd, min(n, mux.MAX_PAYLOAD))
+                except OSError:  # EIO: a pty's last slave closed; EBADF: the process removed
+                    data = b""
+                with self._wlock:
+                    if self._raw.get(sid) is not raw:
+                        return
+                    if not data:
+                        with self._slock:
+                            del self._raw[sid]
+                        self._write_locked(mux.encode(mux.FrameType.CLOSE, sid))
+                        return
+                    raw.credit -= len(data)
+                    self._write_locked(mux.encode(mux.FrameType.DATA, sid, data))
+        except OSError as exc:
+            log.warning("raw stream %d: %s", sid, exc)
+
+    def _raw_writer(self, sid: int, raw: _RawIn) -> None:
+        """Writes the host's chunks to the pipe; grants each back once written. A pipe whose
+        reader is gone (EPIPE) ends the stream: CLOSE, and what else comes is dropped."""
+        while (data := raw.chunks.get()) is not None:
+            view = memoryview(data)
+            try:
+                while view:
+                    try:
+                        view = view[os.write(raw.fd, view) :]
+                    except BlockingIOError:
+                        select.select([], [raw.fd], [], 1.0)
+            except OSError as exc:  # EPIPE: the process is gone; EBADF: stdin closed
+                log.debug("raw stdin %d: %s", sid, exc)
+                with self._wlock:
+                    with self._slock:
+                        current = self._raw.get(sid) is raw
+                        if current:
+                            del self._raw[sid]
+                    if current:
+                        self._write_locked(mux.encode(mux.FrameType.CLOSE, sid))
+                return
+            with self._wlock:
+                if self._raw.get(sid) is not raw:
+                    return
+                self._write_locked(mux.encode_window(sid, len(data)))
+
+    def _open_raw(self, sid: int, payload: bytes) -> None:
+        try:
+            req = mux.RawRequest.decode(payload)
+            if self._streams is None:
+                raise MuxProtocolError("no raw streams here")
+            fd = self._streams(req.container_id, req.exec_id, req.stream)
+        except Exception as exc:  # the manager's lookup error, or a bad request
+            log.info("raw stream %d refused: %s", sid, exc)
+            fd = None
+        if fd is None:  # an empty stream, as ReadStdout would give
+            self._write(mux.encode(mux.FrameType.CLOSE, sid))
+            return
+        raw: _Raw | _RawIn = _RawIn(fd) if req.stream == "stdin" else _Raw(fd, req.window)
+        with self._slock:
+            stale = self._raw.get(sid)
+            self._raw[sid] = raw
+        if stale is not None:
+            stale.end()
+        if isinstance(raw, _RawIn):
+            threading.Thread(target=self._raw_writer, args=(sid, raw), daemon=True).start()
+        else:
+            threading.Thread(target=self._raw_reader, args=(sid, raw), daemon=True).start()
 
     def _session_reader(self, sid: int, sock: socket.socket) -> None:
         # A HELLO may drop this session at any moment, and the next host reuses session ids.
@@ -127,6 +261,8 @@ class SerialMux:
                 self._drop_all()
                 self._decoder.resync = False
                 self._write_locked(mux.flush_and(mux.FrameType.HELLO_ACK, frame.payload))
+        elif t is mux.FrameType.OPEN and frame.payload:
+            self._open_raw(frame.session, frame.payload)
         elif t is mux.FrameType.OPEN:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -144,6 +280,10 @@ class SerialMux:
             threading.Thread(
                 target=self._session_reader, args=(frame.session, sock), daemon=True
             ).start()
+        elif t is mux.FrameType.DATA and frame.session in self._raw:
+            raw_in = self._raw.get(frame.session)
+            if isinstance(raw_in, _RawIn):  # bounded by the window the host keeps to
+                raw_in.chunks.put(frame.payload)
         elif t is mux.FrameType.DATA:
             sock_or_none = self._sessions.get(frame.session)
             if sock_or_none is not None:
@@ -152,7 +292,18 @@ class SerialMux:
                 except OSError:
                     self._close_session(frame.session)
         elif t is mux.FrameType.CLOSE:
+            with self._slock:
+                raw = self._raw.pop(frame.session, None)
+            if raw is not None:
+                raw.end()
             self._close_session(frame.session, notify=False)
+        elif t is mux.FrameType.WINDOW:
+            raw = self._raw.get(frame.session)
+            if isinstance(raw, _Raw):
+                try:
+                    raw.grant(mux.decode_window(frame.payload))
+                except MuxProtocolError as exc:
+                    log.warning("raw stream %d: %s", frame.session, exc)
 
     def _close_session(self, sid: int, notify: bool = True) -> None:
         with self._slock:

@@ -413,9 +413,18 @@ class Manager:
         self, cid: str, exec_id: str, which: str, alive: Callable[[], bool]
     ) -> Iterator[bytes]:
         """The process's output as chunks until EOF (lookup errors raise here, not lazily)."""
-        p = self._process(cid, exec_id)
-        fd = p.master if p.terminal and which == "stdout" else getattr(p, which)
+        fd = self.stream_fd(cid, exec_id, which)
         return _chunks(fd, alive) if fd is not None else iter(())
+
+    def stream_fd(self, cid: str, exec_id: str, which: str) -> int | None:
+        """The fd of the process's "stdout", "stderr" or "stdin" (a terminal's stdout and
+        stdin are its master; it has no stderr: None; a closed stdin: None), which the gRPC
+        calls or a raw stream (agent.channel) read or write."""
+        p = self._process(cid, exec_id)
+        if p.terminal and which != "stderr":
+            return p.master
+        fd: int | None = getattr(p, which)
+        return fd
 
     def write_stdin(self, cid: str, exec_id: str, chunks: Iterable[bytes]) -> int:
         p = self._process(cid, exec_id)

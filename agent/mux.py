@@ -12,6 +12,17 @@ nonce. The guest drops every session, answers the same way with HELLO_ACK carryi
 and the host ignores everything until that ACK. After that each local connection is one
 session: OPEN, DATA..., CLOSE from either side.
 
+An OPEN with an empty payload is a gRPC session (bytes to and from the agent's server). An
+OPEN whose payload is a JSON object is a raw stream of one process's stdio (``RawRequest``):
+- stdout, stderr: the guest sends that pipe's bytes as DATA, at most as many as the host has
+  granted (the ``window`` in the request, then each WINDOW frame's u32 payload adds to it),
+  then CLOSE at the pipe's EOF. The host grants a chunk back once it has passed it on;
+- stdin: the host sends DATA, at most ``window`` bytes beyond what the guest has granted back
+  with WINDOW frames, which it does once a chunk is written to the process's pipe; the host's
+  CLOSE ends the stream (its bytes all written first), the guest's says the pipe is gone.
+So a reader or writer that stops stalls its own stream only, and the port (and every other
+session) keeps moving.
+
 A malformed frame is a ``MuxProtocolError`` (cocoon.agent.errors, with the agent's other
 errors; the host monitor catches it from there).
 
@@ -22,6 +33,7 @@ this module too).
 from __future__ import annotations
 
 import enum
+import json
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +41,10 @@ from dataclasses import dataclass
 from cocoon.agent.errors import MuxProtocolError
 
 HEADER = struct.Struct("!BII")
+WINDOW = struct.Struct("!I")
 MAX_PAYLOAD = 32 * 1024
+RAW_WINDOW = 256 * 1024  # what a raw stream may have in flight before the host grants more
+RAW_STREAMS = ("stdout", "stderr", "stdin")
 FLUSH_LEN = MAX_PAYLOAD + HEADER.size
 NONCE_LEN = 8
 
@@ -41,6 +56,7 @@ class FrameType(enum.IntEnum):
     OPEN = 3
     DATA = 4
     CLOSE = 5
+    WINDOW = 6
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,56 @@ def encode_data(session: int, data: bytes) -> Iterator[bytes]:
     view = memoryview(data)
     for off in range(0, len(view), MAX_PAYLOAD):
         yield encode(FrameType.DATA, session, bytes(view[off : off + MAX_PAYLOAD]))
+
+
+@dataclass(frozen=True)
+class RawRequest:
+    """What a raw stream's OPEN asks for: one stream of one process, and its first window."""
+
+    container_id: str
+    exec_id: str
+    stream: str
+    window: int
+
+    def encode(self) -> bytes:
+        return json.dumps(
+            {
+                "container_id": self.container_id,
+                "exec_id": self.exec_id,
+                "stream": self.stream,
+                "window": self.window,
+            }
+        ).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> RawRequest:
+        """The request in an OPEN's payload; MuxProtocolError for anything else."""
+        try:
+            r = json.loads(payload)
+            req = cls(r["container_id"], r["exec_id"], r["stream"], r["window"])
+        except (ValueError, TypeError, KeyError) as exc:
+            raise MuxProtocolError(f"bad raw stream request: {exc}") from None
+        if (
+            set(r) != {"container_id", "exec_id", "stream", "window"}
+            or not isinstance(req.container_id, str)
+            or not isinstance(req.exec_id, str)
+            or req.stream not in RAW_STREAMS
+            or type(req.window) is not int
+            or not 0 < req.window <= 16 * RAW_WINDOW
+        ):
+            raise MuxProtocolError(f"bad raw stream request: {payload[:200]!r}")
+        return req
+
+
+def encode_window(session: int, grant: int) -> bytes:
+    return encode(FrameType.WINDOW, session, WINDOW.pack(grant))
+
+
+def decode_window(payload: bytes) -> int:
+    if len(payload) != WINDOW.size:
+        raise MuxProtocolError(f"WINDOW payload of {len(payload)} bytes")
+    (grant,) = WINDOW.unpack(payload)
+    return int(grant)
 
 
 def flush_and(ftype: FrameType, nonce: bytes) -> bytes:
@@ -95,7 +161,7 @@ class Decoder:
             if len(buf) - pos < HEADER.size:
                 break
             _, session, length = HEADER.unpack_from(buf, pos)
-            if t > FrameType.CLOSE or length > MAX_PAYLOAD:
+            if t > FrameType.WINDOW or length > MAX_PAYLOAD:
                 if self.resync:
                     pos += 1
                     continue

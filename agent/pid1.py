@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=guarded, name=name, daemon=True).start()
 
     if port:
-        mux = channel.SerialMux(port, args.socket)
+        mux = channel.SerialMux(port, args.socket, streams=manager.stream_fd)
         run(mux.serve_forever, "virtio-serial")
     if vsock:
         run(lambda: channel.serve_vsock(args.socket), "vsock")

@@ -37,8 +37,7 @@ from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.container import busybox
 from cocoon.runtime.network import netns as N
-from cocoon.runtime.sandbox import client
-from cocoon.runtime.sandbox import launcher as sandbox
+from cocoon.runtime.sandbox import client, paths
 
 COCOON = str(Path(sys.executable).parent / "cocoon")
 MIB = 1024 * 1024
@@ -149,7 +148,7 @@ def _bundle(work: Path, model: str, netns: Path) -> Path:
 
 
 def _attach_plain_tap(root: Path, cid: str, ns: Path, guest_addr: str) -> None:
-    d = sandbox.sandbox_dir(root, cid)
+    d = paths.sandbox_dir(root, cid)
     with client.Client(d, 60) as c:
         r = c.vm.AttachNetwork(
             vpb.AttachNetworkRequest(netns_path=str(ns), model="tap"), timeout=120

@@ -58,6 +58,7 @@ from bench import boot  # the floor (run from the repository root, as scripts/be
 from cocoon.runtime import config as config_mod
 from cocoon.runtime.container import busybox
 from cocoon.runtime.sandbox import launcher as sandbox
+from cocoon.runtime.sandbox import paths
 
 COCOON = str(Path(sys.executable).parent / "cocoon")
 MIB = 1024 * 1024
@@ -121,7 +122,7 @@ def cold_run(rt: Runtime, bundle: Path, cid: str, work: Path) -> dict[str, float
     t0 = time.monotonic()
     st["create"] = rt.call("create", "--bundle", str(bundle), "--pid-file", str(pid_file), cid)
     if rt.name == "cocoon":
-        d = sandbox.sandbox_dir(rt.root, cid)
+        d = paths.sandbox_dir(rt.root, cid)
         st["kernel_booted"] = _number(r"first stage at ([\d.]+)s", d / "console.log")
         st["agent_ready"] = _number(r"ready after ([\d.]+)s", d / "monitor.log")
     pid = int(pid_file.read_text())
@@ -144,7 +145,7 @@ def pss_kib(pid: int) -> int:
 
 
 def sandbox_pids(root: Path, cid: str, shim_pid: int) -> dict[str, int]:
-    d = sandbox.sandbox_dir(root, cid)
+    d = paths.sandbox_dir(root, cid)
     pids = {"shim": shim_pid}
     with contextlib.suppress(OSError, ValueError):
         pids["monitor"] = int((d / "monitor.pid").read_text())

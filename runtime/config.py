@@ -140,8 +140,9 @@ _NO_FILE = "<configuration>"
 # table name -> section dataclass; table name -> {key: resolved annotation}
 _SECTIONS: dict[str, type[Any]] = dict(get_type_hints(Config))
 _FIELDS: dict[str, dict[str, Any]] = {
-    name: {f.name: get_type_hints(cls)[f.name] for f in fields(cls)}
+    name: {f.name: hints[f.name] for f in fields(cls)}
     for name, cls in _SECTIONS.items()
+    for hints in (get_type_hints(cls),)  # once per class: every CLI call pays for it
 }
 _ALL_KEYS = [f"{t}.{k}" for t, keys in _FIELDS.items() for k in keys]
 

@@ -22,6 +22,10 @@ class ErrorKind(enum.Enum):
     FAILED = "failed"  # QEMU or the guest refused it; the VM is as it was (ABORTED)
 
 
+# How a call that ran out of time reads (gRPC's own words are a bare "Deadline Exceeded").
+DEADLINE_WORDS = "the sandbox did not finish it in time (Deadline Exceeded; see its console.log)"
+
+
 class CocoonError(Exception):
     """Root of every error cocoon reports to the user (one line, names the cause)."""
 

@@ -1,7 +1,12 @@
 """The shim: one host process per container process; its pid stands for the workload.
 
-``python -m cocoon.shim.main --sandbox-dir D --container ID [--exec-id E] [--terminal]
-[--console-socket S] [--ready-fd N] [--netns PATH] [--ns KIND=PATH|KIND]...``
+``python -m cocoon.shim.main --sandbox-dir D --container ID [--exec-id E [--process-fd N]]
+[--terminal] [--console-socket S] [--ready-fd N] [--netns PATH] [--ns KIND=PATH|KIND]...``
+
+``--process-fd``: an exec's OCI process as JSON (a memfd from ``cocoon exec``): the shim
+starts it itself, on its control connection, after joining the namespaces and before it says
+ready; the agent's refusal comes back on the ready fd as ``fail exec in ID: why``. A process
+so started never runs without the shim that stands for it.
 
 ``--netns``: the container's network namespace, which the shim joins first, so that its pid
 stands for the container there too (docker's libnetwork prestart hook finds the namespace
@@ -24,7 +29,8 @@ once the output has drained; if the monitor goes away first, with 255.
 Signals are taken with sigtimedwait in the main thread (blocked everywhere else), so that
 the stream threads can block in reads and writes.
 
-May import: the standard library, cocoon.agent.libc, cocoon.runtime.fds.
+May import: the standard library, cocoon.agent.libc, cocoon.runtime.{errors, fds} (both
+standard-library only).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from cocoon.agent import libc
+from cocoon.runtime.errors import DEADLINE_WORDS
 from cocoon.runtime.fds import close_inherited
 
 STDIO_SOCK = "stdio.sock"  # runtime/monitor/launch.py STDIO_SOCK (the shim imports no runtime)
@@ -68,6 +75,7 @@ class Shim:
         self.exec_id: str = args.exec_id or ""
         self.endpoint = str(Path(args.sandbox_dir) / STDIO_SOCK)
         self.control: socket.socket | None = None
+        self.control_in: Any = None  # the control connection's reading side (one buffer)
         self.control_lock = threading.Lock()
         self.terminal: bool = args.terminal
         self.tty_fd: int | None = None  # the host side the caller talks to
@@ -113,17 +121,37 @@ class Shim:
             return None
         return (rows, cols) if rows and cols else None
 
-    def connect(self, stream: str, **extra: bool) -> socket.socket:
+    def connect(self, stream: str, body: bytes = b"", **extra: object) -> socket.socket:
         """A connection to the monitor's stdio endpoint for one stream of the process."""
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             s.connect(self.endpoint)
             hello = {"container_id": self.cid, "exec_id": self.exec_id, "stream": stream}
-            s.sendall(json.dumps(hello | extra).encode() + b"\n")
+            s.sendall(json.dumps(hello | extra).encode() + b"\n" + body)
         except OSError:
             s.close()
             raise
         return s
+
+    def open_control(self, process: bytes) -> str:
+        """The control connection; for an exec (``process``), its process started on it.
+        Returns why the agent refused it ("" when started)."""
+        extra = {"size": len(process), "terminal": self.terminal} if process else {}
+        self.control = self.connect("control", process, **extra)
+        self.control_in = self.control.makefile("rb")
+        if not process:
+            return ""
+        try:
+            answer = json.loads(self.control_in.readline(64 * 1024) or b"{}")
+        except (OSError, ValueError):
+            answer = {}
+        if not isinstance(answer, dict):
+            answer = {}
+        if answer.get("started") is True:
+            return ""
+        if answer.get("code") == "DEADLINE_EXCEEDED":
+            return DEADLINE_WORDS
+        return str(answer.get("error") or "the sandbox's monitor gave no answer")
 
     def send(self, msg: dict[str, object]) -> None:
         """A control line (a signal, a window size); lost with the monitor, like the workload."""
@@ -169,11 +197,11 @@ class Shim:
             except OSError:
                 pass
 
-    def wait(self, conn: socket.socket) -> None:
-        """The control connection's one answer: the exit status, or why it is lost."""
+    def wait(self) -> None:
+        """The control connection's last answer: the exit status, or why it is lost."""
         reply: dict[str, object] = {}
         with contextlib.suppress(OSError, ValueError):
-            line = conn.makefile("rb").readline(4096)
+            line = self.control_in.readline(4096)
             reply = json.loads(line) if line else {}
         status = reply.get("exit") if isinstance(reply, dict) else None
         if isinstance(status, int) and 0 <= status <= 255:
@@ -219,10 +247,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--terminal", action="store_true")
     ap.add_argument("--console-socket")
     ap.add_argument("--ready-fd", type=int, default=-1)
+    ap.add_argument("--process-fd", type=int, default=-1)
     ap.add_argument("--netns", default="")
     ap.add_argument("--ns", action="append", default=[])
     args = ap.parse_args(argv)
-    close_inherited({args.ready_fd})
+    close_inherited({args.ready_fd, args.process_fd})
+    process = b""
+    if args.process_fd >= 0:
+        with os.fdopen(args.process_fd, "rb") as f:
+            f.seek(0)  # a memfd its writer left at its end
+            process = f.read()
     try:
         enter_namespaces(args.ns)
         if args.netns:
@@ -240,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cocoon-shim: console socket {args.console_socket}: {exc}", file=sys.stderr)
         return 255
     try:
-        shim.control = shim.connect("control")
+        refused = shim.open_control(process)
+        if refused:
+            if args.ready_fd >= 0:
+                os.write(args.ready_fd, f"fail exec in {shim.cid}: {refused}\n".encode())
+            return 255
         conns = [(shim.connect("stdout"), shim.out_fd)]
         if not shim.terminal:
             conns.append((shim.connect("stderr"), shim.err_fd))
@@ -254,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     for t in outs:
         t.start()
     threading.Thread(target=shim.pump_stdin, args=(stdin,), daemon=True).start()
-    threading.Thread(target=shim.wait, args=(shim.control,), daemon=True).start()
+    threading.Thread(target=shim.wait, daemon=True).start()
     shim.resize()
     if args.ready_fd >= 0:
         os.write(args.ready_fd, b"ok\n")

@@ -14,7 +14,7 @@ a directory's root filesystem is used in place, as runc would: the container's w
 it.
 
 May import: the standard library, cocoon.runtime.{errors, cli.oci, container.{busybox, ids,
-spec, state}, sandbox.launcher}, cocoon.testing.{leaks, netlab}.
+spec, state}, sandbox.{launcher, paths}}, cocoon.testing.{leaks, netlab}.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.spec import default_spec
 from cocoon.runtime.container.state import Store
 from cocoon.runtime.errors import CocoonError
-from cocoon.runtime.sandbox import launcher
+from cocoon.runtime.sandbox import paths
 from cocoon.testing import leaks
 from cocoon.testing.netlab import Network
 
@@ -419,7 +419,7 @@ class Container:
         with contextlib.suppress(CocoonError, OSError):
             self.sandbox_id = Store(self.rt.root).load(self.id).sandbox_id
         if self.owns_vm and self.sandbox_id:
-            self.vm_dir = launcher.sandbox_dir(self.rt.root, self.sandbox_id)
+            self.vm_dir = paths.sandbox_dir(self.rt.root, self.sandbox_id)
 
     @property
     def pooled(self) -> bool:
@@ -590,7 +590,7 @@ class Container:
         found = [f"process left: {p}" for p in leaks.processes_left(f" {self.id} ")]
         left = [root / "containers" / self.id, root / "netns" / self.id]
         if self.owns_vm and self.sandbox_id:
-            left.append(launcher.sandbox_path(root, self.sandbox_id))
+            left.append(paths.sandbox_path(root, self.sandbox_id))
         if self.vm_dir is not None:
             found += [f"process left: {p}" for p in leaks.processes_left(f"{self.vm_dir}/")]
             found += [f"mount left: {m}" for m in leaks.mounts_under(self.vm_dir)]

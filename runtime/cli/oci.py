@@ -1,7 +1,8 @@
 """The runc verbs: argument grammar and one short function each, over container.lifecycle.
 
 May import: the standard library, cocoon.runtime.{config, errors, container.{spec, state},
-container.{create, lifecycle} (lazily: they load grpc and the sandbox)}.
+container.{create, lifecycle} (lazily: they load grpc and the sandbox), container.execproc
+(lazily)}.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def _read_json_arg(src: str, what: str) -> Any:
 
 
 def cmd_exec(args: argparse.Namespace, cfg: Config) -> int:
-    from cocoon.runtime.container import lifecycle as lc
+    from cocoon.runtime.container import execproc
 
     ctx = _ctx(args, cfg)
     if args.process:
@@ -267,8 +268,10 @@ def cmd_exec(args: argparse.Namespace, cfg: Config) -> int:
             raise UsageError("exec: no command given (args or --process FILE)")
         st = ctx.store.load(args.id)
         base = specmod.load_bundle(Path(st.bundle)).spec.get("process") or {}
-        process = lc.build_process(base, cmd, args.tty, args.env, args.cwd, args.user)
-    return lc.exec_process(ctx, args.id, process, args.detach, _pid_file(args), args.console_socket)
+        process = execproc.build_process(base, cmd, args.tty, args.env, args.cwd, args.user)
+    return execproc.exec_process(
+        ctx, args.id, process, args.detach, _pid_file(args), args.console_socket
+    )
 
 
 def cmd_ps(args: argparse.Namespace, cfg: Config) -> int:

@@ -178,7 +178,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
     from cocoon.agent import agent_pb2 as apb
     from cocoon.runtime import vm_pb2 as vpb
-    from cocoon.runtime.sandbox import client
+    from cocoon.runtime.sandbox import client, paths
     from cocoon.runtime.sandbox import launcher as sandbox
 
     root = Path(args.root)
@@ -220,7 +220,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         cfg = load_config(args)
         print(sandbox.stop(root, args.id, cfg.runtime.shutdown_timeout_s))
         return 0
-    with client.Client(sandbox.sandbox_dir(root, args.id)) as c:
+    with client.Client(paths.sandbox_dir(root, args.id)) as c:
         if verb == "status":
             msg: object = c.vm.Status(vpb.StatusRequest(), timeout=c.timeout)
         else:

@@ -1,11 +1,13 @@
 """cocoon.runtime.container: the container lifecycle behind runc's verbs.
 
-``lifecycle`` does each verb's work (``create`` the longest, in named steps), over ``state``
+``lifecycle`` does each verb's work (``create`` the longest, in named steps; ``execproc`` the
+exec, without gRPC), over ``state``
 (one flock'ed directory per container, the Status rules), ``ids``, ``spec`` (the OCI bundle,
 checked once at the edge, and its rewrite for the guest), ``hooks`` (the host-side OCI hooks),
 ``shim`` (spawning a container's or an exec's shim and waiting for it) and ``busybox`` (the
 embedded default bundle).
 
 May import: the standard library, grpc, cocoon.agent (stubs), cocoon.runtime.{errors, config,
-logs, vm_pb2, pod, sandbox, resources, network}. Never cocoon.runtime.cli or the monitor.
+logs, vm_pb2, pod, sandbox, resources, network, monitor.launch (the files a sandbox holds)}.
+Never cocoon.runtime.cli or the monitor's own modules.
 """

@@ -24,7 +24,8 @@ leaves its pod's VM as it found it), and the id is free again.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{config,
 errors, faults, vm_pb2, pids, monitor.{hostcgroup, launch}, pod, container.{hooks, ids, shim, spec,
-state, seccomp}, resources, sandbox.{client, hostmount, launcher, pool}, network.netns (lazily)}.
+state, seccomp}, resources, sandbox.{client, hostmount, launcher, paths, pool},
+network.netns (lazily)}.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from cocoon.runtime.pod.membership import (
 from cocoon.runtime.pod.resources import vm_size
 from cocoon.runtime.resources import attach, sizing
 from cocoon.runtime.resources import devices as devmod
-from cocoon.runtime.sandbox import hostmount, pool
+from cocoon.runtime.sandbox import hostmount, paths, pool
 from cocoon.runtime.sandbox import launcher as sandbox
 from cocoon.runtime.sandbox.client import Client, rpc_error
 
@@ -237,7 +238,7 @@ def _pod_sandbox(ctx: Ctx, cid: str, bundle: specmod.Bundle, sid: str) -> Contai
         raise LifecycleError(
             f"container {cid}: {sid} is not a pod's sandbox container (it is in {sst.sandbox_id}'s)"
         )
-    running = (sandbox.sandbox_dir(ctx.root, sst.sandbox_id) / MONITOR_SOCK).exists()
+    running = (paths.sandbox_dir(ctx.root, sst.sandbox_id) / MONITOR_SOCK).exists()
     if sst.effective is Status.STOPPED or not running:
         raise LifecycleError(f"container {cid}: its pod's sandbox {sid} is stopped")
     changes = sorted(k for k in bundle.annotations if k.startswith(ANNOTATION_PREFIX))
@@ -264,7 +265,7 @@ def _sandbox(ctx: Ctx, plan: _Plan) -> Path:
     """The VM the container goes into: its pod's (running), or one of its own (from the pool,
     or booted for it)."""
     if plan.member:
-        return sandbox.sandbox_dir(ctx.root, plan.sandbox_id)
+        return paths.sandbox_dir(ctx.root, plan.sandbox_id)
     sb = pool.start(
         ctx.cfg,
         ctx.root,
@@ -392,7 +393,7 @@ def leave_sandbox(ctx: Ctx, sandbox_id: str, cid: str, disks: list[str], vfio: l
     """A pod member out of its pod's running VM: its container removed in the guest (best
     effort: it may be gone already), its devices unplugged, what it asked for given back, its
     share unmounted."""
-    d = sandbox.sandbox_dir(ctx.root, sandbox_id)
+    d = paths.sandbox_dir(ctx.root, sandbox_id)
     with contextlib.suppress(CocoonError), Client(d, ctx.cfg.agent.request_timeout_s) as c:
         with contextlib.suppress(grpc.RpcError):  # a create that failed early made none
             c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
@@ -410,7 +411,7 @@ def share_in(sandbox_dir: Path, cid: str, bundle: specmod.Bundle) -> None:
 
 
 def teardown_sandbox(ctx: Ctx, sid: str) -> None:
-    d = sandbox.sandbox_dir(ctx.root, sid)
+    d = paths.sandbox_dir(ctx.root, sid)
     if d.exists():
         sandbox.stop(ctx.root, sid, ctx.cfg.runtime.shutdown_timeout_s)
 

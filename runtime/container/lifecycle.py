@@ -1,13 +1,14 @@
-"""runc's verbs after create: start, kill, delete, exec, pause/resume, update, stats, ps, run.
+"""runc's verbs after create: start, kill, delete, pause/resume, update, stats, ps, run.
 
 Each verb loads the container's state, asks its Status the verb's rule (``can_start``,
 ``can_kill``...), and asks the agent (through the sandbox's monitor) to do it; ``create``
-lives in ``create`` (it is the long one), ``state``/``list`` in ``state`` (they need no
-gRPC). ``run`` is create + start and, in the foreground, wait + delete.
+lives in ``create`` (it is the long one), ``state``/``list`` in ``state`` and ``exec`` in
+``execproc`` (they need no gRPC). ``run`` is create + start and, in the foreground, wait +
+delete.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{errors,
 faults, vm_pb2, pids, container.{create, ids, shim, spec, state, hooks}, pod.resources,
-resources.{attach, sizing}, sandbox.{client, launcher}}.
+resources.{attach, sizing}, sandbox.{client, paths}}.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,17 +36,17 @@ from cocoon.runtime.errors import CocoonError, LifecycleError, SandboxError, Sta
 from cocoon.runtime.pids import pid_alive, wait_gone
 from cocoon.runtime.pod.resources import in_pod, members, vm_size
 from cocoon.runtime.resources import attach, sizing
-from cocoon.runtime.sandbox import launcher as sandbox
+from cocoon.runtime.sandbox import paths
 from cocoon.runtime.sandbox.client import Client, rpc_error
 
 
 def _dir(ctx: Ctx, st: ContainerState) -> Path:
-    return sandbox.sandbox_dir(ctx.root, st.sandbox_id)
+    return paths.sandbox_dir(ctx.root, st.sandbox_id)
 
 
 @contextlib.contextmanager
 def _client(ctx: Ctx, st: ContainerState) -> Iterator[Client]:
-    d = sandbox.sandbox_dir(ctx.root, st.sandbox_id)
+    d = paths.sandbox_dir(ctx.root, st.sandbox_id)
     try:
         c = Client(d, ctx.cfg.agent.request_timeout_s)
     except StateError as exc:
@@ -153,79 +153,6 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
         # Removed under the lock: a delete waiting on it then finds the id gone, never
         # a state that vanishes between its check and its load.
         store.remove(cid)
-
-
-# ---------------------------------------------------------------------------------- exec
-def exec_process(
-    ctx: Ctx,
-    cid: str,
-    process: dict[str, Any],
-    detach: bool,
-    pid_file: Path | None,
-    console_socket: str | None,
-) -> int:
-    store = ctx.store
-    st = store.load(validate_id(cid))
-    if not st.effective.can_exec:
-        raise LifecycleError(f"cannot exec in container {cid}: it is {st.effective.value}")
-    specmod.validate_process(process, "process")
-    terminal = bool(process.get("terminal"))
-    if terminal and detach and not console_socket:
-        raise LifecycleError("cannot allocate a terminal without --console-socket")
-    exec_id = uuid.uuid4().hex[:16]
-    with _client(ctx, st) as c:
-        try:
-            c.agent.ExecProcess(
-                apb.ExecProcessRequest(
-                    container_id=cid,
-                    exec_id=exec_id,
-                    process_json=json.dumps(process).encode(),
-                    stdio=apb.StdioConfig(terminal=terminal, stdin=True),
-                ),
-                timeout=120,
-            )
-        except grpc.RpcError as exc:
-            raise rpc_error(f"exec in {cid}", exc) from exc
-    d = sandbox.sandbox_dir(ctx.root, st.sandbox_id)
-    # the exec's shim stands for its process in the container's namespaces, as its shim does
-    nss = [(k, f"/proc/{st.pid}/ns/{k}") for k in shimmod.SHIM_NAMESPACES]
-    netns = f"/proc/{st.pid}/ns/net" if st.netns else ""
-    shim = shimmod.spawn(d, cid, exec_id, terminal, console_socket, netns, nss)
-    faults.point("exec:started", d, shim.pid)
-    with store.locked(cid):
-        st = store.load(cid)
-        st.exec_pids = {k: v for k, v in st.exec_pids.items() if pid_alive(v)}
-        st.exec_pids[exec_id] = shim.pid
-        store.save(st)
-    if pid_file is not None:
-        shimmod.write_pid_file(pid_file, shim.pid)
-    if detach:
-        return 0
-    return shimmod.wait_forwarding(shim)
-
-
-def build_process(
-    base: dict[str, Any],
-    args: list[str],
-    tty: bool,
-    env: list[str],
-    cwd: str | None,
-    user: str | None,
-) -> dict[str, Any]:
-    """An exec process from the container's own process and runc exec's flags."""
-    p: dict[str, Any] = json.loads(json.dumps(base))
-    p["args"] = args
-    p["terminal"] = tty
-    p["env"] = list(p.get("env") or []) + env
-    if cwd:
-        p["cwd"] = cwd
-    if user:
-        uid, _, gid = user.partition(":")
-        try:
-            p["user"] = {"uid": int(uid), "gid": int(gid or 0)}
-        except ValueError:
-            raise LifecycleError(f"user {user!r}: use UID[:GID]") from None
-    return p
 
 
 # ---------------------------------------------------------------------------------- others

@@ -45,11 +45,18 @@ def spawn(
     console_socket: str | None,
     netns: str = "",
     namespaces: Sequence[tuple[str, str]] = (),
+    process: bytes = b"",
+    timeout: float = 60.0,
 ) -> subprocess.Popen[bytes]:
     """Starts a shim as our child (so it stays in the caller's tree) and waits until ready.
     ``namespaces``: (kind, path) of the IPC, UTS and cgroup namespaces it joins (an empty path:
-    a new one)."""
+    a new one). ``process``: an exec's process as JSON, which the shim starts itself (the
+    agent's refusal is the LifecycleError ``exec in ID: why``)."""
     rfd, wfd = os.pipe()
+    pfd = -1
+    if process:
+        pfd = os.memfd_create("cocoon-exec-process", os.MFD_CLOEXEC)
+        os.write(pfd, process)
     argv = [
         sys.executable,
         "-m",
@@ -63,6 +70,8 @@ def spawn(
     ]
     if exec_id:
         argv += ["--exec-id", exec_id]
+    if pfd >= 0:
+        argv += ["--process-fd", str(pfd)]
     if terminal:
         argv.append("--terminal")
     if console_socket:
@@ -72,18 +81,24 @@ def spawn(
     for kind, path in namespaces:
         argv += ["--ns", f"{kind}={path}" if path else kind]
     try:
-        proc = subprocess.Popen(argv, pass_fds=(wfd,), start_new_session=True)
+        proc = subprocess.Popen(
+            argv, pass_fds=(wfd,) if pfd < 0 else (wfd, pfd), start_new_session=True
+        )
     finally:
         os.close(wfd)
+        if pfd >= 0:
+            os.close(pfd)
     try:
-        ready, _, _ = select.select([rfd], [], [], 60)
-        said = os.read(rfd, 4096) if ready else b""
+        ready, _, _ = select.select([rfd], [], [], timeout)
+        said = os.read(rfd, 65536) if ready else b""
     finally:
         os.close(rfd)
     if not said.startswith(b"ok"):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+        if said.startswith(b"fail "):
+            raise LifecycleError(said[5:].decode(errors="replace").strip())
         why = said[6:].decode(errors="replace").strip() if said.startswith(b"error ") else ""
         raise LifecycleError(
             f"container {cid}: the shim did not start: {why}"

@@ -7,6 +7,11 @@ gRPC (grpcio) dials ``unix:<state>/agent.sock``; behind it:
 - vsock: ``VsockRelay`` connects a fresh AF_VSOCK socket to the guest's port per local
   connection (grpcio as shipped cannot dial vsock).
 
+``SerialMuxHost.open_stream`` opens a raw stream of one process's stdout or stderr as a mux
+session of its own (``RawStream``: chunks in, grants back), ``open_input`` one to its stdin
+(``RawInput``: chunks out within the guest's grants), which the shims' endpoint
+(monitor.stdio) relays without gRPC.
+
 May import: the standard library, cocoon.agent.{errors, mux}, cocoon.runtime.errors.
 """
 
@@ -28,6 +33,97 @@ from cocoon.runtime.errors import ChannelError
 log = logging.getLogger("cocoon.monitor.channel")
 
 
+class RawStream:
+    """One process's output as a mux session: ``read()`` gives its chunks (b"" at its end),
+    ``grant(n)`` gives the guest room for n more bytes once the caller has passed n on."""
+
+    def __init__(self, link: SerialMuxHost, sid: int) -> None:
+        self._link = link
+        self.sid = sid
+        self._chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        self.ended = False
+        self.credit = mux.RAW_WINDOW  # what the guest may still send
+
+    def _put(self, data: bytes) -> bool:
+        """Queues a chunk; False (and the stream ends) if the guest sent beyond its window."""
+        self.credit -= len(data)
+        if self.credit < 0:
+            log.warning("raw stream %d: the guest sent beyond its window; ended", self.sid)
+            self._end()
+            return False
+        if not self.ended:
+            self._chunks.put_nowait(data)
+        return True
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self._chunks.put_nowait(b"")
+
+    async def read(self) -> bytes:
+        return await self._chunks.get()
+
+    async def grant(self, n: int) -> None:
+        if not self.ended:
+            self.credit += n
+            await self._link._send(mux.encode_window(self.sid, n))
+
+    async def close(self) -> None:
+        """Ends the stream early (the reader went away): the guest stops sending."""
+        if self._link._raw.pop(self.sid, None) is not None:
+            self._end()
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._link._send(mux.encode(mux.FrameType.CLOSE, self.sid))
+
+
+class RawInput:
+    """A process's stdin as a mux session: ``write()`` sends within the window the guest has
+    granted back (a process that stops reading stalls this stream only), ``finish()`` waits
+    until the guest has written everything to the pipe, then ends the stream."""
+
+    def __init__(self, link: SerialMuxHost, sid: int) -> None:
+        self._link = link
+        self.sid = sid
+        self.credit = mux.RAW_WINDOW  # what we may still send
+        self.ended = False  # the guest ended it (the pipe is gone) or the port was lost
+        self._changed = asyncio.Event()
+
+    def _grant(self, n: int) -> None:
+        self.credit = min(self.credit + n, mux.RAW_WINDOW)  # never beyond the window
+        self._changed.set()
+
+    def _end(self) -> None:
+        self.ended = True
+        self._changed.set()
+
+    async def _room(self, want: int) -> None:
+        while self.credit < want and not self.ended:
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def write(self, data: bytes) -> bool:
+        """False once the stream has ended (the process's stdin is gone)."""
+        for off in range(0, len(data), mux.MAX_PAYLOAD):
+            chunk = data[off : off + mux.MAX_PAYLOAD]
+            await self._room(len(chunk))
+            if self.ended:
+                return False
+            self.credit -= len(chunk)
+            await self._link._send(mux.encode(mux.FrameType.DATA, self.sid, chunk))
+        return True
+
+    async def finish(self) -> None:
+        """Waits until the guest has written all we sent, then ends the stream."""
+        await self._room(mux.RAW_WINDOW)
+        await self.close()
+
+    async def close(self) -> None:
+        if self._link._raw.pop(self.sid, None) is not None:
+            self._end()
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._link._send(mux.encode(mux.FrameType.CLOSE, self.sid))
+
+
 class SerialMuxHost:
     def __init__(self, port_socket: Path, listen: Path) -> None:
         self._port_socket = port_socket
@@ -35,6 +131,7 @@ class SerialMuxHost:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._sessions: dict[int, asyncio.StreamWriter] = {}
+        self._raw: dict[int, RawStream | RawInput] = {}
         self._ids = itertools.count(1)
         self._decoder = mux.Decoder(resync=True)
         self._server: asyncio.AbstractServer | None = None
@@ -101,6 +198,27 @@ class SerialMuxHost:
         self._writer.write(data)
         await self._writer.drain()
 
+    async def _open(self, raw: RawStream | RawInput, cid: str, eid: str, stream: str) -> None:
+        self._raw[raw.sid] = raw
+        req = mux.RawRequest(cid, eid, stream, mux.RAW_WINDOW)
+        try:
+            await self._send(mux.encode(mux.FrameType.OPEN, raw.sid, req.encode()))
+        except BaseException:
+            self._raw.pop(raw.sid, None)
+            raise
+
+    async def open_stream(self, container_id: str, exec_id: str, stream: str) -> RawStream:
+        """A raw stream of the process's ``stream`` ("stdout" or "stderr")."""
+        raw = RawStream(self, next(self._ids))
+        await self._open(raw, container_id, exec_id, stream)
+        return raw
+
+    async def open_input(self, container_id: str, exec_id: str) -> RawInput:
+        """A raw stream to the process's stdin."""
+        raw = RawInput(self, next(self._ids))
+        await self._open(raw, container_id, exec_id, "stdin")
+        return raw
+
     async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sid = next(self._ids)
         self._sessions[sid] = writer
@@ -129,6 +247,17 @@ class SerialMuxHost:
                 if not data:
                     break
                 for frame in self._decoder.feed(data):
+                    raw = self._raw.get(frame.session)
+                    if raw is not None:  # bounded by the window it granted: never blocks
+                        if frame.type is mux.FrameType.CLOSE:
+                            del self._raw[frame.session]
+                            raw._end()
+                        elif isinstance(raw, RawInput):
+                            if frame.type is mux.FrameType.WINDOW:
+                                raw._grant(mux.decode_window(frame.payload))
+                        elif frame.type is mux.FrameType.DATA and not raw._put(frame.payload):
+                            await raw.close()
+                        continue
                     w = self._sessions.get(frame.session)
                     if frame.type is mux.FrameType.DATA and w is not None:
                         w.write(frame.payload)
@@ -145,6 +274,9 @@ class SerialMuxHost:
             for w in self._sessions.values():
                 w.close()
             self._sessions.clear()
+            for raw in self._raw.values():
+                raw._end()
+            self._raw.clear()
 
     async def close(self) -> None:
         if self._server is not None:

@@ -117,6 +117,7 @@ def drop_dangling(link: Path) -> None:
 # File names inside a sandbox state directory (QEMU's own are in qemu_argv.SandboxPaths).
 MONITOR_SOCK = "monitor.sock"
 STDIO_SOCK = "stdio.sock"  # the shims' raw streams and control lines (monitor.stdio)
+EXEC_MAX = 2 * 1024 * 1024  # the largest process JSON `exec` hands stdio.sock (the agent: 4 MiB)
 AGENT_SOCK = "agent.sock"
 LAUNCH_FILE = "launch.json"
 MONITOR_PID = "monitor.pid"

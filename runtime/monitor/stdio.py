@@ -4,23 +4,34 @@ control, so that a shim imports neither gRPC nor protobuf.
 A shim opens one connection per stream of its process; each starts with one JSON line of at
 most 4 KiB: ``{"container_id": C, "exec_id": E, "stream": S}``, S one of
 
-* ``stdout``, ``stderr``: the monitor relays the agent's ReadStdout/ReadStderr as raw bytes
-  and closes the connection when the guest closed the stream (or the process is gone). Each
-  chunk is written and drained before the next is read, so a shim that stops reading stalls
-  its own stream only: the agent's pipe fills and the workload blocks, nothing else does.
-* ``stdin`` (with ``"close": true|false``): raw bytes from the shim go to WriteStdin as they
-  come; at the shim's EOF the stream ends and, with ``close``, the guest closes the process's
-  stdin (CloseStdin; not for a terminal, whose EOF is the user's ^D).
+* ``stdout``, ``stderr``: the monitor relays the process's output as raw bytes and closes the
+  connection when the guest closed the stream (or the process is gone). Over virtio-serial
+  the output comes as a raw stream of the mux (channel.RawStream: no gRPC in the guest), each
+  chunk granted back to the guest once written and drained; over vsock it comes from the
+  agent's ReadStdout/ReadStderr, each chunk drained before the next is asked for. Either way
+  a shim that stops reading stalls its own stream only: the agent's pipe fills and the
+  workload blocks, nothing else does.
+* ``stdin`` (with ``"close": true|false``): raw bytes from the shim go to the process as they
+  come (a raw stream of the mux, within the guest's grants; WriteStdin over vsock); at the
+  shim's EOF, once the guest has written them all, the stream ends and, with ``close``, the
+  guest closes the process's stdin (CloseStdin; not for a terminal, whose EOF is the user's
+  ^D).
 * ``control``: lines from the shim, ``{"signal": N}`` (SignalProcess) and ``{"resize":
   [rows, cols]}`` (TtyWinResize); one line back when the process ended, ``{"exit": status}``
   or ``{"lost": why}``. The connection closing before that abandons the process: the
   WaitProcess call is cancelled (the agent kills a process whose wait was abandoned) and the
   process is sent SIGKILL, so a SIGKILLed shim takes its workload with it, as runc's would.
+  An exec's shim starts its process on this connection: with ``"size": N`` (and
+  ``"terminal"``) N bytes of the OCI process as JSON follow the line, the monitor does the
+  agent's ExecProcess and answers ``{"started": true}`` first, or ``{"error": details,
+  "code": C}`` (C a gRPC status name) and closes. So ``cocoon exec`` needs no gRPC of its own,
+  and a started process always has a shim whose going away kills it.
 
 Bad input from a shim (a long or malformed line, an unknown stream or field) closes that
 connection and is logged; the other connections and the sandbox carry on.
 
-May import: the standard library, grpc, cocoon.agent (generated stubs).
+May import: the standard library, grpc, cocoon.agent (generated stubs),
+cocoon.runtime.monitor.{channel, launch}.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import json
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,36 +51,58 @@ import grpc.aio
 
 from cocoon.agent import agent_pb2 as apb
 from cocoon.agent import agent_pb2_grpc as apbg
+from cocoon.runtime.monitor import launch as L
+from cocoon.runtime.monitor.channel import SerialMuxHost
 
 log = logging.getLogger("cocoon.monitor.stdio")
 
 HELLO_MAX = 4096  # the longest line a shim may send
 CHUNK = 64 * 1024
-STREAMS = ("stdout", "stderr", "stdin", "control")
+EXEC_TIMEOUT = 120.0  # crun exec in the guest, under TCG on a loaded host
 SIGNAL_MAX = signal.SIGRTMAX
+# The fields each stream's first line may carry besides container_id, exec_id and stream.
+STREAMS: dict[str, dict[str, type]] = {
+    "stdout": {},
+    "stderr": {},
+    "stdin": {"close": bool},
+    "control": {"size": int, "terminal": bool},
+}
 
 
 class BadHello(Exception):
     pass
 
 
-def parse_hello(line: bytes) -> tuple[str, str, str, bool]:
-    """(container id, exec id, stream, close stdin at EOF) from a shim's first line."""
+@dataclass(frozen=True)
+class Hello:
+    container_id: str
+    exec_id: str
+    stream: str
+    close: bool = False  # stdin: the guest closes the process's stdin at the shim's EOF
+    size: int = 0  # control of an exec: the length of the process JSON after the line
+    terminal: bool = False  # control of an exec: the process has a terminal
+
+
+def parse_hello(line: bytes) -> Hello:
+    """A connection's first line, checked field by field."""
     try:
         h = json.loads(line)
     except ValueError:
         raise BadHello("not JSON") from None
     if not isinstance(h, dict):
         raise BadHello("not an object")
-    cid, eid, stream = h.get("container_id"), h.get("exec_id", ""), h.get("stream")
-    close = h.get("close", False)
+    cid, eid, stream = h.pop("container_id", None), h.pop("exec_id", ""), h.pop("stream", None)
     if not isinstance(cid, str) or not cid or not isinstance(eid, str):
         raise BadHello("container_id and exec_id must be strings")
     if stream not in STREAMS:
         raise BadHello(f"unknown stream {stream!r}")
-    if not isinstance(close, bool) or set(h) - {"container_id", "exec_id", "stream", "close"}:
-        raise BadHello("unknown field")
-    return cid, eid, str(stream), close
+    fields = STREAMS[stream]
+    for k, v in h.items():
+        if k not in fields or type(v) is not fields[k]:
+            raise BadHello(f"unknown field {k!r} or not a {fields.get(k, object).__name__}")
+    if "size" in h and not 0 < h["size"] <= L.EXEC_MAX:
+        raise BadHello(f"size must be 1..{L.EXEC_MAX}")
+    return Hello(cid, eid, stream, **h)
 
 
 def parse_control(line: bytes) -> tuple[str, tuple[int, ...]]:
@@ -91,9 +125,16 @@ def parse_control(line: bytes) -> tuple[str, tuple[int, ...]]:
 class Endpoint:
     """Serves the shims of one sandbox; ``channel()`` is the monitor's agent channel."""
 
-    def __init__(self, channel: Callable[[], grpc.aio.Channel | None], timeout: float) -> None:
+    def __init__(
+        self,
+        channel: Callable[[], grpc.aio.Channel | None],
+        timeout: float,
+        link: Callable[[], SerialMuxHost | None] = lambda: None,
+    ) -> None:
+        """``link``: the virtio-serial mux, if that is the channel (raw output streams)."""
         self._channel = channel
         self._timeout = timeout
+        self._link = link
         self.server: asyncio.AbstractServer | None = None
         self.conns: set[asyncio.StreamWriter] = set()
 
@@ -115,7 +156,8 @@ class Endpoint:
         try:
             try:
                 line = await asyncio.wait_for(reader.readuntil(b"\n"), 10)
-                cid, eid, stream, close = parse_hello(line)
+                h = parse_hello(line)
+                body = await asyncio.wait_for(reader.readexactly(h.size), 10) if h.size else b""
             except (BadHello, ValueError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 log.warning("shim connection refused: %s", exc)
                 return
@@ -123,11 +165,12 @@ class Endpoint:
             if channel is None:
                 return
             stub = apbg.AgentServiceStub(channel)
-            if stream in ("stdout", "stderr"):
-                await self._output(stub, cid, eid, stream, writer)
-            elif stream == "stdin":
-                await self._input(stub, cid, eid, close, reader)
-            else:
+            cid, eid = h.container_id, h.exec_id
+            if h.stream in ("stdout", "stderr"):
+                await self._output(stub, cid, eid, h.stream, writer)
+            elif h.stream == "stdin":
+                await self._input(stub, cid, eid, h.close, reader)
+            elif not body or await self._exec(stub, h, body, writer):
                 await self._control(stub, cid, eid, reader, writer)
         except (ConnectionError, OSError) as exc:
             log.debug("shim connection ended: %s", exc)
@@ -137,6 +180,27 @@ class Endpoint:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    async def _exec(
+        self, stub: apbg.AgentServiceStub, h: Hello, body: bytes, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Starts an exec's process; False if the agent refused it (the shim has the error)."""
+        reply: dict[str, Any] = {"started": True}
+        try:
+            await stub.ExecProcess(
+                apb.ExecProcessRequest(
+                    container_id=h.container_id,
+                    exec_id=h.exec_id,
+                    process_json=body,
+                    stdio=apb.StdioConfig(terminal=h.terminal, stdin=True),
+                ),
+                timeout=EXEC_TIMEOUT,
+            )
+        except grpc.aio.AioRpcError as exc:
+            reply = {"error": exc.details() or str(exc.code()), "code": exc.code().name}
+        writer.write(json.dumps(reply).encode() + b"\n")
+        await writer.drain()
+        return "started" in reply
+
     async def _output(
         self,
         stub: apbg.AgentServiceStub,
@@ -145,6 +209,10 @@ class Endpoint:
         stream: str,
         writer: asyncio.StreamWriter,
     ) -> None:
+        link = self._link()
+        if link is not None:
+            await self._output_raw(link, cid, eid, stream, writer)
+            return
         req = apb.ReadStreamRequest(container_id=cid, exec_id=eid)
         call = (stub.ReadStdout if stream == "stdout" else stub.ReadStderr)(req)
         try:
@@ -156,6 +224,18 @@ class Endpoint:
         finally:
             call.cancel()
 
+    async def _output_raw(
+        self, link: SerialMuxHost, cid: str, eid: str, stream: str, writer: asyncio.StreamWriter
+    ) -> None:
+        raw = await link.open_stream(cid, eid, stream)
+        try:
+            while chunk := await raw.read():
+                writer.write(chunk)
+                await writer.drain()
+                await raw.grant(len(chunk))
+        finally:
+            await raw.close()  # a no-op after the guest's CLOSE
+
     async def _input(
         self,
         stub: apbg.AgentServiceStub,
@@ -164,12 +244,23 @@ class Endpoint:
         close: bool,
         reader: asyncio.StreamReader,
     ) -> None:
-        async def chunks() -> AsyncIterator[apb.WriteStreamRequest]:
-            while data := await reader.read(CHUNK):
-                yield apb.WriteStreamRequest(container_id=cid, exec_id=eid, data=data)
+        link = self._link()
+        if link is not None:
+            raw = await link.open_input(cid, eid)
+            try:
+                while (data := await reader.read(CHUNK)) and await raw.write(data):
+                    pass
+                await raw.finish()  # all written to the pipe before CloseStdin
+            finally:
+                await raw.close()
+        else:
 
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await stub.WriteStdin(chunks())
+            async def chunks() -> AsyncIterator[apb.WriteStreamRequest]:
+                while data := await reader.read(CHUNK):
+                    yield apb.WriteStreamRequest(container_id=cid, exec_id=eid, data=data)
+
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.WriteStdin(chunks())
         if close:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 req = apb.CloseStdinRequest(container_id=cid, exec_id=eid)

@@ -90,7 +90,11 @@ class Vm:
         self.agent: grpc.aio.Channel | None = None
         self.calls: AgentCalls | None = None  # the monitor's own agent RPCs
         self.server: grpc.aio.Server | None = None
-        self.stdio = stdio.Endpoint(lambda: self.agent, spec.request_timeout_s)
+        self.stdio = stdio.Endpoint(
+            lambda: self.agent,
+            spec.request_timeout_s,
+            lambda: self.link if isinstance(self.link, SerialMuxHost) else None,
+        )
         self.subscribers: list[asyncio.Queue[vpb.Event | None]] = []
         self.done = asyncio.Event()
         self.stop_task: asyncio.Task[str] | None = None

@@ -16,7 +16,7 @@ import grpc
 
 from cocoon.agent import agent_pb2_grpc
 from cocoon.runtime import vm_pb2_grpc as vpbg
-from cocoon.runtime.errors import LifecycleError, StateError
+from cocoon.runtime.errors import DEADLINE_WORDS, LifecycleError, StateError
 from cocoon.runtime.monitor import launch as L
 
 
@@ -26,7 +26,7 @@ def rpc_error(what: str, exc: grpc.RpcError) -> LifecycleError:
     details = exc.details() if hasattr(exc, "details") else str(exc)
     code = exc.code() if hasattr(exc, "code") else None
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        details = "the sandbox did not finish it in time (Deadline Exceeded; see its console.log)"
+        details = DEADLINE_WORDS
     return LifecycleError(f"{what}: {details}")
 
 

@@ -7,8 +7,8 @@ it), and waits for the monitor's one-line ready report (``client.Client`` then r
 are gone.
 
 May import: the standard library, grpc, cocoon.guest_image, cocoon.runtime.{config, errors,
-vm_pb2, monitor.{hostcgroup, launch, qemuuser}, container.ids, pids,
-network.record (lazily)}, cocoon.runtime.sandbox.{client, hostmount, probe, qemu_argv}.
+vm_pb2, monitor.{hostcgroup, launch, qemuuser}, pids,
+network.record (lazily)}, cocoon.runtime.sandbox.{client, hostmount, paths, probe, qemu_argv}.
 """
 
 from __future__ import annotations
@@ -33,20 +33,18 @@ import grpc
 from cocoon.guest_image import build as image_build
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import Config
-from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
 from cocoon.runtime.monitor import hostcgroup, qemuuser
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.pids import pid_alive, wait_gone
 from cocoon.runtime.sandbox import client as client_mod
 from cocoon.runtime.sandbox import hostmount, probe, qemu_argv
+from cocoon.runtime.sandbox.paths import sandbox_dir, sandbox_path
 
-# Unix socket paths (sun_path) hold at most 107 bytes, and the sandbox dir holds sockets
-# (monitor.sock, qmp.sock, virtiofsd.sock, agent-port.sock): long ids (containerd and dockerd
-# use 64 hex digits) get a short, stable directory name derived from the id.
+# Unix socket paths (sun_path) hold at most 107 bytes; paths.MAX_DIR_NAME keeps the sandbox
+# directory's name short, and a --root too long for the sockets below it is refused.
 SUN_PATH_MAX = 107
 LONGEST_SOCKET = "agent-port.sock"
-MAX_DIR_NAME = 24
 # A restored VM's RAM (a copy of its template's) lives on tmpfs: guest RAM in a file on disk
 # would be written back. The monitor unlinks it as soon as QEMU has it mapped.
 CLONE_MEMORY_DIR = Path("/dev/shm")
@@ -56,22 +54,6 @@ def clone_memory_file(d: Path) -> Path:
     """Where the VM of state directory ``d`` gets its copy of a template's RAM."""
     name = "cocoon-" + hashlib.sha256(str(d.absolute()).encode()).hexdigest()[:20] + ".mem"
     return CLONE_MEMORY_DIR / name if CLONE_MEMORY_DIR.is_dir() else d / "memory"
-
-
-def sandbox_path(root: Path, sandbox_id: str) -> Path:
-    """The sandbox's name in ``<root>/sandboxes``: its state directory, or for a VM claimed
-    from the pool a link to the pooled VM's directory."""
-    validate_id(sandbox_id, "sandbox")
-    name = sandbox_id
-    if len(name) > MAX_DIR_NAME:
-        name = "h-" + hashlib.sha256(sandbox_id.encode()).hexdigest()[: MAX_DIR_NAME - 2]
-    return root.absolute() / "sandboxes" / name
-
-
-def sandbox_dir(root: Path, sandbox_id: str) -> Path:
-    """The sandbox's state directory (a pooled VM's link resolved)."""
-    p = sandbox_path(root, sandbox_id)
-    return Path(os.path.realpath(p)) if p.is_symlink() else p
 
 
 def check_socket_room(d: Path) -> None:

@@ -21,7 +21,7 @@ booted from another configuration, half-booted entries of a fill that died, and 
 a process that died before linking them.
 
 May import: the standard library, grpc, cocoon.runtime.{config, errors, vm_pb2,
-pids, monitor.{hostcgroup, launch}}, cocoon.runtime.sandbox.{client, launcher, template}.
+pids, monitor.{hostcgroup, launch}}, cocoon.runtime.sandbox.{client, launcher, paths, template}.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.pids import pid_alive
 from cocoon.runtime.sandbox import client as client_mod
-from cocoon.runtime.sandbox import launcher, template
+from cocoon.runtime.sandbox import launcher, paths, template
 
 log = logging.getLogger("cocoon")
 
@@ -206,7 +206,7 @@ def claim(
 ) -> launcher.Sandbox | None:
     """A ready pooled VM made ``sandbox_id``'s, or None when there is none to take."""
     want = key(cfg, host)
-    link = launcher.sandbox_path(root, sandbox_id)
+    link = paths.sandbox_path(root, sandbox_id)
     for e in entries(root):
         if e.state != "ready" or e.key != want or not take(e.dir):
             continue

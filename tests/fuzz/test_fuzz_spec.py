@@ -21,8 +21,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from cocoon.runtime.config import Config
-from cocoon.runtime.container import create
-from cocoon.runtime.container import lifecycle as lc
+from cocoon.runtime.container import create, execproc
 from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container.state import Ctx
 from cocoon.runtime.errors import CocoonError, SpecError
@@ -269,7 +268,7 @@ def test_exec_flags(
 ) -> None:
     """exec's flags over the container's own process: the process or one clear error."""
     try:
-        p = lc.build_process(base_process(), args, tty, env, cwd, user)
+        p = execproc.build_process(base_process(), args, tty, env, cwd, user)
     except Exception as exc:
         check_clean(exc)
         return

@@ -25,7 +25,7 @@ import pytest
 from cocoon.runtime import faults
 from cocoon.runtime.container import busybox
 from cocoon.runtime.monitor import launch as L
-from cocoon.runtime.sandbox import launcher
+from cocoon.runtime.sandbox import paths
 from cocoon.testing.leaks import live_processes
 from tests.integration.cli import Cli
 
@@ -159,7 +159,7 @@ def test_stale_state_after_a_host_reboot_never_touches_other_processes(
         cli.create("rb", busybox.make_bundle(tmp_path / "b", ["sleep", "100000"])).returncode == 0
     )
     cli.ok("start", "rb")
-    d = launcher.sandbox_dir(cli.root, "rb")
+    d = paths.sandbox_dir(cli.root, "rb")
     st_file = cli.root / "containers" / "rb" / "state.json"
     st = json.loads(st_file.read_text())
     ours = [st["pid"], int((d / L.MONITOR_PID).read_text()), int((d / L.QEMU_PID).read_text())]

@@ -32,7 +32,7 @@ import pytest
 from cocoon.runtime import config as config_mod
 from cocoon.runtime.container import busybox
 from cocoon.runtime.errors import ConfigError
-from cocoon.runtime.sandbox import launcher as sandbox
+from cocoon.runtime.sandbox import paths
 from cocoon.testing.leaks import live_processes, mounts_under, processes_left, processes_mentioning
 from tests.integration.cli import Cli
 from tests.integration.test_pods import CRI_SANDBOX, CRI_TYPE, member_bundle
@@ -160,7 +160,7 @@ class Box:
 
     @property
     def sandbox_dir(self) -> Path:
-        return sandbox.sandbox_dir(self.cli.root, self.cid)
+        return paths.sandbox_dir(self.cli.root, self.cid)
 
     @property
     def share(self) -> Path:

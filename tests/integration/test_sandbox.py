@@ -19,6 +19,7 @@ from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import Config
 from cocoon.runtime.container import busybox
 from cocoon.runtime.sandbox import launcher as sandbox
+from cocoon.runtime.sandbox import paths
 from cocoon.testing.leaks import live_processes
 from tests.integration.cli import Cli
 
@@ -108,7 +109,7 @@ def test_virtiofsd_killed_stops_the_sandbox_and_its_container(cli: Cli, tmp_path
     b = busybox.make_bundle(tmp_path / "b", ["sleep", "1000"])
     assert cli.create("c1", b).returncode == 0, cli.last_error()
     cli.ok("start", "c1")
-    d = sandbox.sandbox_dir(cli.root, "c1")
+    d = paths.sandbox_dir(cli.root, "c1")
     monitor = int((d / "monitor.pid").read_text())
     vfs = [
         pid

@@ -26,7 +26,7 @@ import pytest
 from cocoon.runtime.container import busybox
 from cocoon.runtime.container import shim as shimmod
 from cocoon.runtime.monitor import launch as L
-from cocoon.runtime.sandbox import launcher
+from cocoon.runtime.sandbox import paths
 from tests.integration.cli import Cli
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.soak]
@@ -134,7 +134,7 @@ def running(cli: Cli, tmp_path: Path) -> Iterator[str]:
 
 
 def monitor_pid(cli: Cli, cid: str) -> int:
-    return int((launcher.sandbox_dir(cli.root, cid) / L.MONITOR_PID).read_text())
+    return int((paths.sandbox_dir(cli.root, cid) / L.MONITOR_PID).read_text())
 
 
 def test_execs_leak_no_fds_or_memory_in_the_monitor(cli: Cli, running: str) -> None:
@@ -195,7 +195,7 @@ def test_parallel_creates(cli: Cli, tmp_path: Path) -> None:
     ids = [f"par{i}" for i in range(PARALLEL_CREATES)]
     results = in_parallel(*(lambda cid=cid: cli.create(cid, bundle) for cid in ids))
     assert [r.returncode for r in results] == [0] * len(ids), [r.stderr for r in results]
-    qemus = {int((launcher.sandbox_dir(cli.root, cid) / L.QEMU_PID).read_text()) for cid in ids}
+    qemus = {int((paths.sandbox_dir(cli.root, cid) / L.QEMU_PID).read_text()) for cid in ids}
     assert len(qemus) == len(ids)
     for cid in ids:
         cli.ok("start", cid)

@@ -41,6 +41,7 @@ from cocoon.agent import agent_pb2_grpc as pbg
 from cocoon.agent import channel as agent_channel
 from cocoon.agent.channel import SerialMux
 from cocoon.agent.logbuf import LogBuffer, Record
+from cocoon.agent.mux import Frame
 from cocoon.agent.server import AgentService
 from cocoon.runtime.monitor import forward
 from cocoon.runtime.monitor.channel import SerialMuxHost
@@ -303,6 +304,8 @@ class Guest:
     poweroffs: list[float] = field(default_factory=list)
     powered_off: threading.Event = field(default_factory=threading.Event)
     serve_error: list[BaseException] = field(default_factory=list)
+    # The raw streams' source: (container, exec, stream) -> the read end of a pipe.
+    pipes: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
     @property
     def port_sock(self) -> Path:
@@ -343,7 +346,12 @@ def guest(sock_dir: Path, tmp_path: Path) -> Iterator[Guest]:
     server.start()
 
     bridge = PortBridge(sock_dir / "port.sock")
-    smux = SerialMux(bridge.guest_end.fileno(), str(target))
+    pipes: dict[tuple[str, str, str], int] = {}
+
+    def streams(cid: str, eid: str, which: str) -> int:
+        return pipes[(cid, eid, which)]  # KeyError: no such process
+
+    smux = SerialMux(bridge.guest_end.fileno(), str(target), streams=streams)
     serve_error: list[BaseException] = []
 
     def serve() -> None:
@@ -366,6 +374,7 @@ def guest(sock_dir: Path, tmp_path: Path) -> Iterator[Guest]:
         poweroffs=poweroffs,
         powered_off=powered_off,
         serve_error=serve_error,
+        pipes=pipes,
     )
     try:
         yield g
@@ -905,3 +914,198 @@ def test_old_session_output_never_reaches_the_new_host(
         assert resp.cpus_possible == 4
     finally:
         _HeldSocket.release.set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw output streams (SerialMuxHost.open_stream <-> SerialMux's raw sessions)
+
+
+def _pipe_writer(guest: Guest, key: tuple[str, str, str], data: bytes) -> threading.Thread:
+    r, w = os.pipe()
+    guest.pipes[key] = r
+
+    def write() -> None:
+        with os.fdopen(w, "wb") as f, contextlib.suppress(BrokenPipeError):
+            f.write(data)
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_raw_stream_carries_a_pipe_byte_exact_beside_grpc(
+    host: Host, guest: Guest, stub: Any
+) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    writer = _pipe_writer(guest, ("c1", "", "stdout"), data)
+
+    async def read_all() -> tuple[bytes, int]:
+        assert host.link is not None
+        raw = await host.link.open_stream("c1", "", "stdout")
+        got, largest = bytearray(), 0
+        while chunk := await raw.read():
+            got += chunk
+            largest = max(largest, len(chunk))
+            await raw.grant(len(chunk))
+        await raw.close()
+        return bytes(got), largest
+
+    got, largest = host.loop.run(read_all(), timeout=60)
+    assert got == data and largest <= mux.MAX_PAYLOAD
+    writer.join(5)
+    assert stub.Check(pb.CheckRequest(), timeout=RPC_TIMEOUT).status == pb.CheckResponse.SERVING
+    wait_for(lambda: not guest.mux._raw, 5, "the guest to forget the ended stream")
+
+
+def test_a_raw_stream_not_granted_stalls_alone(host: Host, guest: Guest, stub: Any) -> None:
+    data = os.urandom(2 * mux.RAW_WINDOW)
+    writer = _pipe_writer(guest, ("c1", "e1", "stderr"), data)
+
+    async def first_window() -> tuple[Any, bytes]:
+        assert host.link is not None
+        raw = await host.link.open_stream("c1", "e1", "stderr")
+        got = bytearray()
+        while len(got) < mux.RAW_WINDOW:
+            got += await raw.read()
+        await asyncio.sleep(0.5)  # nothing more may come: the window is used up
+        assert raw._chunks.empty()
+        return raw, bytes(got)
+
+    raw, got = host.loop.run(first_window())
+    assert got == data[: mux.RAW_WINDOW]
+    # the port and every other session keep moving while that stream waits
+    assert stub.Check(pb.CheckRequest(), timeout=RPC_TIMEOUT).status == pb.CheckResponse.SERVING
+
+    async def rest() -> bytes:
+        await raw.grant(len(got))
+        more = bytearray()
+        while chunk := await raw.read():
+            more += chunk
+            await raw.grant(len(chunk))
+        return bytes(more)
+
+    assert host.loop.run(rest()) == data[mux.RAW_WINDOW :]
+    writer.join(5)
+
+
+def test_a_raw_stream_of_no_process_ends_at_once_and_a_closed_one_stops(
+    host: Host, guest: Guest
+) -> None:
+    writer = _pipe_writer(guest, ("c1", "", "stdout"), b"x" * (4 * mux.RAW_WINDOW))
+
+    async def go() -> tuple[bytes, bytes]:
+        assert host.link is not None
+        none = await host.link.open_stream("nobody", "", "stdout")
+        nothing = await asyncio.wait_for(none.read(), 5)
+        raw = await host.link.open_stream("c1", "", "stdout")
+        first = await raw.read()
+        await raw.close()  # the reader went away: the guest stops sending
+        return nothing, first
+
+    nothing, first = host.loop.run(go())
+    assert nothing == b"" and first
+    wait_for(lambda: not guest.mux._raw, 5, "the guest to end the closed stream")
+    os.close(guest.pipes.pop(("c1", "", "stdout")))  # the writer sees EPIPE, as a workload would
+    writer.join(5)
+    assert not writer.is_alive()
+
+
+def test_a_guest_sending_beyond_its_window_loses_that_stream_only() -> None:
+    """A guest that ignores the window cannot make the monitor hold more than it granted."""
+    sent = bytearray()
+
+    class PortWriter:
+        def write(self, b: bytes) -> None:
+            sent.extend(b)
+
+        async def drain(self) -> None:
+            return None
+
+        def close(self) -> None:
+            return None
+
+    async def go() -> tuple[list[bytes], list[bytes], int]:
+        link = SerialMuxHost(Path("/nonexistent"), Path("/nonexistent"))
+        reader = asyncio.StreamReader()
+        link._reader, link._writer = reader, PortWriter()  # type: ignore[assignment]
+        link._decoder.resync = False
+        pump = asyncio.create_task(link._pump_port())
+        greedy = await link.open_stream("c1", "", "stdout")
+        good = await link.open_stream("c2", "", "stdout")
+        for _ in range(mux.RAW_WINDOW // mux.MAX_PAYLOAD + 1):
+            reader.feed_data(mux.encode(mux.FrameType.DATA, greedy.sid, bytes(mux.MAX_PAYLOAD)))
+        reader.feed_data(mux.encode(mux.FrameType.DATA, good.sid, b"fine"))
+        reader.feed_data(mux.encode(mux.FrameType.CLOSE, good.sid))
+        got_good = [await good.read(), await good.read()]
+        got_greedy = []
+        while chunk := await greedy.read():
+            got_greedy.append(chunk)
+        reader.feed_eof()
+        await pump
+        return got_good, got_greedy, greedy.sid
+
+    got_good, got_greedy, sid = asyncio.run(go())
+    assert got_good == [b"fine", b""]
+    assert len(got_greedy) == mux.RAW_WINDOW // mux.MAX_PAYLOAD
+    assert Frame(mux.FrameType.CLOSE, sid) in mux.Decoder().feed(bytes(sent))
+
+
+def _pipe_reader(guest: Guest, key: tuple[str, str, str]) -> tuple[int, bytearray, threading.Event]:
+    """A pipe whose write end is the process's stdin; its bytes gathered once ``go`` is set."""
+    r, w = os.pipe()
+    guest.pipes[key] = w
+    got, go = bytearray(), threading.Event()
+
+    def read() -> None:
+        go.wait(30)
+        with os.fdopen(r, "rb") as f:
+            while chunk := f.read1(65536):
+                got.extend(chunk)
+
+    threading.Thread(target=read, daemon=True).start()
+    return w, got, go
+
+
+def test_a_raw_stdin_arrives_in_order_and_a_stalled_reader_stalls_it_alone(
+    host: Host, guest: Guest, stub: Any
+) -> None:
+    w, got, go = _pipe_reader(guest, ("c1", "", "stdin"))
+    data = os.urandom(4 * mux.RAW_WINDOW + 7)
+
+    async def send_until_stalled() -> Any:
+        assert host.link is not None
+        raw = await host.link.open_input("c1", "")
+        task = asyncio.ensure_future(raw.write(data))
+        await asyncio.sleep(1.0)  # the reader does not read: the pipe, then the window, fill
+        assert not task.done() and raw.credit < mux.MAX_PAYLOAD
+        return raw, task
+
+    raw, task = host.loop.run(send_until_stalled())
+    assert stub.Check(pb.CheckRequest(), timeout=RPC_TIMEOUT).status == pb.CheckResponse.SERVING
+    go.set()
+
+    async def finish() -> bool:
+        ok = bool(await task)
+        await raw.finish()
+        return ok
+
+    assert host.loop.run(finish(), timeout=60)
+    os.close(w)  # what CloseStdin does, once the stream has ended
+    wait_for(lambda: bytes(got) == data, 10, "stdin to arrive whole and in order")
+    wait_for(lambda: not guest.mux._raw, 5, "the guest to end the finished stream")
+
+
+def test_a_raw_stdin_whose_process_is_gone_ends(host: Host, guest: Guest) -> None:
+    r, w = os.pipe()
+    guest.pipes[("c1", "", "stdin")] = w
+    os.close(r)  # the process exited: writing to its stdin is EPIPE
+
+    async def go() -> bool:
+        assert host.link is not None
+        raw = await host.link.open_input("c1", "")
+        ok = await raw.write(bytes(3 * mux.RAW_WINDOW))
+        await raw.finish()
+        return ok or not raw.ended
+
+    assert host.loop.run(go(), timeout=30) is False
+    os.close(w)

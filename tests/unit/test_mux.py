@@ -134,7 +134,7 @@ def test_oversize_payload_raises_on_encode() -> None:
 # Bad input
 
 
-@pytest.mark.parametrize("bad_type", [6, 7, 0x7F, 0xFF])
+@pytest.mark.parametrize("bad_type", [7, 8, 0x7F, 0xFF])
 def test_strict_decoder_rejects_bad_type(bad_type: int) -> None:
     with pytest.raises(MuxProtocolError, match=f"type={bad_type}"):
         Decoder().feed(HEADER.pack(bad_type, 1, 0))
@@ -272,4 +272,31 @@ def test_encode_data_empty_gives_no_frames() -> None:
 
 def test_module_constants() -> None:
     assert mux.MAX_PAYLOAD == 32 * 1024
-    assert [int(t) for t in FrameType] == [0, 1, 2, 3, 4, 5]
+    assert [int(t) for t in FrameType] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_window_frames_round_trip() -> None:
+    (frame,) = decode_all(mux.encode_window(7, 65536))
+    assert frame.type is FrameType.WINDOW and frame.session == 7
+    assert mux.decode_window(frame.payload) == 65536
+    for bad in (b"", b"\x00\x01", bytes(5)):
+        with pytest.raises(MuxProtocolError):
+            mux.decode_window(bad)
+
+
+def test_raw_requests_round_trip_and_refuse_anything_else() -> None:
+    req = mux.RawRequest("c1", "e1", "stderr", mux.RAW_WINDOW)
+    assert mux.RawRequest.decode(req.encode()) == req
+    for bad in (
+        b"not json",
+        b"[1]",
+        b'{"container_id": "c1", "exec_id": "", "stream": "stdmiddle", "window": 1}',
+        b'{"container_id": "c1", "exec_id": "", "stream": "stdout", "window": 0}',
+        b'{"container_id": "c1", "exec_id": "", "stream": "stdout", "window": true}',
+        b'{"container_id": "c1", "exec_id": "", "stream": "stdout", "window": 99999999999}',
+        b'{"container_id": 1, "exec_id": "", "stream": "stdout", "window": 1}',
+        b'{"container_id": "c1", "exec_id": "", "stream": "stdout", "window": 1, "x": 1}',
+        b'{"container_id": "c1", "stream": "stdout", "window": 1}',
+    ):
+        with pytest.raises(MuxProtocolError):
+            mux.RawRequest.decode(bad)

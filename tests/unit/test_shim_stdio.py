@@ -28,6 +28,8 @@ import pytest
 
 from cocoon.agent import agent_pb2 as pb
 from cocoon.agent import agent_pb2_grpc as pbg
+from cocoon.runtime.container import shim as shimmod
+from cocoon.runtime.errors import LifecycleError
 from cocoon.runtime.monitor import stdio
 
 CHUNK = 64 * 1024
@@ -51,6 +53,16 @@ class Proc:
 class FakeAgent(pbg.AgentServiceServicer):  # type: ignore[misc]
     def __init__(self) -> None:
         self.procs: dict[tuple[str, str], Proc] = {}
+        self.execs: list[tuple[str, str, dict[str, Any], bool]] = []
+        self.exec_error: tuple[grpc.StatusCode, str] | None = None
+
+    def ExecProcess(self, req: Any, ctx: Any) -> pb.Empty:
+        if self.exec_error is not None:
+            ctx.abort(*self.exec_error)
+        process = json.loads(req.process_json)
+        self.execs.append((req.container_id, req.exec_id, process, req.stdio.terminal))
+        self.procs[(req.container_id, req.exec_id)] = Proc(stdout=b"started\n")
+        return pb.Empty()
 
     def _proc(self, req: Any, ctx: Any) -> Proc:
         p = self.procs.get((req.container_id, req.exec_id))
@@ -155,13 +167,18 @@ def mon(tmp_path: Path) -> Iterator[Monitor]:
 
 
 def shim(
-    mon: Monitor, cid: str = "c1", stdin: Any = subprocess.DEVNULL, **kw: Any
+    mon: Monitor,
+    cid: str = "c1",
+    stdin: Any = subprocess.DEVNULL,
+    extra: tuple[str, ...] | list[str] = (),
+    fds: tuple[int, ...] = (),
+    **kw: Any,
 ) -> subprocess.Popen[bytes]:
     r, w = os.pipe()
     p = subprocess.Popen(
         [sys.executable, "-m", "cocoon.shim.main", "--sandbox-dir", str(mon.dir),
-         "--container", cid, "--ready-fd", str(w)],
-        stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(w,), **kw,
+         "--container", cid, "--ready-fd", str(w), *extra],
+        stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(w, *fds), **kw,
     )  # fmt: skip
     os.close(w)
     with os.fdopen(r, "rb") as ready:
@@ -281,6 +298,13 @@ def _talk(path: Path, data: bytes) -> bytes:
         b'{"container_id": "", "stream": "stdout"}\n',
         b'{"container_id": "c1", "stream": "stdout", "extra": 1}\n',
         b'{"container_id": "c1", "stream": "stdin", "close": "yes"}\n',
+        b'{"container_id": "c1", "stream": "stdout", "close": true}\n',
+        b'{"container_id": "c1", "stream": "stdin", "size": 2}\n{}',
+        b'{"container_id": "c1", "stream": "control", "size": true}\n{}',
+        b'{"container_id": "c1", "stream": "control", "size": 0}\n',
+        b'{"container_id": "c1", "stream": "control", "size": 99999999}\n{}',
+        b'{"container_id": "c1", "stream": "control", "size": 2, "terminal": 1}\n{}',
+        b'{"container_id": "c1", "stream": "control", "size": 500}\n{"args": ["short"]}',
         b"x" * 100_000,
         b"",
     ],
@@ -294,6 +318,43 @@ def test_hostile_connections_are_closed_and_the_rest_carries_on(mon: Monitor, he
     p.exited.set()
     out, _ = s.communicate(timeout=30)
     assert out == b"fine\n" and s.returncode == 0
+
+
+def _memfd(data: bytes) -> int:
+    fd = os.memfd_create("process")
+    os.write(fd, data)
+    return fd
+
+
+def test_an_execs_shim_starts_its_process_on_its_control_connection(mon: Monitor) -> None:
+    process = {"args": ["echo", "é"], "env": ["A=" + "x" * 100_000], "cwd": "/", "terminal": False}
+    fd = _memfd(json.dumps(process).encode())
+    try:
+        s = shim(mon, "c1", extra=["--exec-id", "e1", "--process-fd", str(fd)], fds=(fd,))
+    finally:
+        os.close(fd)
+    assert mon.agent.execs == [("c1", "e1", process, False)]
+    mon.agent.procs[("c1", "e1")].exited.set()
+    out, _ = s.communicate(timeout=30)
+    assert out == b"started\n" and s.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (grpc.StatusCode.NOT_FOUND, "exec in c1: no such file: /bin/nothing"),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "exec in c1: the sandbox did not finish it in time"),
+    ],
+)
+def test_an_exec_the_agent_refuses_is_one_clear_error_and_no_shim(
+    mon: Monitor, code: grpc.StatusCode, words: str
+) -> None:
+    mon.agent.exec_error = (code, "no such file: /bin/nothing")
+    body = json.dumps({"args": ["/bin/nothing"]}).encode()
+    with pytest.raises(LifecycleError) as exc:
+        shimmod.spawn(mon.dir, "c1", "e1", False, None, process=body, timeout=30)
+    assert str(exc.value).startswith(words)
+    assert not mon.agent.execs and ("c1", "e1") not in mon.agent.procs
 
 
 def test_bad_control_lines_are_ignored(mon: Monitor) -> None:
@@ -315,9 +376,10 @@ def test_bad_control_lines_are_ignored(mon: Monitor) -> None:
     assert p.signals == [10] and p.resizes == [(24, 80)]
 
 
-def test_the_shim_imports_no_grpc_nor_protobuf() -> None:
+@pytest.mark.parametrize("module", ["cocoon.shim.main", "cocoon.runtime.container.execproc"])
+def test_the_shim_and_the_exec_verb_import_no_grpc_nor_protobuf(module: str) -> None:
     code = (
-        "import sys, cocoon.shim.main; "
+        f"import sys, {module}; "
         "print([m for m in sys.modules if m.split('.')[0] in ('grpc', 'google')])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
