@@ -61,7 +61,7 @@ def has_vsock_device(drivers: Path = Path("/sys/bus/virtio/drivers")) -> bool:
     return d.is_dir() and any(p.name.startswith("virtio") for p in d.iterdir())
 
 
-# The fd to read for a raw stream: (container id, exec id, "stdout" | "stderr") -> the fd, None
+# The fd of a raw stream: (container id, exec id, "stdout" | "stderr" | "stdin") -> the fd, None
 # for a stream the process does not have, or an exception naming why not (no such process).
 StreamSource = Callable[[str, str, str], "int | None"]
 
@@ -79,6 +79,10 @@ class _Raw:
         with self.cond:
             self.credit += n
             self.cond.notify()
+
+    def take(self, n: int) -> None:
+        with self.cond:
+            self.credit -= n
 
     def end(self) -> None:
         with self.cond:
@@ -170,7 +174,7 @@ class SerialMux:
                             del self._raw[sid]
                         self._write_locked(mux.encode(mux.FrameType.CLOSE, sid))
                         return
-                    raw.credit -= len(data)
+                    raw.take(len(data))
                     self._write_locked(mux.encode(mux.FrameType.DATA, sid, data))
         except OSError as exc:
             log.warning("raw stream %d: %s", sid, exc)
