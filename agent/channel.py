@@ -155,29 +155,36 @@ class SerialMux:
         """Sends the pipe's bytes within the host's window, then CLOSE at its EOF. Like
         ``_session_reader``, the check that the stream is current and the write are one step
         under _wlock, so nothing of it follows a HELLO_ACK."""
-        try:
-            while n := raw.wait_credit():
+        while n := raw.wait_credit():
+            try:
                 ready, _, _ = select.select([raw.fd], [], [], 1.0)
-                if not ready:
-                    if self._raw.get(sid) is not raw:
-                        return
+                data = os.read(raw.fd, min(n, mux.MAX_PAYLOAD)) if ready else None
+            except (OSError, ValueError):  # EIO: a pty's last slave closed; EBADF: removed
+                data = b""
+            with self._wlock:
+                if self._raw.get(sid) is not raw:
+                    return
+                if data is None:
                     continue
+                if not data:
+                    self._end_raw_locked(sid, raw)
+                    return
+                raw.take(len(data))
                 try:
-                    data = os.read(raw.fd, min(n, mux.MAX_PAYLOAD))
-                except OSError:  # EIO: a pty's last slave closed; EBADF: the process removed
-                    data = b""
-                with self._wlock:
-                    if self._raw.get(sid) is not raw:
-                        return
-                    if not data:
-                        with self._slock:
-                            del self._raw[sid]
-                        self._write_locked(mux.encode(mux.FrameType.CLOSE, sid))
-                        return
-                    raw.take(len(data))
                     self._write_locked(mux.encode(mux.FrameType.DATA, sid, data))
-        except OSError as exc:
-            log.warning("raw stream %d: %s", sid, exc)
+                except OSError as exc:
+                    log.warning("raw stream %d: %s", sid, exc)
+                    return
+
+    def _end_raw_locked(self, sid: int, raw: _Raw | _RawIn) -> None:
+        """Forgets a raw stream that ended on our side and tells the host (under _wlock)."""
+        with self._slock:
+            current = self._raw.get(sid) is raw
+            if current:
+                del self._raw[sid]
+        if current:
+            with contextlib.suppress(OSError):
+                self._write_locked(mux.encode(mux.FrameType.CLOSE, sid))
 
     def _raw_writer(self, sid: int, raw: _RawIn) -> None:
         """Writes the host's chunks to the pipe; grants each back once written. A pipe whose
@@ -193,17 +200,16 @@ class SerialMux:
             except OSError as exc:  # EPIPE: the process is gone; EBADF: stdin closed
                 log.debug("raw stdin %d: %s", sid, exc)
                 with self._wlock:
-                    with self._slock:
-                        current = self._raw.get(sid) is raw
-                        if current:
-                            del self._raw[sid]
-                    if current:
-                        self._write_locked(mux.encode(mux.FrameType.CLOSE, sid))
+                    self._end_raw_locked(sid, raw)
                 return
             with self._wlock:
                 if self._raw.get(sid) is not raw:
                     return
-                self._write_locked(mux.encode_window(sid, len(data)))
+                try:
+                    self._write_locked(mux.encode_window(sid, len(data)))
+                except OSError as exc:
+                    log.warning("raw stdin %d: %s", sid, exc)
+                    return
 
     def _open_raw(self, sid: int, payload: bytes) -> None:
         try:
