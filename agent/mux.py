@@ -43,7 +43,10 @@ from cocoon.agent.errors import MuxProtocolError
 HEADER = struct.Struct("!BII")
 WINDOW = struct.Struct("!I")
 MAX_PAYLOAD = 32 * 1024
-RAW_WINDOW = 256 * 1024  # what a raw stream may have in flight before the host grants more
+# The guest's virtio-console driver takes at most 32 KiB per write(2) on a port: a raw
+# stream's DATA frame, header included, fits one write.
+RAW_CHUNK = 32 * 1024 - HEADER.size
+RAW_WINDOW = 1024 * 1024  # what a raw stream may have in flight before the host grants more
 RAW_STREAMS = ("stdout", "stderr", "stdin")
 FLUSH_LEN = MAX_PAYLOAD + HEADER.size
 NONCE_LEN = 8

@@ -30,7 +30,7 @@ most 4 KiB: ``{"container_id": C, "exec_id": E, "stream": S}``, S one of
 Bad input from a shim (a long or malformed line, an unknown stream or field) closes that
 connection and is logged; the other connections and the sandbox carry on.
 
-May import: the standard library, grpc, cocoon.agent (generated stubs),
+May import: the standard library, grpc, cocoon.agent (generated stubs, mux),
 cocoon.runtime.monitor.{channel, launch}.
 """
 
@@ -51,6 +51,7 @@ import grpc.aio
 
 from cocoon.agent import agent_pb2 as apb
 from cocoon.agent import agent_pb2_grpc as apbg
+from cocoon.agent import mux
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.channel import SerialMuxHost
 
@@ -58,6 +59,7 @@ log = logging.getLogger("cocoon.monitor.stdio")
 
 HELLO_MAX = 4096  # the longest line a shim may send
 CHUNK = 64 * 1024
+GRANT_BATCH = mux.RAW_WINDOW // 2  # a raw stream's room given back half a window at a time
 EXEC_TIMEOUT = 120.0  # crun exec in the guest, under TCG on a loaded host
 SIGNAL_MAX = signal.SIGRTMAX
 # The fields each stream's first line may carry besides container_id, exec_id and stream.
@@ -228,11 +230,15 @@ class Endpoint:
         self, link: SerialMuxHost, cid: str, eid: str, stream: str, writer: asyncio.StreamWriter
     ) -> None:
         raw = await link.open_stream(cid, eid, stream)
+        owed = 0  # passed on, not yet granted back: granted in batches (each grant wakes the guest)
         try:
             while chunk := await raw.read():
                 writer.write(chunk)
                 await writer.drain()
-                await raw.grant(len(chunk))
+                owed += len(chunk)
+                if owed >= GRANT_BATCH:
+                    await raw.grant(owed)
+                    owed = 0
         finally:
             await raw.close()  # a no-op after the guest's CLOSE
 

@@ -2,7 +2,7 @@
 execs with leak accounting at the end, creates and execs in parallel, and verbs racing each
 other on one container.
 
-Marked ``soak``. The normal test command runs the reduced set (COCOON_SOAK unset: 30 cycles,
+Marked ``soak``. The normal test command runs the reduced set (COCOON_SOAK unset: 10 cycles,
 40 execs, 4 parallel creates); ``scripts/soak`` runs it in full (COCOON_SOAK=full: 200 cycles,
 200 execs, 8 parallel creates). Leaks counted after the cycles: processes naming the state
 root, mounts under it, state directories, host cgroups made for sandboxes, network namespaces
@@ -32,7 +32,7 @@ from tests.integration.cli import Cli
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.soak]
 
 FULL = os.environ.get("COCOON_SOAK") == "full"
-CYCLES = 200 if FULL else 30
+CYCLES = 200 if FULL else 10
 EXECS = 200 if FULL else 40
 PARALLEL_CREATES = 8 if FULL else 4
 PARALLEL_EXECS = 20
