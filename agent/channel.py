@@ -193,8 +193,10 @@ class SerialMux:
                 self._write_locked(mux.encode(mux.FrameType.CLOSE, sid))
 
     def _raw_writer(self, sid: int, raw: _RawIn) -> None:
-        """Writes the host's chunks to the pipe; grants each back once written. A pipe whose
-        reader is gone (EPIPE) ends the stream: CLOSE, and what else comes is dropped."""
+        """Writes the host's chunks to the pipe and grants them back once written, in batches
+        (half a window, or all it had). A pipe whose reader is gone (EPIPE) ends the stream:
+        CLOSE, and what else comes is dropped."""
+        owed = 0  # written, not yet granted back: granted in batches (each grant wakes the host)
         while (data := raw.chunks.get()) is not None:
             view = memoryview(data)
             try:
@@ -208,11 +210,15 @@ class SerialMux:
                 with self._wlock:
                     self._end_raw_locked(sid, raw)
                 return
+            owed += len(data)
+            if owed < mux.RAW_WINDOW // 2 and not raw.chunks.empty():
+                continue
             with self._wlock:
                 if self._raw.get(sid) is not raw:
                     return
                 try:
-                    self._write_locked(mux.encode_window(sid, len(data)))
+                    self._write_locked(mux.encode_window(sid, owed))
+                    owed = 0
                 except OSError as exc:
                     log.warning("raw stdin %d: %s", sid, exc)
                     return
