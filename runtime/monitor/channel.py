@@ -33,16 +33,34 @@ from cocoon.runtime.errors import ChannelError
 log = logging.getLogger("cocoon.monitor.channel")
 
 
-class RawStream:
-    """One process's output as a mux session: ``read()`` gives its chunks (b"" at its end),
-    ``grant(n)`` gives the guest room for n more bytes once the caller has passed n on."""
+class _RawSession:
+    """A raw stream's mux session: its id, the window's count, and ending it from our side."""
 
     def __init__(self, link: SerialMuxHost, sid: int) -> None:
         self._link = link
         self.sid = sid
+        self.credit = mux.RAW_WINDOW
+        self.ended = False  # by either side, or the port was lost
+
+    def _end(self) -> None:
+        self.ended = True
+
+    async def close(self) -> None:
+        """Ends the stream from our side (a no-op once it ended on the guest's)."""
+        if self._link._raw.pop(self.sid, None) is not None:
+            self._end()
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._link._send(mux.encode(mux.FrameType.CLOSE, self.sid))
+
+
+class RawStream(_RawSession):
+    """One process's output as a mux session: ``read()`` gives its chunks (b"" at its end),
+    ``grant(n)`` gives the guest room for n more bytes once the caller has passed n on;
+    ``credit`` is what the guest may still send."""
+
+    def __init__(self, link: SerialMuxHost, sid: int) -> None:
+        super().__init__(link, sid)
         self._chunks: asyncio.Queue[bytes] = asyncio.Queue()
-        self.ended = False
-        self.credit = mux.RAW_WINDOW  # what the guest may still send
 
     def _put(self, data: bytes) -> bool:
         """Queues a chunk; False (and the stream ends) if the guest sent beyond its window."""
@@ -68,24 +86,15 @@ class RawStream:
             self.credit += n
             await self._link._send(mux.encode_window(self.sid, n))
 
-    async def close(self) -> None:
-        """Ends the stream early (the reader went away): the guest stops sending."""
-        if self._link._raw.pop(self.sid, None) is not None:
-            self._end()
-            with contextlib.suppress(ConnectionError, OSError):
-                await self._link._send(mux.encode(mux.FrameType.CLOSE, self.sid))
 
-
-class RawInput:
+class RawInput(_RawSession):
     """A process's stdin as a mux session: ``write()`` sends within the window the guest has
     granted back (a process that stops reading stalls this stream only), ``finish()`` waits
-    until the guest has written everything to the pipe, then ends the stream."""
+    until the guest has written everything to the pipe, then ends the stream; ``credit`` is
+    what we may still send."""
 
     def __init__(self, link: SerialMuxHost, sid: int) -> None:
-        self._link = link
-        self.sid = sid
-        self.credit = mux.RAW_WINDOW  # what we may still send
-        self.ended = False  # the guest ended it (the pipe is gone) or the port was lost
+        super().__init__(link, sid)
         self._changed = asyncio.Event()
 
     def _grant(self, n: int) -> None:
@@ -116,12 +125,6 @@ class RawInput:
         """Waits until the guest has written all we sent, then ends the stream."""
         await self._room(mux.RAW_WINDOW)
         await self.close()
-
-    async def close(self) -> None:
-        if self._link._raw.pop(self.sid, None) is not None:
-            self._end()
-            with contextlib.suppress(ConnectionError, OSError):
-                await self._link._send(mux.encode(mux.FrameType.CLOSE, self.sid))
 
 
 class SerialMuxHost:
