@@ -8,6 +8,8 @@ May import: the standard library only.
 
 from __future__ import annotations
 
+import os
+import select
 import time
 from pathlib import Path
 
@@ -33,7 +35,32 @@ def pid_alive(pid: int) -> bool:
 
 
 def wait_gone(pid: int, timeout: float, interval: float = 0.05) -> bool:
-    """Waits until ``pid`` is gone (or a zombie); False if it still lives after ``timeout``."""
+    """Waits until ``pid`` is gone (or a zombie); False if it still lives after ``timeout``.
+    Woken by the exit itself (a pidfd, Linux 5.3+); polled every ``interval`` where there is
+    no pidfd to have."""
+    if not pid_alive(pid):
+        return True
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except (OSError, AttributeError):  # an older kernel or Python: poll
+        return _poll_gone(pid, timeout, interval)
+    try:
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        end = time.monotonic() + timeout
+        while True:  # readable once the process has exited
+            left = end - time.monotonic()
+            if p.poll(max(0, int(left * 1000)) + 1) or not pid_alive(pid):
+                return True
+            if left <= 0:
+                return False
+    finally:
+        os.close(fd)
+
+
+def _poll_gone(pid: int, timeout: float, interval: float) -> bool:
     end = time.monotonic() + timeout
     while pid_alive(pid):
         if time.monotonic() > end:

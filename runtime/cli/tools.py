@@ -230,6 +230,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
 
 
 def cmd_pool(args: argparse.Namespace) -> int:
+    from cocoon.runtime.container.warm import warm_vm
     from cocoon.runtime.sandbox import pool
 
     root = Path(args.root)
@@ -239,9 +240,9 @@ def cmd_pool(args: argparse.Namespace) -> int:
     elif args.pool_verb == "drain":
         print(json.dumps({"stopped": pool.drain(root)}))
     elif args.background:
-        pool.background_fill(cfg, root, args.background)
+        pool.background_fill(cfg, root, args.background, warm=warm_vm)
     else:
-        counts = pool.fill(cfg, root)
+        counts = pool.fill(cfg, root, warm=warm_vm)
         print(json.dumps(counts))
         if counts["failed"]:
             raise CocoonError(f"pool fill: a VM failed to boot (see {args.log or 'the log'})")

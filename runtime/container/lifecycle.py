@@ -7,7 +7,7 @@ lives in ``create`` (it is the long one), ``state``/``list`` in ``state`` and ``
 delete.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{errors,
-faults, vm_pb2, pids, container.{create, ids, shim, spec, state, hooks}, pod.resources,
+faults, pids, container.{create, ids, shim, spec, state, hooks}, pod.resources,
 resources.{attach, sizing}, sandbox.{client, paths}}.
 """
 
@@ -25,7 +25,6 @@ import grpc
 
 from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import faults
-from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.container import create as create_mod
 from cocoon.runtime.container import shim as shimmod
 from cocoon.runtime.container import spec as specmod
@@ -137,12 +136,12 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         if st.owns_sandbox:
-            with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
-                c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
-                attach.detach_devices(c, st.disks, st.vfio)
-                if st.netns:
-                    c.vm.DetachNetwork(vpb.DetachNetworkRequest(), timeout=60)
-            # The sandbox's teardown undoes the network too, if DetachNetwork did not.
+            # Its VM goes next, and the container with it: nothing is removed in the guest
+            # first. VFIO devices are unplugged so that their host driver is given back; the
+            # sandbox's teardown undoes the network (from its record, once QEMU is gone).
+            if st.disks or st.vfio:
+                with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
+                    attach.detach_devices(c, st.disks, st.vfio)
             create_mod.teardown_sandbox(ctx, st.sandbox_id)
         else:  # a pod's container: the pod's VM and its other containers stay
             create_mod.leave_sandbox(ctx, st.sandbox_id, cid, st.disks, st.vfio)

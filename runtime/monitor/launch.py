@@ -127,7 +127,7 @@ QEMU_LOG = "qemu.log"
 MONITOR_LOG = "monitor.log"
 VIRTIOFSD_LOG = "virtiofsd.log"
 NETWORK_RECORD = "network.json"  # what networking made in the netns (runtime.network)
-POOL_READY = "ready"  # a pooled VM's marker: booted, agent answering, free to claim
+POOL_READY = "ready"  # a pooled VM's marker: booted, warmed, free to claim (the fill writes it)
 POOL_CLAIMED = "claimed"  # what a claim renames POOL_READY to (atomic); holds the claimer's pid
 # A template's files (sandbox.template): guest RAM, QEMU's saved device state, what it is.
 TEMPLATE_MEMORY = "memory"

@@ -72,8 +72,6 @@ async def amain(spec: L.LaunchSpec, ready_fd: int, umask: int = 0o022) -> int:
         await start(vm)
     except (StartError, OSError, QMPError) as exc:
         return await failed(vm, ready_fd, exc, f"sandbox {spec.sandbox_id} failed to start")
-    if spec.pool_key:  # a pooled VM: free to claim from now on (sandbox.pool)
-        (spec.dir / L.POOL_READY).write_text(f"{os.getpid()}\n")
     report(
         ready_fd,
         {

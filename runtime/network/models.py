@@ -61,6 +61,8 @@ def plumb(
     """Bridges every endpoint; all or nothing (a failure undoes what was made)."""
     if model not in BRIDGEABLE:
         raise NetworkError(f"network model {model!r} bridges nothing")
+    if not eps:
+        return []
     return in_netns(netns, lambda: _plumb_here(eps, model, max(1, queues), node_dir))
 
 

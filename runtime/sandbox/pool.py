@@ -5,8 +5,10 @@ monitor (no daemon): booted at the default size, agent answering, no network, an
 its processes in the host cgroup ``/cocoon-pool/cocoon-sandbox-<vmid>`` at nice 10. Its launch
 file carries ``pool_key``, a hash of everything the VM was booted from (QEMU's argv with the
 sandbox's own paths left out, the guest files, the launch settings): a VM whose key is not the
-current configuration's is never handed out, and the next fill replaces it. The monitor writes
-the ``ready`` marker once the agent answers.
+current configuration's is never handed out, and the next fill replaces it. Once the agent
+answers, the fill runs one throwaway container in the VM (``warm``, container.warm: so that a
+claim's container is not the VM's first) and only then writes the ``ready`` marker; a VM that
+fails its warm-up is destroyed.
 
 ``claim`` (``create``, through ``start``) takes the oldest ready VM whose key matches by renaming
 its ``ready`` marker to ``claimed``: a rename succeeds for one caller only, so concurrent
@@ -36,7 +38,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +46,7 @@ import grpc
 
 from cocoon.runtime import config as config_mod
 from cocoon.runtime import vm_pb2 as vpb
-from cocoon.runtime.errors import CocoonError, HostError, StateError
+from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
 from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.pids import pid_alive
@@ -60,6 +62,8 @@ LOCK = "fill.lock"
 FILL_CONFIG = "fill.toml"
 FILL_LOG = "fill.log"
 DRAINED = "drained"  # touched by drain: fills asked for before it do nothing
+
+Warm = Callable[[Path], None]  # runs a throwaway container in a booted VM (container.warm)
 
 
 def pool_root(root: Path) -> Path:
@@ -318,11 +322,17 @@ def stale(e: Entry, want: str) -> str:
 
 
 def fill(
-    cfg: config_mod.Config, root: Path, *, wait: bool = True, spawned_at: float = 0.0
+    cfg: config_mod.Config,
+    root: Path,
+    *,
+    wait: bool = True,
+    spawned_at: float = 0.0,
+    warm: Warm | None = None,
 ) -> dict[str, int]:
     """Clears what is stale, trims what is over ``pool_size``, boots what is missing (one at a
-    time, counting again after each boot: creates claim meanwhile). A fill spawned before the
-    last drain does nothing. Returns counts: removed, booted, ready, failed."""
+    time, counting again after each boot: creates claim meanwhile), each VM warmed by ``warm``
+    before it is marked ready. A fill spawned before the last drain does nothing. Returns
+    counts: removed, booted, ready, failed."""
     counts = {"removed": 0, "booted": 0, "ready": 0, "failed": 0}
     with locked(root, wait) as got:
         if not got:
@@ -354,7 +364,7 @@ def fill(
             if len(ready) == cfg.factory.pool_size or not _room_for_one(cfg, host.accel):
                 break
             try:
-                boot_one(cfg, root, host, want)
+                boot_one(cfg, root, host, want, warm)
             except CocoonError as exc:
                 log.error("pool: booting a VM failed: %s", exc)
                 counts["failed"] += 1
@@ -373,15 +383,29 @@ def _room_for_one(cfg: config_mod.Config, accel: str) -> bool:
 
 
 def boot_one(
-    cfg: config_mod.Config, root: Path, host: launcher.HostFacts, want: str
+    cfg: config_mod.Config,
+    root: Path,
+    host: launcher.HostFacts,
+    want: str,
+    warm: Warm | None = None,
 ) -> launcher.Sandbox:
+    """One pooled VM booted, warmed, then marked ready (claimable); one that fails its
+    warm-up is destroyed (CocoonError)."""
     vmid = "p-" + secrets.token_hex(6)
     d = pool_root(root) / vmid
     launcher.check_socket_room(d)
     tpl = template.ensure(cfg, root, host) if cfg.factory.template else None
-    return launcher.boot(
+    sb = launcher.boot(
         cfg, d, vmid, host, cgroups_path=f"{POOL_CGROUP}/{vmid}", pool_key=want, template=tpl
     )
+    if warm is not None:
+        try:
+            warm(d)
+        except (CocoonError, OSError) as exc:
+            destroy(d)
+            raise SandboxError(f"pooled VM {vmid} could not run a container: {exc}") from None
+    (d / L.POOL_READY).write_text(f"{sb.monitor_pid}\n")
+    return sb
 
 
 def drain(root: Path) -> int:
@@ -451,7 +475,9 @@ def spawn_fill(cfg: config_mod.Config, root: Path) -> None:
     )
 
 
-def background_fill(cfg: config_mod.Config, root: Path, spawned_at: float) -> dict[str, int]:
+def background_fill(
+    cfg: config_mod.Config, root: Path, spawned_at: float, warm: Warm | None = None
+) -> dict[str, int]:
     """The body of ``pool fill --background=T``: out of the caller's cgroup and niceness
     first, then a fill once the running one (if any) is done, unless a drain came after T."""
     hc = L.HostCgroup()
@@ -459,6 +485,6 @@ def background_fill(cfg: config_mod.Config, root: Path, spawned_at: float) -> di
         hc = hostcgroup.make(f"{POOL_CGROUP}/fill", f"fill-{os.getpid()}")
         hostcgroup.join(hc, os.getpid())
     try:
-        return fill(cfg, root, spawned_at=spawned_at)
+        return fill(cfg, root, spawned_at=spawned_at, warm=warm)
     finally:
         hostcgroup.leave(hc, os.getpid())
