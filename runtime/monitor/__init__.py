@@ -3,7 +3,7 @@
 The monitor owns one VM: it launches QEMU (and virtiofsd), holds QMP through qemu.qmp and
 the single agent connection, forwards the agent's gRPC service to local clients on
 ``<state>/monitor.sock`` next to its own VM service, notices QEMU's death, and shuts down in
-order (agent power-off, QMP quit, SIGKILL).
+order (agent sync and power-off, QMP quit, SIGKILL).
 
 main (the entry point) -> vm (processes, QMP, agent link, teardown), service (the VM
 service's RPCs, one table) -> netattach (networking), hotplug (devices over QMP) ->

@@ -9,7 +9,8 @@ With a non-root QEMU (``spec.qemu_uids``) it takes a uid for QEMU (monitor.qemuu
 starts QEMU paused with ``-runas``, checks from /proc that QEMU dropped root, and only then
 lets the guest run; the uid is given back once QEMU is gone.
 ``claim()`` hands a pooled VM to its sandbox (host cgroup, nice level, log, launch file).
-``stop()`` shuts down in order (agent DestroySandbox, QMP quit, SIGKILL); ``teardown()``
+``stop()`` shuts down in order (agent DestroySandbox, which answers once the guest has synced,
+then QMP quit, then SIGKILL); ``teardown()``
 releases everything, and ``remove_state_dir()`` removes the state directory.
 
 May import: the standard library, grpc, qemu.qmp, cocoon.agent (api_hash),
@@ -561,17 +562,17 @@ class Vm:
         self.state = "stopping"
         self.publish("stopping", "orderly shutdown")
         how = "sigkill"
-        if self.calls is not None:
+        synced = False
+        if self.calls is not None:  # the agent answers once the guest has synced
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await self.calls.destroy_sandbox(timeout=min(timeout, 5.0))
-            if await self._wait_qemu(timeout):
-                how = "agent"
-        if how == "sigkill" and self.qmp.runstate.name == "RUNNING":
+                synced = True
+        if self.qmp.runstate.name == "RUNNING":  # nothing left to wait for in the guest
             with contextlib.suppress(QMPError, OSError):
                 async with self.qmp_lock:
                     await asyncio.wait_for(self.qmp.execute("quit"), timeout)
-            if await self._wait_qemu(timeout):
-                how = "qmp-quit"
+        if await self._wait_qemu(timeout):
+            how = "agent" if synced else "qmp-quit"
         if how == "sigkill":
             with contextlib.suppress(ProcessLookupError):
                 self.qemu.kill()

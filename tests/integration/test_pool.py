@@ -1,4 +1,5 @@
 """The pool of pre-booted VMs with real guests ([factory] pool_size, cocoon.runtime.sandbox.pool):
+a pooled VM is warmed (one throwaway container) before it is offered,
 create claims a pooled VM and specialises it (host cgroup, nice level, size, share), the pool
 refills in the background, a pod's sandbox comes from the pool too, concurrent creates never
 share a VM, and a pooled VM that died, was booted from another configuration or is corrupt is
@@ -18,8 +19,11 @@ from typing import Any
 
 import pytest
 
+from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime.container import busybox
+from cocoon.runtime.container.warm import WARM_DIR, WARM_ID
 from cocoon.runtime.monitor import launch as L
+from cocoon.runtime.sandbox.client import Client
 from tests.integration.cli import Cli
 from tests.integration.procs import cgroup_of
 
@@ -84,6 +88,11 @@ def test_create_claims_a_pooled_vm_specialises_it_and_the_pool_refills(
     vmdir = cli.root / "pool" / vm["vmid"]
     qemu = pool.qemu_pid(vmdir)
     assert os.getpriority(os.PRIO_PROCESS, qemu) == 10  # an idle pooled VM yields
+    # warmed before it was marked ready: one throwaway container ran in it and left nothing
+    with Client(vmdir) as c:
+        logs = [r.message for r in c.agent.ReadLogs(apb.ReadLogsRequest(follow=False), timeout=30)]
+    assert any(f"container {WARM_ID} process init" in m and m.endswith("exited: 0") for m in logs)
+    assert list((vmdir / "shared").iterdir()) == [] and not (vmdir / WARM_DIR).exists()
     assert cgroup_of(qemu)["cpu,cpuacct" if "cpu,cpuacct" in cgroup_of(qemu) else "cpu"].endswith(
         f"/cocoon-pool/cocoon-sandbox-{vm['vmid']}"
     )

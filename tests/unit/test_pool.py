@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from cocoon.runtime.config import Config, FactoryConfig, HypervisorConfig
-from cocoon.runtime.errors import HostError
+from cocoon.runtime.errors import HostError, SandboxError
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.sandbox import launcher, pool
 from tests.unit.fakes import launch_spec
@@ -168,3 +168,55 @@ def test_a_pool_may_take_half_the_hosts_memory() -> None:
     msg = str(info.value)
     assert f"8 idle VMs of ~{cost} MiB = {8 * cost} MiB" in msg
     assert "this host has 4096 MiB" in msg and f"pool_size to {2048 // cost} or less" in msg
+
+
+class _Booted:
+    """launcher.boot and pool.destroy stand-ins: what boot_one asked for."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.booted: list[Path] = []
+        self.destroyed: list[Path] = []
+        monkeypatch.setattr(launcher, "boot", self.boot)
+        monkeypatch.setattr(pool, "destroy", self.destroyed.append)
+
+    def boot(self, cfg: Config, d: Path, vmid: str, host: Any, **kw: Any) -> launcher.Sandbox:
+        d.mkdir(parents=True)
+        assert kw["pool_key"] == "k1" and kw["cgroups_path"].endswith(f"/{vmid}")
+        self.booted.append(d)
+        return launcher.Sandbox(vmid, d, 4242, 1.0, "tcg")
+
+
+HOST = launcher.HostFacts(None, "tcg", "virtio-serial", True)  # type: ignore[arg-type]
+
+
+def test_a_pooled_vm_is_ready_only_once_warmed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = _Booted(monkeypatch)
+    seen: list[tuple[Path, bool]] = []
+
+    def warm(d: Path) -> None:  # the marker is not there while the warm-up runs
+        seen.append((d, (d / L.POOL_READY).exists()))
+
+    pool.boot_one(Config(), tmp_path, HOST, "k1", warm)
+    (d,) = fake.booted
+    assert seen == [(d, False)]
+    assert (d / L.POOL_READY).read_text() == "4242\n" and not fake.destroyed
+    pool.boot_one(Config(), tmp_path, HOST, "k1")  # no warm-up asked for: ready at once
+    assert (fake.booted[1] / L.POOL_READY).exists()
+
+
+@pytest.mark.parametrize("exc", [HostError("crun failed"), OSError(28, "No space left")])
+def test_a_pooled_vm_that_fails_its_warm_up_is_destroyed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception
+) -> None:
+    fake = _Booted(monkeypatch)
+
+    def warm(d: Path) -> None:
+        raise exc
+
+    with pytest.raises(SandboxError) as info:
+        pool.boot_one(Config(), tmp_path, HOST, "k1", warm)
+    (d,) = fake.booted
+    assert fake.destroyed == [d] and not (d / L.POOL_READY).exists()
+    assert str(info.value).startswith(f"pooled VM {d.name} could not run a container: ")
