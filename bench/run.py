@@ -29,6 +29,8 @@ measured alternately in the same run (cocoon, then runc or the floor, then cocoo
    booted and restored from a template, and idle pods per GiB;
 13. the pytest plugin (bench/plugin.py): ``cocoon.run()`` to a running container, cold, from
    a pool and restored from a template, the first exec and the teardown's remove;
+14. KSM and the guest RAM backend (bench/ksm.py): idle VMs' QEMU PSS on a shared memfd and on
+   private memory, settled and after two KSM scans, and ksmd's CPU;
 and the Python import time of the CLI, monitor and shim (the agent's is in the guest stages).
 
     scripts/bench [--runs 5] [--json bench-results.json] [--budget-mib 2048] [--max-sandboxes 6]
@@ -364,6 +366,7 @@ def main() -> int:
             "template": sub_bench("density.py", work, 900, "--pods", "10", "--template", "1"),
         }
         res["plugin"] = sub_bench("plugin.py", work, 900)
+        res["ksm_backends"] = sub_bench("ksm.py", work, 900)
 
     res["python_import_ms"] = {
         m: import_time_ms(m)
@@ -458,6 +461,12 @@ def report(r: dict[str, Any], why: str) -> None:
     print("\n13. the pytest plugin (cocoon.run() to a running container):")
     for k, s in r["plugin"]["rows"].items():
         print(f"   {k:36s} {_f(s, 'x' if '/' in k else 's')}")
+    print("\n14. KSM and the guest RAM backend (idle VMs, QEMU PSS per VM, MiB):")
+    for kind, k in r["ksm_backends"].items():
+        if isinstance(k, dict):
+            settled, merged = k["settled_mib_per_vm"]["qemu"], k["ksm_mib_per_vm"]["qemu"]
+            print(f"   {kind:26s} settled {settled:.1f}, after KSM {merged:.1f}; "
+                  f"ksmd {k['ksmd_cpu_s']:.1f} s CPU")  # fmt: skip
     print("\nPython import time (ms): " + ", ".join(
         f"{m} {v:.0f}" for m, v in r["python_import_ms"].items()))  # fmt: skip
     print(f"wall time: {r['wall_seconds']:.0f}s")
