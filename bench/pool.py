@@ -9,7 +9,8 @@ Rows:
   and runs the guest's own crun on a bundle whose root is the guest's root);
 - runc ``run`` of the same ``true`` bundle; a cold cocoon ``run`` (boots its VM);
 - ratios: warm / in-guest floor, warm / runc, warm / cold;
-- the pool's cost: host PSS of one idle pooled VM (QEMU, virtiofsd, monitor).
+- the pool's cost: host PSS of one idle pooled VM (QEMU, virtiofsd, monitor), 10 s after it
+  was marked ready (its warm-up's freed pages reported back).
 
     python bench/pool.py [--runs 3] [--json out.json]
 
@@ -51,6 +52,9 @@ for i in $(seq N); do
   echo $(( (e - s) / 1000 ))
 done'
 """
+
+
+SETTLE = 10.0  # seconds an idle pooled VM is left before its PSS is taken
 
 
 def floor_bundle(work: Path) -> Path:
@@ -126,6 +130,7 @@ def main() -> int:
         try:
             subprocess.run([*warm.argv, "pool", "fill"], check=True, stdout=subprocess.DEVNULL)
             st = wait_ready(warm, 1)
+            time.sleep(SETTLE)  # what the warm-up touched and freed is reported back meanwhile
             res["pooled_vm_pss_mib"] = pooled_pss_mib(warm.root, st["vms"][0]["vmid"])
             for i in range(args.runs):
                 wait_ready(warm, 1)
