@@ -563,9 +563,9 @@ class Vm:
         self.publish("stopping", "orderly shutdown")
         how = "sigkill"
         synced = False
-        if self.calls is not None:  # the agent answers once the guest has synced
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self.calls.destroy_sandbox(timeout=min(timeout, 5.0))
+        if self.calls is not None:  # the agent answers once the guest has synced: the whole
+            with contextlib.suppress(grpc.aio.AioRpcError):  # stop's time is the sync's
+                await self.calls.destroy_sandbox(timeout=timeout)
                 synced = True
         if self.qmp.runstate.name == "RUNNING":  # nothing left to wait for in the guest
             with contextlib.suppress(QMPError, OSError):
