@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like pods.py
-from bench.run import Runtime, bench_args, ksm_available, pss_kib
+from bench.pool import vm_pss_mib
+from bench.run import Runtime, bench_args, ksm_available
 
 KSM = Path("/sys/kernel/mm/ksm")
 KNOBS = ("run", "pages_to_scan", "sleep_millisecs")
@@ -73,16 +74,8 @@ def wait_scans(n: int, timeout: float = 240) -> float:
     return time.monotonic() - t0
 
 
-def vm_pss(root: Path, sid: str) -> dict[str, float]:
-    d = root / "sandboxes" / sid
-    out = {"qemu": pss_kib(int((d / "qemu.pid").read_text())) / 1024}
-    vfs = subprocess.run(["pgrep", "-f", f"virtiofsd.*{d}/"], capture_output=True, text=True)
-    out["virtiofsd"] = sum(pss_kib(int(p)) for p in vfs.stdout.split()) / 1024
-    return out
-
-
 def measure(rt: Runtime, ids: list[str]) -> dict[str, float]:
-    per = [vm_pss(rt.root, sid) for sid in ids]
+    per = [vm_pss_mib(rt.root / "sandboxes" / sid) for sid in ids]
     return {k: statistics.mean(p[k] for p in per) for k in per[0]}
 
 
