@@ -145,13 +145,31 @@ def test_pid_alive_reads_the_state_after_the_last_paren(tmp_path: Path) -> None:
         p.wait()
 
 
-def test_wait_gone_times_out_on_a_live_process(live_child: subprocess.Popen[bytes]) -> None:
+def _no_pidfd(monkeypatch: pytest.MonkeyPatch, on: bool) -> None:
+    """``on``: pidfd_open fails as on a kernel before 5.3, so wait_gone polls."""
+    if on:
+
+        def refuse(pid: int, flags: int = 0) -> int:
+            raise OSError(38, "Function not implemented")
+
+        monkeypatch.setattr(os, "pidfd_open", refuse)
+
+
+@pytest.mark.parametrize("polled", [False, True], ids=["pidfd", "polled"])
+def test_wait_gone_times_out_on_a_live_process(
+    live_child: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch, polled: bool
+) -> None:
+    _no_pidfd(monkeypatch, polled)
     t0 = time.monotonic()
     assert wait_gone(live_child.pid, 0.2, interval=0.02) is False
     assert time.monotonic() - t0 >= 0.2
 
 
-def test_wait_gone_returns_when_the_process_dies(live_child: subprocess.Popen[bytes]) -> None:
+@pytest.mark.parametrize("polled", [False, True], ids=["pidfd", "polled"])
+def test_wait_gone_returns_when_the_process_dies(
+    live_child: subprocess.Popen[bytes], monkeypatch: pytest.MonkeyPatch, polled: bool
+) -> None:
+    _no_pidfd(monkeypatch, polled)
     threading.Timer(0.2, live_child.kill).start()
     t0 = time.monotonic()
     # Not reaped by anyone until the fixture's wait(): a zombie counts as gone.
