@@ -47,6 +47,9 @@ MAX_PAYLOAD = 32 * 1024
 # 32 KiB of payload plus the header (Linux's virtio-console caps one port write at 32 KiB).
 RAW_CHUNK = 32 * 1024 - HEADER.size
 RAW_WINDOW = 1024 * 1024  # what a raw stream may have in flight before the host grants more
+# A raw stream's DATA frame spliced from a pipe (cocoon.agent.channel) may carry up to this much:
+# the guest -> host direction only, so only the host's decoder takes frames this long.
+RAW_SPLICE_MAX = 512 * 1024
 RAW_STREAMS = ("stdout", "stderr", "stdin")
 FLUSH_LEN = MAX_PAYLOAD + HEADER.size
 NONCE_LEN = 8
@@ -142,14 +145,16 @@ def flush_and(ftype: FrameType, nonce: bytes) -> bytes:
 class Decoder:
     """Incremental decoder: feed bytes, get complete frames.
 
-    Unknown frame types and oversize lengths raise MuxProtocolError unless ``resync`` is set,
-    in which case one byte is dropped and parsing goes on: the host uses that while it waits
-    for HELLO_ACK on a stream that may start mid-frame.
+    Unknown frame types and lengths above ``max_payload`` raise MuxProtocolError unless
+    ``resync`` is set, in which case one byte is dropped and parsing goes on: the host uses that
+    while it waits for HELLO_ACK on a stream that may start mid-frame. The host's decoder takes
+    ``RAW_SPLICE_MAX`` (the guest's spliced DATA frames), the guest's ``MAX_PAYLOAD``.
     """
 
-    def __init__(self, resync: bool = False) -> None:
+    def __init__(self, resync: bool = False, max_payload: int = MAX_PAYLOAD) -> None:
         self._buf = bytearray()
         self.resync = resync
+        self.max_payload = max_payload
 
     def feed(self, data: bytes) -> list[Frame]:
         self._buf += data
@@ -164,7 +169,7 @@ class Decoder:
             if len(buf) - pos < HEADER.size:
                 break
             _, session, length = HEADER.unpack_from(buf, pos)
-            if t > FrameType.WINDOW or length > MAX_PAYLOAD:
+            if t > FrameType.WINDOW or length > self.max_payload:
                 if self.resync:
                     pos += 1
                     continue

@@ -170,7 +170,10 @@ class SerialMuxHost:
                 raise ChannelError("QEMU closed the agent port before the agent answered") from exc
             if time.monotonic() > deadline:
                 raise ChannelError("the guest agent did not answer on the virtio-serial port")
+        # In step with the guest from here: its spliced DATA frames may be longer than the
+        # flush that resyncs us (MAX_PAYLOAD), so they are taken only now.
         self._decoder.resync = False
+        self._decoder.max_payload = mux.RAW_SPLICE_MAX
         self._pump = asyncio.create_task(self._pump_port())
 
     async def _await_ack(self, nonces: set[bytes], timeout: float) -> bool:

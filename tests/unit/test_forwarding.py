@@ -25,6 +25,7 @@ import socket
 import tempfile
 import threading
 import time
+import tty
 import types
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -951,10 +952,45 @@ def test_a_raw_stream_carries_a_pipe_byte_exact_beside_grpc(
         return bytes(got), largest
 
     got, largest = host.loop.run(read_all(), timeout=60)
-    assert got == data and largest <= mux.MAX_PAYLOAD
+    assert got == data
+    # A pipe is spliced: frames longer than a write() could make, never beyond the limit.
+    assert mux.MAX_PAYLOAD < largest <= mux.RAW_SPLICE_MAX
     writer.join(5)
     assert stub.Check(pb.CheckRequest(), timeout=RPC_TIMEOUT).status == pb.CheckResponse.SERVING
     wait_for(lambda: not guest.mux._raw, 5, "the guest to forget the ended stream")
+
+
+def test_a_raw_stream_from_a_pty_is_read_in_frames_of_a_write(host: Host, guest: Guest) -> None:
+    """A pty master cannot be spliced: its stream takes the read path, byte exact, each frame
+    at most what one write() to the port carries."""
+    master, slave = os.openpty()
+    tty.setraw(slave)  # no newline translation: the bytes as written
+    guest.pipes[("c1", "", "stdout")] = master
+    data = os.urandom(256 * 1024)
+
+    def write() -> None:
+        with os.fdopen(slave, "wb") as f:
+            f.write(data)
+            f.flush()
+            time.sleep(0.5)  # the master's reader drains before the slave's close (EIO)
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+
+    async def read_all() -> tuple[bytes, int]:
+        assert host.link is not None
+        raw = await host.link.open_stream("c1", "", "stdout")
+        got, largest = bytearray(), 0
+        while len(got) < len(data) and (chunk := await raw.read()):
+            got += chunk
+            largest = max(largest, len(chunk))
+            await raw.grant(len(chunk))
+        await raw.close()
+        return bytes(got), largest
+
+    got, largest = host.loop.run(read_all(), timeout=60)
+    assert got == data and 0 < largest <= mux.RAW_CHUNK
+    t.join(5)
 
 
 def test_a_raw_stream_not_granted_stalls_alone(host: Host, guest: Guest, stub: Any) -> None:

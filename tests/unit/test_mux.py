@@ -147,6 +147,28 @@ def test_strict_decoder_rejects_oversize_length() -> None:
     assert Decoder().feed(HEADER.pack(FrameType.DATA, 1, MAX_PAYLOAD)) == []
 
 
+def test_a_decoder_in_step_takes_spliced_frames_up_to_its_limit() -> None:
+    """The host's decoder, once past HELLO_ACK, takes the guest's spliced DATA frames (up to
+    RAW_SPLICE_MAX) whole, and still refuses a byte more."""
+    d = Decoder(max_payload=mux.RAW_SPLICE_MAX)
+    big = bytes(range(256)) * (mux.RAW_SPLICE_MAX // 256)
+    assert d.feed(encode_spliced(7, big)) == [Frame(FrameType.DATA, 7, big)]
+    with pytest.raises(MuxProtocolError, match=f"length={mux.RAW_SPLICE_MAX + 1}"):
+        d.feed(HEADER.pack(FrameType.DATA, 7, mux.RAW_SPLICE_MAX + 1))
+    # While resyncing the limit is the flush's: such a header is garbage, skipped byte by byte.
+    resyncing = Decoder(resync=True)
+    frames = resyncing.feed(
+        encode_spliced(7, big[: MAX_PAYLOAD + 1]) + flush_and(FrameType.HELLO_ACK, b"n" * NONCE_LEN)
+    )
+    assert frames[-1] == Frame(FrameType.HELLO_ACK, 0, b"n" * NONCE_LEN)
+    assert Frame(FrameType.DATA, 7, big[: MAX_PAYLOAD + 1]) not in frames
+
+
+def encode_spliced(session: int, payload: bytes) -> bytes:
+    """A DATA frame as the guest's splice path writes it (encode() caps at MAX_PAYLOAD)."""
+    return HEADER.pack(FrameType.DATA, session, len(payload)) + payload
+
+
 def test_strict_decoder_rejects_bad_type_after_good_frames() -> None:
     d = Decoder()
     assert d.feed(encode(FrameType.OPEN, 1)) == [Frame(FrameType.OPEN, 1)]
