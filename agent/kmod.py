@@ -6,6 +6,8 @@ image, the vsock transport); disks, the share, NICs, virtio-mem and the balloon 
 side of a start, instead of before the agent starts. Every call that needs one of them (a
 container's share, a device wait, memory onlining, a NIC, a storage) first ``wait``s for the
 set. A module that fails to load is logged and counted: ``wait`` then raises, naming it.
+Once the balloon is in, the command line's free page reporting order is set again
+(``reapply_reporting_order``).
 
 May import: the standard library, cocoon.agent.libc.
 """
@@ -17,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cocoon.agent import libc
@@ -27,9 +30,48 @@ LIST = Path("/usr/lib/cocoon/late-modules.list")  # names, in load order (the im
 DIR = Path("/usr/lib/cocoon/modules")
 
 
+REPORTING_PARAM = "page_reporting.page_reporting_order"
+REPORTING_ORDER = Path("/sys/module/page_reporting/parameters/page_reporting_order")
+COMPACT = Path("/proc/sys/vm/compact_memory")
+
+
+def reapply_reporting_order(
+    cmdline: Path = Path("/proc/cmdline"),
+    param: Path = REPORTING_ORDER,
+    compact: Path = COMPACT,
+) -> int | None:
+    """The kernel command line's ``page_reporting.page_reporting_order=N`` (the last one), set
+    again once the balloon driver has registered: Linux 6.1's registration overwrites it with
+    the pageblock order (2 MiB blocks), and free page reporting then also waits until the zone
+    has 64 MiB free above its low watermark, so a guest gives back little of what its boot
+    touched. Then memory is compacted, which frees blocks and so starts a reporting pass.
+    Returns the order set, or None (not asked for, no balloon, or the kernel refused)."""
+    try:
+        words = cmdline.read_text().split()
+    except OSError:
+        return None
+    asked = [w.partition("=")[2] for w in words if w.startswith(REPORTING_PARAM + "=")]
+    if not asked or not asked[-1].isdigit() or not param.exists():
+        return None
+    try:
+        if param.read_text().strip() != asked[-1]:
+            param.write_text(asked[-1])
+            compact.write_text("1")
+    except OSError as exc:
+        log.warning("free page reporting order %s: %s", asked[-1], exc)
+        return None
+    return int(asked[-1])
+
+
 class LateModules:
-    def __init__(self, listing: Path = LIST, directory: Path = DIR) -> None:
-        self._listing, self._dir = listing, directory
+    def __init__(
+        self,
+        listing: Path = LIST,
+        directory: Path = DIR,
+        after: Callable[[], object] = reapply_reporting_order,
+    ) -> None:
+        """``after`` runs once the modules are in, before the calls waiting for them go on."""
+        self._listing, self._dir, self._after = listing, directory, after
         self._done = threading.Event()
         self.failed: list[str] = []
         self.seconds = 0.0
@@ -54,6 +96,7 @@ class LateModules:
                         self.failed.append(name)
             self.seconds = time.monotonic() - t
             log.info("%d late modules loaded in %.2fs", len(names), self.seconds)
+            self._after()
         finally:
             self._done.set()
 

@@ -3,10 +3,13 @@ that what they share (the pmem root image's page cache, Python's and QEMU's code
 among them as it does on a busy host; host PSS per pod by process (QEMU, monitor, shim,
 virtiofsd), the host's MemAvailable drop per pod, and idle pods per GiB.
 
-    python bench/density.py [--pods 10] [--settle 10] [--template 1] [--json out.json]
+    python bench/density.py [--pods 10] [--settle 10] [--template 1] [--memory MIB]
+                            [--tb-size MIB] [--json out.json]
 
 ``--template 1``: the pods' VMs are restored from a template ([factory] template) instead of
-booted.
+booted. ``--memory``: the VMs boot with that much RAM (``hypervisor.default_memory_mib``;
+a container's limit above it is hot-plugged through virtio-mem). ``--tb-size``: TCG's
+translation cache (``hypervisor.tcg_tb_size_mib``).
 
 Not a test: it asserts nothing and prints numbers.
 """
@@ -36,14 +39,21 @@ def mem_available_mib() -> float:
 
 
 def main() -> int:
-    args = bench_args(__doc__, 1, pods=10, settle=10, template=0)
+    args = bench_args(__doc__, 1, pods=10, settle=10, template=0, memory=0, tb_size=0)
     res: dict[str, Any] = {"pods": args.pods, "template": bool(args.template)}
     with tempfile.TemporaryDirectory(prefix="cocoon-bench-density-") as td:
         work = Path(td)
         conf = None
+        hyp = {"default_memory_mib": args.memory, "tcg_tb_size_mib": args.tb_size}
+        toml = "".join(f"{k} = {v}\n" for k, v in hyp.items() if v)
+        if toml:
+            toml = "[hypervisor]\n" + toml
+            res["hypervisor"] = {k: v for k, v in hyp.items() if v}
         if args.template:  # pods restored from a template VM instead of booted
-            conf = work / "template.toml"
-            conf.write_text("[factory]\ntemplate = true\n")
+            toml += "[factory]\ntemplate = true\n"
+        if toml:
+            conf = work / "bench.toml"
+            conf.write_text(toml)
         rt = Runtime("cocoon", work / "root", conf)
         if args.template:
             subprocess.run([*rt.argv, "template", "build"], check=True, stdout=subprocess.DEVNULL)

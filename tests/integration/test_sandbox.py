@@ -19,7 +19,7 @@ from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import Config
 from cocoon.runtime.container import busybox
 from cocoon.runtime.sandbox import launcher as sandbox
-from cocoon.runtime.sandbox import paths
+from cocoon.runtime.sandbox import paths, qemu_argv
 from cocoon.testing.leaks import live_processes
 from tests.integration.cli import Cli
 
@@ -131,3 +131,21 @@ def test_virtiofsd_killed_stops_the_sandbox_and_its_container(cli: Cli, tmp_path
 
 def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_the_guest_reports_free_memory_in_the_order_the_host_asked(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """The kernel command line asks for free page reporting in 128 KiB blocks; Linux 6.1's
+    balloon driver resets that when it registers, and the agent sets it again once the late
+    modules (the balloon among them) are in, before any container is created."""
+    b = busybox.make_bundle(tmp_path / "b", ["sleep", "1000"])
+    assert cli.create("fpr", b).returncode == 0, cli.last_error()
+    cli.ok("start", "fpr")
+    order = cli.ok(
+        "exec", "fpr", "cat", "/sys/module/page_reporting/parameters/page_reporting_order"
+    )
+    cmdline = cli.ok("exec", "fpr", "cat", "/proc/cmdline").split()
+    assert f"page_reporting.page_reporting_order={qemu_argv.REPORTING_ORDER}" in cmdline
+    assert order.strip() == str(qemu_argv.REPORTING_ORDER)
+    cli.ok("delete", "--force", "fpr")

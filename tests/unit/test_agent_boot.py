@@ -43,7 +43,12 @@ def late(tmp_path: Path, names: list[str], present: list[str]) -> kmod.LateModul
         (d / n).write_bytes(b"\x7fELF")
     listing = tmp_path / "late-modules.list"
     listing.write_text("\n".join(names) + "\n")
-    return kmod.LateModules(listing, d)
+    return kmod.LateModules(
+        listing, d, after=lambda: AFTER.append(len(getattr(libc.current, "calls", ())))
+    )
+
+
+AFTER: list[int] = []  # how many libc calls had been made when each LateModules' ``after`` ran
 
 
 def test_late_modules_load_in_order_and_calls_wait_for_them(
@@ -60,6 +65,52 @@ def test_late_modules_load_in_order_and_calls_wait_for_them(
     loaded = [c.args[0] for c in fake.calls if c.name == "finit_module"]
     assert loaded == [str(tmp_path / "modules" / n) for n in names]
     assert not m.failed
+    assert AFTER[-1] == len(names)  # the reporting order is set again after every module
+
+
+def reporting_files(tmp_path: Path, cmdline: str, current: str | None) -> tuple[Path, ...]:
+    (tmp_path / "cmdline").write_text(cmdline + "\n")
+    param = tmp_path / "page_reporting_order"
+    if current is not None:
+        param.write_text(current + "\n")
+    return tmp_path / "cmdline", param, tmp_path / "compact_memory"
+
+
+def test_the_reporting_order_asked_for_is_set_again_and_memory_compacted(tmp_path: Path) -> None:
+    cmdline, param, compact = reporting_files(
+        tmp_path,
+        "quiet page_reporting.page_reporting_order=5 page_reporting.page_reporting_order=3",
+        "9",
+    )
+    assert kmod.reapply_reporting_order(cmdline, param, compact) == 3  # the last one wins
+    assert param.read_text() == "3" and compact.read_text() == "1"
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "current"),
+    [
+        ("quiet", "9"),  # not asked for
+        ("page_reporting.page_reporting_order=x5", "9"),  # not a number
+        ("page_reporting.page_reporting_order=5", None),  # no balloon driver: no parameter
+        ("page_reporting.page_reporting_order=5", "5"),  # already so: no compaction
+    ],
+)
+def test_the_reporting_order_is_left_alone(
+    tmp_path: Path, cmdline: str, current: str | None
+) -> None:
+    files = reporting_files(tmp_path, cmdline, current)
+    want = 5 if current == "5" else None
+    assert kmod.reapply_reporting_order(*files) == want
+    assert not files[2].exists()
+    assert (files[1].read_text() if current else None) == (current + "\n" if current else None)
+
+
+def test_a_kernel_that_refuses_the_order_is_logged_not_fatal(tmp_path: Path) -> None:
+    cmdline, _, compact = reporting_files(tmp_path, "page_reporting.page_reporting_order=5", None)
+    refused = tmp_path / "refused"
+    refused.mkdir()  # reading or writing it fails (EISDIR), as the kernel's EINVAL would
+    assert kmod.reapply_reporting_order(cmdline, refused, compact) is None
+    assert not compact.exists()
 
 
 def test_a_module_that_does_not_load_fails_the_calls_that_need_it(
@@ -85,6 +136,6 @@ def test_a_module_already_in_the_kernel_is_fine(
 
 
 def test_no_late_modules_list_means_nothing_to_wait_for(tmp_path: Path) -> None:
-    m = kmod.LateModules(tmp_path / "none.list", tmp_path)
+    m = kmod.LateModules(tmp_path / "none.list", tmp_path, after=lambda: None)
     m.start()
     m.wait(timeout=5)

@@ -434,9 +434,17 @@ def test_shared_fs_variants() -> None:
 
 def test_kernel_params() -> None:
     base = " ".join(qa.BASE_KERNEL_PARAMS)
-    assert value_of(argv_of(CASES["defaults_tcg_serial_virtiofs_seccomp"]), "-append") == base
+    order = f"page_reporting.page_reporting_order={qa.REPORTING_ORDER}"
+    defaults = CASES["defaults_tcg_serial_virtiofs_seccomp"]
+    assert value_of(argv_of(defaults), "-append") == f"{base} {order}"
     debug = value_of(argv_of(CASES["nofs_tb0_debug_params_10ports_hostsized"]), "-append")
-    assert debug == base + " cocoon.debug=1 systemd.log_level=debug loglevel=7"
+    # The configured parameters come last: one of them may override the reporting order.
+    assert debug == f"{base} cocoon.debug=1 {order} systemd.log_level=debug loglevel=7"
+    # Without free page reporting there is no balloon, and no order to ask for.
+    plain = replace(defaults, cfg=hv(free_page_reporting=False))
+    argv = argv_of(plain)
+    assert value_of(argv, "-append") == base
+    assert not any("virtio-balloon" in a for a in argv)
 
 
 # ---------------------------------------------------------------------------------------------
