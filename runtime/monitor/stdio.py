@@ -30,8 +30,8 @@ most 4 KiB: ``{"container_id": C, "exec_id": E, "stream": S}``, S one of
 Bad input from a shim (a long or malformed line, an unknown stream or field) closes that
 connection and is logged; the other connections and the sandbox carry on.
 
-May import: the standard library, grpc, cocoon.agent (generated stubs, mux),
-cocoon.runtime.monitor.{channel, launch}.
+May import: the standard library, grpc, cocoon.agent.{agent_pb2, mux},
+cocoon.runtime.monitor.{agentcalls, channel, launch}.
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ import grpc
 import grpc.aio
 
 from cocoon.agent import agent_pb2 as apb
-from cocoon.agent import agent_pb2_grpc as apbg
 from cocoon.agent import mux
 from cocoon.runtime.monitor import launch as L
+from cocoon.runtime.monitor.agentcalls import Stub
 from cocoon.runtime.monitor.channel import SerialMuxHost
 
 log = logging.getLogger("cocoon.monitor.stdio")
@@ -166,7 +166,7 @@ class Endpoint:
             channel = self._channel()
             if channel is None:
                 return
-            stub = apbg.AgentServiceStub(channel)
+            stub = Stub(channel)
             cid, eid = h.container_id, h.exec_id
             if h.stream in ("stdout", "stderr"):
                 await self._output(stub, cid, eid, h.stream, writer)
@@ -182,9 +182,7 @@ class Endpoint:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
-    async def _exec(
-        self, stub: apbg.AgentServiceStub, h: Hello, body: bytes, writer: asyncio.StreamWriter
-    ) -> bool:
+    async def _exec(self, stub: Stub, h: Hello, body: bytes, writer: asyncio.StreamWriter) -> bool:
         """Starts an exec's process; False if the agent refused it (the shim has the error)."""
         reply: dict[str, Any] = {"started": True}
         try:
@@ -205,7 +203,7 @@ class Endpoint:
 
     async def _output(
         self,
-        stub: apbg.AgentServiceStub,
+        stub: Stub,
         cid: str,
         eid: str,
         stream: str,
@@ -244,7 +242,7 @@ class Endpoint:
 
     async def _input(
         self,
-        stub: apbg.AgentServiceStub,
+        stub: Stub,
         cid: str,
         eid: str,
         close: bool,
@@ -274,7 +272,7 @@ class Endpoint:
 
     async def _control(
         self,
-        stub: apbg.AgentServiceStub,
+        stub: Stub,
         cid: str,
         eid: str,
         reader: asyncio.StreamReader,
@@ -312,7 +310,7 @@ class Endpoint:
         finally:
             wait.cancel()  # a no-op once it returned; else the agent kills the process
 
-    async def _kill(self, stub: apbg.AgentServiceStub, cid: str, eid: str) -> None:
+    async def _kill(self, stub: Stub, cid: str, eid: str) -> None:
         """The process of a shim that went away: SIGKILL, besides the abandoned wait (which the
         agent may not have seen yet if the shim died at once)."""
         with contextlib.suppress(grpc.aio.AioRpcError):
@@ -321,7 +319,7 @@ class Endpoint:
                 timeout=self._timeout,
             )
 
-    async def _command(self, stub: apbg.AgentServiceStub, cid: str, eid: str, line: bytes) -> None:
+    async def _command(self, stub: Stub, cid: str, eid: str, line: bytes) -> None:
         try:
             kind, args = parse_control(line)
         except ValueError as exc:

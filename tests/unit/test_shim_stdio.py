@@ -384,3 +384,31 @@ def test_the_shim_and_the_exec_verb_import_no_grpc_nor_protobuf(module: str) -> 
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_monitors_stub_is_the_generated_ones_made_from_the_descriptor() -> None:
+    """monitor.agentcalls.Stub gives each agent method with the generated stub's path,
+    cardinality and message types, without importing agent_pb2_grpc."""
+    from cocoon.runtime.monitor.agentcalls import Stub
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.made: dict[str, tuple[str, Any, Any]] = {}
+
+        def __getattr__(self, kind: str) -> Any:
+            def make(path: str, request_serializer: Any, response_deserializer: Any) -> str:
+                self.made[path] = (kind, request_serializer, response_deserializer)
+                return path
+
+            return make
+
+    generated, ours = Recorder(), Recorder()
+    pbg.AgentServiceStub(generated)
+    stub = Stub(ours)  # type: ignore[arg-type]
+    names = [m.name for m in pb.DESCRIPTOR.services_by_name["AgentService"].methods]
+    for name in names:
+        assert getattr(stub, name) == getattr(stub, name)  # made once, then kept
+    assert ours.made == generated.made and len(ours.made) == len(names)
+    assert {k for k, _, _ in ours.made.values()} >= {"unary_unary", "unary_stream", "stream_unary"}
+    with pytest.raises(AttributeError):
+        _ = stub.NoSuchMethod
