@@ -215,10 +215,17 @@ class SerialMux:
         port, so one port write (one virtqueue kick) carries a frame of up to RAW_SPLICE_MAX,
         against a 32 KiB copy per write() (Linux's virtio-console caps one write at that).
         The whole frame goes out under _wlock, so frames never interleave on the port."""
-        stage_r, stage_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            # Room for a whole frame: the header's page and the payload's pages.
-            fcntl.fcntl(stage_w, F_SETPIPE_SZ, mux.RAW_SPLICE_MAX + 2 * _PAGE)
+            stage_r, stage_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as exc:  # EMFILE, ENFILE: the read path needs no pipe of its own
+            log.warning("raw stream %d: no staging pipe (%s); read instead", sid, exc)
+            self._raw_reader(sid, raw)
+            return
+        try:
+            # Room for a whole frame: the header's page and the payload's pages. Without it a
+            # frame leaves in pieces as the staging pipe fills, which is slower, not wrong.
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(stage_w, F_SETPIPE_SZ, mux.RAW_SPLICE_MAX + 2 * _PAGE)
             while n := raw.wait_credit():
                 size = min(_buffered(raw.fd), n, mux.RAW_SPLICE_MAX)
                 if not size:  # nothing buffered: wait; readable and still empty is the EOF

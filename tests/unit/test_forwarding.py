@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import logging
 import os
 import random
@@ -958,6 +959,41 @@ def test_a_raw_stream_carries_a_pipe_byte_exact_beside_grpc(
     writer.join(5)
     assert stub.Check(pb.CheckRequest(), timeout=RPC_TIMEOUT).status == pb.CheckResponse.SERVING
     wait_for(lambda: not guest.mux._raw, 5, "the guest to forget the ended stream")
+
+
+def test_a_frame_larger_than_the_staging_pipe_leaves_in_pieces_byte_exact(
+    host: Host, guest: Guest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The staging pipe could not be enlarged (the kernel refused): frames longer than it
+    go to the port in several splices, still whole and in order."""
+    monkeypatch.setattr(agent_channel, "F_SETPIPE_SZ", -1)  # fcntl: EINVAL, default 64 KiB
+    data = os.urandom(2 * 1024 * 1024 + 7)
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1024 * 1024)  # the source holds more than the stage
+    guest.pipes[("c1", "", "stdout")] = r
+
+    def write() -> None:
+        with os.fdopen(w, "wb") as f:
+            f.write(data)
+
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+
+    async def read_all() -> tuple[bytes, int]:
+        assert host.link is not None
+        raw = await host.link.open_stream("c1", "", "stdout")
+        got, largest = bytearray(), 0
+        while chunk := await raw.read():
+            got += chunk
+            largest = max(largest, len(chunk))
+            await raw.grant(len(chunk))
+        await raw.close()
+        return bytes(got), largest
+
+    got, largest = host.loop.run(read_all(), timeout=60)
+    assert got == data
+    assert largest > 64 * 1024  # a frame longer than the staging pipe went out
+    t.join(5)
 
 
 def test_a_raw_stream_from_a_pty_is_read_in_frames_of_a_write(host: Host, guest: Guest) -> None:
