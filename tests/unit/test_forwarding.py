@@ -935,24 +935,31 @@ def _pipe_writer(guest: Guest, key: tuple[str, str, str], data: bytes) -> thread
     return t
 
 
-def test_a_raw_stream_carries_a_pipe_byte_exact_beside_grpc(
-    host: Host, guest: Guest, stub: Any
-) -> None:
-    data = os.urandom(3 * 1024 * 1024 + 5)
-    writer = _pipe_writer(guest, ("c1", "", "stdout"), data)
+def read_stdout(host: Host, until: int = -1) -> tuple[bytes, int]:
+    """c1's stdout through a raw stream, granted back chunk by chunk: its bytes (to its end, or
+    the first ``until`` of them) and the longest frame's payload."""
 
-    async def read_all() -> tuple[bytes, int]:
+    async def read() -> tuple[bytes, int]:
         assert host.link is not None
         raw = await host.link.open_stream("c1", "", "stdout")
         got, largest = bytearray(), 0
-        while chunk := await raw.read():
+        while len(got) != until and (chunk := await raw.read()):
             got += chunk
             largest = max(largest, len(chunk))
             await raw.grant(len(chunk))
         await raw.close()
         return bytes(got), largest
 
-    got, largest = host.loop.run(read_all(), timeout=60)
+    return host.loop.run(read(), timeout=60)
+
+
+def test_a_raw_stream_carries_a_pipe_byte_exact_beside_grpc(
+    host: Host, guest: Guest, stub: Any
+) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    writer = _pipe_writer(guest, ("c1", "", "stdout"), data)
+
+    got, largest = read_stdout(host)
     assert got == data
     # A pipe is spliced: frames longer than a write() could make, never beyond the limit.
     assert mux.MAX_PAYLOAD < largest <= mux.RAW_SPLICE_MAX
@@ -979,18 +986,7 @@ def test_a_frame_larger_than_the_staging_pipe_leaves_in_pieces_byte_exact(
     t = threading.Thread(target=write, daemon=True)
     t.start()
 
-    async def read_all() -> tuple[bytes, int]:
-        assert host.link is not None
-        raw = await host.link.open_stream("c1", "", "stdout")
-        got, largest = bytearray(), 0
-        while chunk := await raw.read():
-            got += chunk
-            largest = max(largest, len(chunk))
-            await raw.grant(len(chunk))
-        await raw.close()
-        return bytes(got), largest
-
-    got, largest = host.loop.run(read_all(), timeout=60)
+    got, largest = read_stdout(host)
     assert got == data
     assert largest > 64 * 1024  # a frame longer than the staging pipe went out
     t.join(5)
@@ -1013,18 +1009,7 @@ def test_a_raw_stream_from_a_pty_is_read_in_frames_of_a_write(host: Host, guest:
     t = threading.Thread(target=write, daemon=True)
     t.start()
 
-    async def read_all() -> tuple[bytes, int]:
-        assert host.link is not None
-        raw = await host.link.open_stream("c1", "", "stdout")
-        got, largest = bytearray(), 0
-        while len(got) < len(data) and (chunk := await raw.read()):
-            got += chunk
-            largest = max(largest, len(chunk))
-            await raw.grant(len(chunk))
-        await raw.close()
-        return bytes(got), largest
-
-    got, largest = host.loop.run(read_all(), timeout=60)
+    got, largest = read_stdout(host, until=len(data))
     assert got == data and 0 < largest <= mux.RAW_CHUNK
     t.join(5)
 
