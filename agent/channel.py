@@ -247,7 +247,9 @@ class SerialMux:
                     raw.take(size)
                     os.write(stage_w, mux.HEADER.pack(mux.FrameType.DATA, sid, size))
                     try:
-                        self._splice_frame(raw.fd, stage_r, stage_w, size)
+                        if not self._splice_frame(raw.fd, stage_r, stage_w, size):
+                            self._end_raw_locked(sid, raw)  # the pipe is gone: CLOSE
+                            return
                     except OSError as exc:
                         log.warning("raw stream %d: %s", sid, exc)
                         return
@@ -255,21 +257,35 @@ class SerialMux:
             os.close(stage_r)
             os.close(stage_w)
 
-    def _splice_frame(self, src: int, stage_r: int, stage_w: int, size: int) -> None:
+    def _splice_frame(self, src: int, stage_r: int, stage_w: int, size: int) -> bool:
         """Moves ``size`` bytes (all buffered in ``src``) behind the header already in the
-        staging pipe, and the whole frame to the port (under _wlock)."""
+        staging pipe, and the whole frame to the port (under _wlock); OSError if the port
+        fails. False if ``src`` failed inside the frame (its process was removed and the fd
+        closed under us): the frame is then finished with zero bytes, so that the port stays
+        in step for every other session."""
         left_in, left_out = size, mux.HEADER.size + size
+        lost: OSError | None = None
         while left_out:
-            if left_in:
-                with contextlib.suppress(BlockingIOError):  # the staging pipe is full
+            if left_in and lost is None:
+                try:
                     moved = os.splice(src, stage_w, left_in, flags=os.SPLICE_F_NONBLOCK)
-                    if not moved:
-                        raise OSError(errno.EPIPE, "the pipe ended inside a frame")
                     left_in -= moved
+                    if not moved:
+                        lost = OSError(errno.EPIPE, "the pipe ended inside a frame")
+                except BlockingIOError:  # the staging pipe is full: send some of it first
+                    pass
+                except OSError as exc:
+                    lost = exc
+            staged = left_out - (left_in if lost is not None else 0)
+            if lost is not None and not staged:  # what was staged is out: pad the rest
+                log.warning("raw stream source lost inside a frame: %s", lost)
+                self._write_locked(bytes(left_in))
+                return False
             try:
-                left_out -= os.splice(stage_r, self._fd, left_out)
+                left_out -= os.splice(stage_r, self._fd, staged if lost else left_out)
             except BlockingIOError:  # a non-blocking port (the tests' socket) that is full
                 select.select([], [self._fd], [], 0.05)
+        return True
 
     def _end_raw_locked(self, sid: int, raw: _Raw | _RawIn) -> None:
         """Forgets a raw stream that ended on our side and tells the host (under _wlock)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -990,6 +991,35 @@ def test_a_frame_larger_than_the_staging_pipe_leaves_in_pieces_byte_exact(
     assert got == data
     assert largest > 64 * 1024  # a frame longer than the staging pipe went out
     t.join(5)
+
+
+def test_a_pipe_lost_inside_a_frame_pads_it_and_the_port_stays_in_step(
+    host: Host, guest: Guest, stub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process's pipe fails in the middle of a spliced frame (removed, its fd closed): the
+    frame is finished with zeros, the stream ends with CLOSE, and the port keeps serving."""
+    data = os.urandom(200 * 1024)
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1024 * 1024)
+    os.write(w, data)  # all buffered: one frame of 200 KiB
+    guest.pipes[("c1", "", "stdout")] = r
+    real = os.splice
+    calls: list[int] = []
+
+    def flaky(src: int, dst: int, count: int, *a: Any, **kw: Any) -> int:
+        if src != r:
+            return real(src, dst, count, *a, **kw)
+        calls.append(count)
+        if len(calls) == 1:
+            return real(src, dst, 1000, *a, **kw)
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(os, "splice", flaky)
+    got, _ = read_stdout(host)
+    assert got == data[:1000] + bytes(len(data) - 1000)
+    assert stub.Check(pb.CheckRequest(), timeout=RPC_TIMEOUT).status == pb.CheckResponse.SERVING
+    wait_for(lambda: not guest.mux._raw, 5, "the guest to forget the ended stream")
+    os.close(w)
 
 
 def test_a_raw_stream_from_a_pty_is_read_in_frames_of_a_write(host: Host, guest: Guest) -> None:
