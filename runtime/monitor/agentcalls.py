@@ -17,8 +17,16 @@ import grpc.aio
 
 from cocoon.agent import agent_pb2 as apb
 
-AGENT_SERVICE = "/cocoon.agent.v1.AgentService/"
-_SERVICE = apb.DESCRIPTOR.services_by_name["AgentService"]
+SERVICE = apb.DESCRIPTOR.services_by_name["AgentService"]
+AGENT_SERVICE = f"/{SERVICE.full_name}/"
+
+
+def cardinality(m: Any) -> str:
+    """A method's (from SERVICE) gRPC cardinality, as grpc names its multicallables and
+    handlers: "unary_unary", "unary_stream", "stream_unary" or "stream_stream"."""
+    return f"{'stream' if m.client_streaming else 'unary'}_" + (
+        "stream" if m.server_streaming else "unary"
+    )
 
 
 class Stub:
@@ -30,12 +38,10 @@ class Stub:
         self._ch = channel
 
     def __getattr__(self, name: str) -> Any:
-        m = _SERVICE.methods_by_name.get(name)
+        m = SERVICE.methods_by_name.get(name)
         if m is None:
             raise AttributeError(name)
-        kind = f"{'stream' if m.client_streaming else 'unary'}_"
-        kind += "stream" if m.server_streaming else "unary"
-        call = getattr(self._ch, kind)(
+        call = getattr(self._ch, cardinality(m))(
             AGENT_SERVICE + name,
             request_serializer=getattr(apb, m.input_type.name).SerializeToString,
             response_deserializer=getattr(apb, m.output_type.name).FromString,

@@ -5,7 +5,8 @@ cardinality (unary or streaming either way), so the monitor never needs to know 
 and a new agent method is forwarded without code here. Deadlines and cancellation carry over;
 the agent's status codes and details are returned as they are.
 
-May import: the standard library, grpc, cocoon.agent.agent_pb2.
+May import: the standard library, grpc, cocoon.runtime.monitor.agentcalls (the service's
+descriptor).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from cocoon.agent import agent_pb2
+from cocoon.runtime.monitor import agentcalls
 
-SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+SERVICE = agentcalls.SERVICE
 SERVICE_NAME = SERVICE.full_name
 
 ChannelGetter = Callable[[], "grpc.aio.Channel | None"]
@@ -45,10 +46,9 @@ def handlers(get_channel: ChannelGetter) -> grpc.GenericRpcHandler:
     table: dict[str, grpc.RpcMethodHandler] = {}
     for m in SERVICE.methods:
         path = f"/{SERVICE_NAME}/{m.name}"
-        cs, ss = m.client_streaming, m.server_streaming
         # The grpc.aio multicallable with the same cardinality, e.g. "stream_unary".
-        kind = f"{'stream' if cs else 'unary'}_{'stream' if ss else 'unary'}"
-        make = _streaming if ss else _single
+        kind = agentcalls.cardinality(m)
+        make = _streaming if m.server_streaming else _single
         wrap = getattr(grpc, f"{kind}_rpc_method_handler")
         table[m.name] = wrap(make(path, get_channel, kind))
     return grpc.method_handlers_generic_handler(SERVICE_NAME, table)
