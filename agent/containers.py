@@ -49,7 +49,6 @@ TTY_SOCKETS = Path("/run/cocoon/tty")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CRUN = "/usr/bin/crun"
 POD_SHM_FLAGS = libc.MS_NOSUID | libc.MS_NODEV | libc.MS_NOEXEC
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # A process's stdout and stderr pipes: room for more than one spliced frame (RAW_SPLICE_MAX),
 # so the workload keeps writing while a frame goes out. Linux's default is 64 KiB.
 OUT_PIPE_SIZE = 1024 * 1024
@@ -249,7 +248,7 @@ class Manager:
             p.stderr, err_w = os.pipe()
             for out in (out_w, err_w):  # room for a whole spliced frame (cocoon.agent.channel)
                 with contextlib.suppress(OSError):  # over the user's pipe budget: the default
-                    fcntl.fcntl(out, F_SETPIPE_SZ, OUT_PIPE_SIZE)
+                    fcntl.fcntl(out, fcntl.F_SETPIPE_SZ, OUT_PIPE_SIZE)
             child = [in_r, out_w, err_w]
             fds = (in_r, out_w, err_w)
         argv.append(cid)

@@ -44,11 +44,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cocoon-bench-density-") as td:
         work = Path(td)
         conf = None
-        hyp = {"default_memory_mib": args.memory, "tcg_tb_size_mib": args.tb_size}
-        toml = "".join(f"{k} = {v}\n" for k, v in hyp.items() if v)
-        if toml:
+        asked = {"default_memory_mib": args.memory, "tcg_tb_size_mib": args.tb_size}
+        hyp = {k: v for k, v in asked.items() if v}
+        toml = "".join(f"{k} = {v}\n" for k, v in hyp.items())
+        if hyp:
             toml = "[hypervisor]\n" + toml
-            res["hypervisor"] = {k: v for k, v in hyp.items() if v}
+            res["hypervisor"] = hyp
         if args.template:  # pods restored from a template VM instead of booted
             toml += "[factory]\ntemplate = true\n"
         if toml:
