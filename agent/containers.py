@@ -185,7 +185,7 @@ class Manager:
         terminal = bool(process.get("terminal"))
         p = Process(cid, "", terminal, args=list(process.get("args") or []))
         try:
-            self._launch(p, bundle, ["create", "--bundle", str(bundle)], cid)
+            self._launch(p, bundle, ["create", "--bundle", str(bundle)], cid, stdin)
             try:
                 mounts.apply_propagation(p.pid, mounts.propagation_wanted(spec))
             except OSError as exc:
@@ -225,8 +225,10 @@ class Manager:
             )
         return c.init.pid
 
-    def _launch(self, p: Process, bundle: Path, verb: list[str], cid: str) -> None:
-        """Runs ``crun create`` or ``crun exec --detach`` with the process's stdio attached."""
+    def _launch(self, p: Process, bundle: Path, verb: list[str], cid: str, stdin: bool) -> None:
+        """Runs ``crun create`` or ``crun exec --detach`` with the process's stdio attached:
+        pipes held here, or a pty. Without ``stdin`` (the caller's was /dev/null) the process
+        reads /dev/null, as under runc, and its stdin is as if closed: no stream to open."""
         tag = p.exec_id or "init"
         pid_file = bundle / f"{tag}.pid"
         pid_file.unlink(missing_ok=True)
@@ -243,13 +245,13 @@ class Manager:
             argv += ["--console-socket", str(sock_path)]
             fds: tuple[int | None, int | None, int | None] = (None, None, None)
         else:
-            in_r, p.stdin = os.pipe()
+            in_r, p.stdin = os.pipe() if stdin else (None, None)
             p.stdout, out_w = os.pipe()
             p.stderr, err_w = os.pipe()
             for out in (out_w, err_w):  # room for a whole spliced frame (cocoon.agent.channel)
                 with contextlib.suppress(OSError):  # over the user's pipe budget: the default
                     fcntl.fcntl(out, fcntl.F_SETPIPE_SZ, OUT_PIPE_SIZE)
-            child = [in_r, out_w, err_w]
+            child = [fd for fd in (in_r, out_w, err_w) if fd is not None]
             fds = (in_r, out_w, err_w)
         argv.append(cid)
         offset = _log_size(bundle)
@@ -316,7 +318,7 @@ class Manager:
         c = self._get(cid)
         self._crun(c.bundle, "start", cid)
 
-    def exec(self, cid: str, exec_id: str, process_json: bytes) -> Process:
+    def exec(self, cid: str, exec_id: str, process_json: bytes, stdin: bool = True) -> Process:
         c = self._get(cid)
         if c.init.done.is_set():
             raise ContainerError(ErrorKind.PRECONDITION, f"container {cid} is not running")
@@ -327,7 +329,7 @@ class Manager:
         pfile.write_text(json.dumps(spec))
         p = Process(cid, exec_id, bool(spec.get("terminal")), args=list(spec.get("args") or []))
         try:
-            self._launch(p, c.bundle, ["exec", "--detach", "--process", str(pfile)], cid)
+            self._launch(p, c.bundle, ["exec", "--detach", "--process", str(pfile)], cid, stdin)
         except BaseException:
             p.close_fds()
             raise

@@ -263,7 +263,9 @@ class AgentService(pbg.AgentServiceServicer):
         self, request: pb.ExecProcessRequest, context: grpc.ServicerContext
     ) -> pb.Empty:
         with _errors(context):
-            self.containers.exec(request.container_id, request.exec_id, request.process_json)
+            self.containers.exec(
+                request.container_id, request.exec_id, request.process_json, request.stdio.stdin
+            )
         return pb.Empty()
 
     def SignalProcess(

@@ -11,19 +11,23 @@ import argparse
 import json
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cocoon.runtime.config import Config
 from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container import state as statemod
 from cocoon.runtime.container.spec import default_spec
 from cocoon.runtime.container.state import Ctx
 from cocoon.runtime.errors import SpecError, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # loaded on first use, by the verbs that read the configuration
+    from cocoon.runtime.config import Config
+
+    Loader = Callable[[], Config]
 
 
 def parse_signal(text: str) -> int:
@@ -165,7 +169,7 @@ def add_parsers(sub: Any) -> None:
     sub.add_parser("features")
 
 
-def _ctx(args: argparse.Namespace, cfg: Config) -> Ctx:
+def _ctx(args: argparse.Namespace, cfg: Loader) -> Ctx:
     return Ctx(
         cfg, Path(args.root), Path(args.log) if args.log else None, args.log_format, args.debug
     )
@@ -175,14 +179,14 @@ def _pid_file(args: argparse.Namespace) -> Path | None:
     return Path(args.pid_file).absolute() if args.pid_file else None
 
 
-def cmd_create(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_create(args: argparse.Namespace, cfg: Loader) -> int:
     from cocoon.runtime.container import create
 
     create.create(_ctx(args, cfg), args.id, Path(args.bundle), _pid_file(args), args.console_socket)
     return 0
 
 
-def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_run(args: argparse.Namespace, cfg: Loader) -> int:
     from cocoon.runtime.container import lifecycle as lc
 
     return lc.run_foreground(
@@ -196,40 +200,40 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     )
 
 
-def cmd_start(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_start(args: argparse.Namespace, cfg: Loader) -> int:
     from cocoon.runtime.container import lifecycle as lc
 
     lc.start(_ctx(args, cfg), args.id)
     return 0
 
 
-def cmd_state(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_state(args: argparse.Namespace, cfg: Loader) -> int:
     print(json.dumps(statemod.state(_ctx(args, cfg), args.id), indent=2))
     return 0
 
 
-def cmd_kill(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_kill(args: argparse.Namespace, cfg: Loader) -> int:
     from cocoon.runtime.container import lifecycle as lc
 
     lc.kill(_ctx(args, cfg), args.id, parse_signal(args.signal), args.all)
     return 0
 
 
-def cmd_delete(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_delete(args: argparse.Namespace, cfg: Loader) -> int:
     from cocoon.runtime.container import lifecycle as lc
 
     lc.delete(_ctx(args, cfg), args.id, args.force)
     return 0
 
 
-def cmd_pause(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_pause(args: argparse.Namespace, cfg: Loader) -> int:
     from cocoon.runtime.container import lifecycle as lc
 
     lc.simple(_ctx(args, cfg), args.id, "pause")
     return 0
 
 
-def cmd_resume(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_resume(args: argparse.Namespace, cfg: Loader) -> int:
     from cocoon.runtime.container import lifecycle as lc
 
     lc.simple(_ctx(args, cfg), args.id, "resume")
@@ -254,7 +258,7 @@ def _read_json_arg(src: str, what: str) -> Any:
         raise UsageError(str(exc)) from None
 
 
-def cmd_exec(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_exec(args: argparse.Namespace, cfg: Loader) -> int:
     from cocoon.runtime.container import execproc
 
     ctx = _ctx(args, cfg)
@@ -274,7 +278,7 @@ def cmd_exec(args: argparse.Namespace, cfg: Config) -> int:
     )
 
 
-def cmd_ps(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_ps(args: argparse.Namespace, cfg: Loader) -> int:
     from cocoon.runtime.container import lifecycle as lc
 
     pids = lc.host_pids(_ctx(args, cfg), args.id)
@@ -282,6 +286,8 @@ def cmd_ps(args: argparse.Namespace, cfg: Config) -> int:
         print(json.dumps(pids))
         return 0
     ps_args = [a for a in args.ps_args if a != "--"] or ["-ef"]
+    import subprocess
+
     out = subprocess.run(["ps", *ps_args], capture_output=True, text=True, check=False).stdout
     lines = out.splitlines()
     if not lines:
@@ -296,7 +302,7 @@ def cmd_ps(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def cmd_list(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_list(args: argparse.Namespace, cfg: Loader) -> int:
     states = [s.oci() for s in statemod.list_states(_ctx(args, cfg))]
     if args.quiet:
         for s in states:
@@ -362,7 +368,7 @@ def _update_resources(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def cmd_update(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_update(args: argparse.Namespace, cfg: Loader) -> int:
     from cocoon.runtime.container import lifecycle as lc
 
     lc.update(_ctx(args, cfg), args.id, _update_resources(args))
@@ -376,7 +382,7 @@ def _interval(text: str) -> float:
     return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0}[m.group(2) or "s"]
 
 
-def cmd_events(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_events(args: argparse.Namespace, cfg: Loader) -> int:
     from cocoon.runtime.container import lifecycle as lc
 
     ctx = _ctx(args, cfg)
@@ -389,7 +395,7 @@ def cmd_events(args: argparse.Namespace, cfg: Config) -> int:
         time.sleep(interval)
 
 
-def cmd_spec(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_spec(args: argparse.Namespace, cfg: Loader) -> int:
     target = Path(args.bundle) / "config.json"
     if target.exists():
         raise UsageError(f"{target} exists: remove it first")
@@ -400,7 +406,7 @@ def cmd_spec(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def cmd_features(args: argparse.Namespace, cfg: Config) -> int:
+def cmd_features(args: argparse.Namespace, cfg: Loader) -> int:
     features = {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.1.0",
@@ -429,7 +435,7 @@ def cmd_features(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-VERBS: dict[str, Callable[[argparse.Namespace, Config], int]] = {
+VERBS: dict[str, Callable[[argparse.Namespace, Loader], int]] = {
     "create": cmd_create,
     "run": cmd_run,
     "start": cmd_start,

@@ -23,8 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cocoon.runtime import config as config_mod
 from cocoon.runtime.errors import CocoonError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # imported where a verb loads the configuration, not by every CLI call
+    from cocoon.runtime import config as config_mod
 
 
 def add_parsers(sub: Any) -> None:
@@ -64,6 +67,8 @@ def add_parsers(sub: Any) -> None:
 
 
 def load_config(args: argparse.Namespace) -> config_mod.Config:
+    from cocoon.runtime import config as config_mod
+
     path = Path(args.config) if args.config else None
     return config_mod.load(path).config
 
@@ -140,6 +145,7 @@ def _template_check(cfg: config_mod.Config, root: Path, built: bool) -> Any:
 
 def cmd_env(args: argparse.Namespace) -> int:
     from cocoon.guest_image import build as image_build
+    from cocoon.runtime import config as config_mod
 
     path = Path(args.config) if args.config else None
     loaded = config_mod.load(path)

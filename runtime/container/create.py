@@ -34,7 +34,6 @@ import contextlib
 import json
 import logging
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,7 +113,7 @@ class _Made:
     """What create has made so far: ``_undo`` takes it apart in reverse."""
 
     sandbox_dir: Path | None = None  # the VM it was put in (booted for it, or its pod's)
-    shim: subprocess.Popen[bytes] | None = None
+    shim: shimmod.Shim | None = None
     owned_netns: Path | None = None
 
 
@@ -125,7 +124,7 @@ def create(
     pid_file: Path | None,
     console_socket: str | None,
     foreground_tty: bool = False,
-) -> tuple[ContainerState, subprocess.Popen[bytes]]:
+) -> tuple[ContainerState, shimmod.Shim]:
     """The container's state and its shim (``run`` waits for the shim)."""
     plan = _check(ctx, cid, bundle_path, console_socket, foreground_tty)
     store = ctx.store

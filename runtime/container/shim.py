@@ -2,11 +2,15 @@
 
 A shim is one host process per container process (``cocoon.shim.main``); its pid stands for
 the workload. ``spawn`` starts one as our child (so it stays in the caller's process tree,
-which containerd-shim and conmon reap as subreapers) and waits for its ready line;
+which containerd-shim and conmon reap as subreapers) and waits for its ready line. A
+foreground exec's shim is forked rather than started (``fork=True``): this process waits for
+it anyway, so it shares our pages while it runs and skips a second interpreter's start (~45
+ms); a shim that outlives us is always a fresh interpreter, which holds none of the CLI's
+memory;
 ``wait_forwarding`` waits for a foreground one, passing on the signals we get (as runc run
 and exec do); ``write_pid_file`` writes its pid where the caller asked, atomically and last.
 
-May import: the standard library, cocoon.runtime.errors.
+May import: the standard library, cocoon.runtime.errors, cocoon.shim.main (in a forked shim).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +40,63 @@ FORWARDED = (
 
 
 SHIM_NAMESPACES = ("ipc", "uts", "cgroup")  # what a running shim can join or unshare
+SHIM_MODULE = "cocoon.shim.main"
+FORKED_COMM = "cocoon-shim"  # a forked shim's name (/proc/PID/comm): its cmdline is ours
+
+
+class Forked:
+    """A shim forked from this process, waited for like a ``Popen``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)  # retried after a signal's handler (PEP 475)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+Shim = subprocess.Popen[bytes] | Forked
+
+
+def _fork(args: list[str]) -> Forked:
+    """Runs the shim's main in a child of ours, in a session of its own (as Popen's
+    start_new_session), named FORKED_COMM so that ``is_shim`` knows it. It closes what it
+    inherits (but the ready and process fds), as a started shim does."""
+    for out in (sys.stdout, sys.stderr):  # or the child writes our buffered output again
+        out.flush()
+    pid = os.fork()
+    if pid:
+        return Forked(pid)
+    status = 255
+    try:
+        os.setsid()
+        with open("/proc/self/comm", "w") as f:
+            f.write(FORKED_COMM)
+        from cocoon.shim import main as shim_main
+
+        status = shim_main.main(args)
+    except BaseException as exc:  # never back into the caller's code
+        with contextlib.suppress(Exception):
+            print(f"cocoon-shim: {exc!r}", file=sys.stderr)
+    finally:
+        for out in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                out.flush()
+        os._exit(status)
 
 
 def spawn(
@@ -47,20 +109,19 @@ def spawn(
     namespaces: Sequence[tuple[str, str]] = (),
     process: bytes = b"",
     timeout: float = 60.0,
-) -> subprocess.Popen[bytes]:
+    fork: bool = False,
+) -> Shim:
     """Starts a shim as our child (so it stays in the caller's tree) and waits until ready.
     ``namespaces``: (kind, path) of the IPC, UTS and cgroup namespaces it joins (an empty path:
     a new one). ``process``: an exec's process as JSON, which the shim starts itself (the
-    agent's refusal is the LifecycleError ``exec in ID: why``)."""
+    agent's refusal is the LifecycleError ``exec in ID: why``). ``fork``: for a shim we wait
+    for (a foreground exec), forked from this process if it has no other thread to lose."""
     rfd, wfd = os.pipe()
     pfd = -1
     if process:
         pfd = os.memfd_create("cocoon-exec-process", os.MFD_CLOEXEC)
         os.write(pfd, process)
     argv = [
-        sys.executable,
-        "-m",
-        "cocoon.shim.main",
         "--sandbox-dir",
         str(sandbox_dir),
         "--container",
@@ -80,10 +141,15 @@ def spawn(
         argv += ["--netns", netns]
     for kind, path in namespaces:
         argv += ["--ns", f"{kind}={path}" if path else kind]
+    keep = (wfd,) if pfd < 0 else (wfd, pfd)
+    proc: Shim
     try:
-        proc = subprocess.Popen(
-            argv, pass_fds=(wfd,) if pfd < 0 else (wfd, pfd), start_new_session=True
-        )
+        if fork and threading.active_count() == 1:
+            proc = _fork(argv)
+        else:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", SHIM_MODULE, *argv], pass_fds=keep, start_new_session=True
+            )
     finally:
         os.close(wfd)
         if pfd >= 0:
@@ -108,7 +174,7 @@ def spawn(
     return proc
 
 
-def wait_forwarding(proc: subprocess.Popen[bytes]) -> int:
+def wait_forwarding(proc: Shim) -> int:
     """Waits for a foreground shim, passing on the signals we get (as runc run/exec do)."""
 
     def fwd(signum: int, _frame: object) -> None:
@@ -125,9 +191,10 @@ def is_shim(pid: int, cid: str) -> bool:
     """Whether ``pid`` is still a shim of container ``cid`` (pids are reused)."""
     try:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        forked = Path(f"/proc/{pid}/comm").read_bytes().rstrip(b"\n") == FORKED_COMM.encode()
     except OSError:
         return False
-    return b"cocoon.shim.main" in cmd and cid.encode() in cmd
+    return (forked or SHIM_MODULE.encode() in cmd) and cid.encode() in cmd
 
 
 def write_pid_file(path: Path, pid: int) -> None:

@@ -16,19 +16,23 @@ import contextlib
 import datetime
 import enum
 import fcntl
+import functools
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cocoon.runtime.config import Config
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.spec import OCI_VERSION
 from cocoon.runtime.errors import StateError
 from cocoon.runtime.pids import pid_alive, start_time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # the configuration module is loaded only by verbs that read it
+    from cocoon.runtime.config import Config
 
 
 class Status(enum.Enum):
@@ -200,13 +204,19 @@ class Store:
 
 @dataclass(frozen=True)
 class Ctx:
-    """What every verb is given: the configuration, the state root, and how to log."""
+    """What every verb is given: the configuration, the state root, and how to log.
+    ``config`` is the configuration or how to load it, on first use of ``cfg``: a verb that
+    reads none (exec, state, kill) parses no TOML and imports no config module (~20 ms)."""
 
-    cfg: Config
+    config: Config | Callable[[], Config]
     root: Path
     log_file: Path | None = None
     log_format: str = "text"
     debug: bool = False
+
+    @functools.cached_property
+    def cfg(self) -> Config:
+        return self.config() if callable(self.config) else self.config
 
     @property
     def store(self) -> Store:

@@ -15,17 +15,18 @@ most 4 KiB: ``{"container_id": C, "exec_id": E, "stream": S}``, S one of
   come (a raw stream of the mux, within the guest's grants; WriteStdin over vsock); at the
   shim's EOF, once the guest has written them all, the stream ends and, with ``close``, the
   guest closes the process's stdin (CloseStdin; not for a terminal, whose EOF is the user's
-  ^D).
+  ^D). An exec started with ``"stdin": false`` has none: it reads /dev/null in the guest.
 * ``control``: lines from the shim, ``{"signal": N}`` (SignalProcess) and ``{"resize":
   [rows, cols]}`` (TtyWinResize); one line back when the process ended, ``{"exit": status}``
   or ``{"lost": why}``. The connection closing before that abandons the process: the
   WaitProcess call is cancelled (the agent kills a process whose wait was abandoned) and the
   process is sent SIGKILL, so a SIGKILLed shim takes its workload with it, as runc's would.
   An exec's shim starts its process on this connection: with ``"size": N`` (and
-  ``"terminal"``) N bytes of the OCI process as JSON follow the line, the monitor does the
-  agent's ExecProcess and answers ``{"started": true}`` first, or ``{"error": details,
-  "code": C}`` (C a gRPC status name) and closes. So ``cocoon exec`` needs no gRPC of its own,
-  and a started process always has a shim whose going away kills it.
+  ``"terminal"``, ``"stdin"``) N bytes of the OCI process as JSON follow the line, the
+  monitor does the agent's ExecProcess and answers ``{"started": true}`` first, or
+  ``{"error": details, "code": C}`` (C a gRPC status name) and closes. So ``cocoon exec``
+  needs no gRPC of its own, and a started process always has a shim whose going away kills
+  it.
 
 Bad input from a shim (a long or malformed line, an unknown stream or field) closes that
 connection and is logged; the other connections and the sandbox carry on.
@@ -67,7 +68,7 @@ STREAMS: dict[str, dict[str, type]] = {
     "stdout": {},
     "stderr": {},
     "stdin": {"close": bool},
-    "control": {"size": int, "terminal": bool},
+    "control": {"size": int, "terminal": bool, "stdin": bool},
 }
 
 
@@ -83,6 +84,7 @@ class Hello:
     close: bool = False  # stdin: the guest closes the process's stdin at the shim's EOF
     size: int = 0  # control of an exec: the length of the process JSON after the line
     terminal: bool = False  # control of an exec: the process has a terminal
+    stdin: bool = True  # control of an exec: False, its stdin is /dev/null (no stdin stream)
 
 
 def parse_hello(line: bytes) -> Hello:
@@ -191,7 +193,7 @@ class Endpoint:
                     container_id=h.container_id,
                     exec_id=h.exec_id,
                     process_json=body,
-                    stdio=apb.StdioConfig(terminal=h.terminal, stdin=True),
+                    stdio=apb.StdioConfig(terminal=h.terminal, stdin=h.stdin),
                 ),
                 timeout=EXEC_TIMEOUT,
             )

@@ -854,6 +854,13 @@ def test_exec_stdio_edge_cases(rt: Rt, mkbundle: Callable[..., Path]) -> None:
     )  # fmt: skip
     assert p.returncode == 0 and len(p.stdout) == size
     assert p.stdout == b"abcdefgh" * (size // 8)
+    # The caller's stdin as given: /dev/null is /dev/null to the process (cocoon starts it on
+    # the guest's, with no stdin stream), a pipe is a pipe with the caller's bytes and EOF.
+    look = [*rt.argv, "exec", "c1", "sh", "-c", "readlink /proc/self/fd/0; cat"]
+    p = subprocess.run(look, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert (p.returncode, p.stdout) == (0, b"/dev/null\n"), p.stderr
+    p = subprocess.run(look, input=b"piped", capture_output=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.startswith(b"pipe:") and p.stdout.endswith(b"\npiped")
     assert rt.state("c1")["status"] == "running"
     rt.ok("kill", "c1", "KILL")
     wait_pid(pid)

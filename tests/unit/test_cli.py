@@ -82,3 +82,26 @@ def test_config_from_environment(tmp_path: Path) -> None:
     r = run("env", env=env)
     assert r.returncode == 0, r.stderr
     assert tomllib.loads(r.stdout)["image"]["cache_dir"] == "/var/tmp/x"
+
+
+def test_only_a_verb_that_reads_the_configuration_loads_it(tmp_path: Path) -> None:
+    """The configuration is loaded on first use: `state` (and exec, kill...) work with a broken
+    file and import no config module (~20 ms of each call), `create` reports the file."""
+    from cocoon.runtime.container import busybox
+
+    conf = tmp_path / "bad.toml"
+    conf.write_text("[hypervisor]\ndefault_vcpu = 2\n")
+    root = str(tmp_path / "root")
+    r = run("--config", str(conf), "--root", root, "state", "nosuch")
+    assert r.returncode == 1 and "nosuch" in r.stderr and "default_vcpu" not in r.stderr
+    bundle = busybox.make_bundle(tmp_path / "b", ["true"])
+    r = run("--config", str(conf), "--root", root, "create", "--bundle", str(bundle), "c1")
+    assert r.returncode == 1 and "hypervisor.default_vcpu" in r.stderr
+    assert not (tmp_path / "root" / "containers" / "c1").exists()
+    code = (
+        "import sys; from cocoon.runtime.cli import main; "
+        "main.main(['--root', sys.argv[1], 'state', 'nosuch']); "
+        "print([m for m in sys.modules if m in ('cocoon.runtime.config', 'tomllib')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr

@@ -40,6 +40,10 @@ def fake_monitor(d: Path) -> int:
     argv = [sys.executable, "-c", "import time; time.sleep(120)", "-m"]
     p = subprocess.Popen([*argv, "cocoon.runtime.monitor.main", "--launch", str(d / L.LAUNCH_FILE)])
     MONITORS.append(p)
+    deadline = time.monotonic() + 10  # until its exec: before, its cmdline is still ours
+    while b"cocoon.runtime.monitor.main" not in Path(f"/proc/{p.pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline, "the fake monitor did not start"
+        time.sleep(0.005)
     return p.pid
 
 

@@ -54,6 +54,7 @@ class FakeAgent(pbg.AgentServiceServicer):  # type: ignore[misc]
     def __init__(self) -> None:
         self.procs: dict[tuple[str, str], Proc] = {}
         self.execs: list[tuple[str, str, dict[str, Any], bool]] = []
+        self.exec_stdin: list[bool] = []  # each ExecProcess's StdioConfig.stdin
         self.exec_error: tuple[grpc.StatusCode, str] | None = None
 
     def ExecProcess(self, req: Any, ctx: Any) -> pb.Empty:
@@ -61,6 +62,7 @@ class FakeAgent(pbg.AgentServiceServicer):  # type: ignore[misc]
             ctx.abort(*self.exec_error)
         process = json.loads(req.process_json)
         self.execs.append((req.container_id, req.exec_id, process, req.stdio.terminal))
+        self.exec_stdin.append(req.stdio.stdin)
         self.procs[(req.container_id, req.exec_id)] = Proc(stdout=b"started\n")
         return pb.Empty()
 
@@ -337,6 +339,93 @@ def test_an_execs_shim_starts_its_process_on_its_control_connection(mon: Monitor
     mon.agent.procs[("c1", "e1")].exited.set()
     out, _ = s.communicate(timeout=30)
     assert out == b"started\n" and s.returncode == 0
+
+
+@pytest.mark.parametrize("given", ["devnull", "pipe"])
+def test_an_exec_given_dev_null_has_no_stdin_stream(mon: Monitor, given: str) -> None:
+    """The caller's stdin is /dev/null (containerd's and conmon's for a process without
+    stdin): the process is started reading /dev/null in the guest and no stdin stream is
+    opened (no CloseStdin either); any other stdin is a stream, its bytes and its EOF."""
+    fd = _memfd(json.dumps({"args": ["cat"], "cwd": "/"}).encode())
+    stdin = subprocess.DEVNULL if given == "devnull" else subprocess.PIPE
+    try:
+        s = shim(mon, "c1", stdin, extra=["--exec-id", "e1", "--process-fd", str(fd)], fds=(fd,))
+    finally:
+        os.close(fd)
+    p = mon.agent.procs[("c1", "e1")]
+    if s.stdin is not None:
+        s.stdin.write(b"in")
+        s.stdin.close()
+        s.stdin = None
+        assert p.stdin_closed.wait(20)
+    p.exited.set()
+    out, _ = s.communicate(timeout=30)
+    assert out == b"started\n" and s.returncode == 0
+    assert mon.agent.exec_stdin == [given == "pipe"]
+    assert p.stdin_closed.is_set() == (given == "pipe")
+    assert bytes(p.stdin) == (b"in" if given == "pipe" else b"")
+
+
+FORK_SPAWN = """
+import json, sys
+from pathlib import Path
+from cocoon.runtime.container import shim as shimmod
+body = json.dumps({"args": ["true"], "cwd": "/"}).encode()
+s = shimmod.spawn(Path(sys.argv[1]), sys.argv[2], "e1", False, None, process=body, fork=True)
+err = sys.stderr  # ours; stdout is the shim's too
+print(type(s).__name__, shimmod.is_shim(s.pid, "c1"), shimmod.is_shim(s.pid, "c2"), file=err)
+err.flush()
+print(shimmod.wait_forwarding(s), file=err)
+"""
+
+
+def test_a_foreground_execs_shim_is_forked_and_stands_for_its_process(mon: Monitor) -> None:
+    """spawn(fork=True) in a process with one thread (the CLI's) forks the shim: no second
+    interpreter start; ``is_shim`` knows it by its name, the exit status comes back as a
+    started shim's would, and it took none of our fds but its own."""
+    h = subprocess.Popen(  # the container's id in its argv, as in `cocoon exec c1 ...`
+        [sys.executable, "-c", FORK_SPAWN, str(mon.dir), "c1"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert h.stdout is not None and h.stderr is not None
+    try:
+        first = h.stderr.readline()
+        assert first.split() == ["Forked", "True", "False"], first
+        (shim_dir,) = [p for p in Path("/proc").iterdir() if _comm(p) == shimmod.FORKED_COMM
+                       and _ppid(p) == h.pid]  # fmt: skip
+        fds = {os.readlink(f) for f in (shim_dir / "fd").iterdir()}
+        assert not any("cocoon-exec-process" in f for f in fds)  # read, then closed
+        assert all(not f.startswith("pipe:") for f in fds - {os.readlink(shim_dir / "fd/1"),
+                   os.readlink(shim_dir / "fd/2")})  # fmt: skip
+    finally:
+        mon.agent.procs[("c1", "e1")].status = 7
+        mon.agent.procs[("c1", "e1")].exited.set()
+    out, err = h.communicate(timeout=30)
+    assert h.returncode == 0 and out == "started\n" and err == "7\n"
+
+
+def _comm(p: Path) -> str:
+    with contextlib.suppress(OSError):
+        return (p / "comm").read_text().strip()
+    return ""
+
+
+def _ppid(p: Path) -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    return -1
+
+
+def test_a_process_with_threads_starts_its_shim_instead_of_forking(mon: Monitor) -> None:
+    """Forking a process with other threads (this one has the fake monitor's) could copy a
+    lock held mid-operation: spawn then starts a fresh shim, fork or not."""
+    body = json.dumps({"args": ["true"], "cwd": "/"}).encode()
+    s = shimmod.spawn(mon.dir, "c1", "e1", False, None, process=body, fork=True)
+    try:
+        assert isinstance(s, subprocess.Popen) and shimmod.is_shim(s.pid, "c1")
+    finally:
+        mon.agent.procs[("c1", "e1")].exited.set()
+        s.wait()
 
 
 @pytest.mark.parametrize(
