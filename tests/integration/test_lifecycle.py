@@ -838,7 +838,7 @@ def test_run_in_the_foreground_on_the_callers_terminal(
         proc.wait()
 
 
-def test_exec_stdio_edge_cases(rt: Rt, mkbundle: Callable[..., Path]) -> None:
+def test_exec_stdio_edge_cases(rt: Rt, mkbundle: Callable[..., Path], tmp_path: Path) -> None:
     """What the data path must not lose or hang on (the same under runc): 10,000 small writes
     in order, a process that closes its stdout and runs on, a long stream without newlines."""
     pid = rt.create_ok("c1", mkbundle(["sleep", "1000"]))
@@ -854,13 +854,20 @@ def test_exec_stdio_edge_cases(rt: Rt, mkbundle: Callable[..., Path]) -> None:
     )  # fmt: skip
     assert p.returncode == 0 and len(p.stdout) == size
     assert p.stdout == b"abcdefgh" * (size // 8)
-    # The caller's stdin as given: /dev/null is /dev/null to the process (cocoon starts it on
-    # the guest's, with no stdin stream), a pipe is a pipe with the caller's bytes and EOF.
-    look = [*rt.argv, "exec", "c1", "sh", "-c", "readlink /proc/self/fd/0; cat"]
-    p = subprocess.run(look, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
-    assert (p.returncode, p.stdout) == (0, b"/dev/null\n"), p.stderr
-    p = subprocess.run(look, input=b"piped", capture_output=True, timeout=60)
-    assert p.returncode == 0 and p.stdout.startswith(b"pipe:") and p.stdout.endswith(b"\npiped")
+    # stdin as the caller gives it. Its own form (--detach, containerd's and conmon's): /dev/null
+    # is /dev/null to the process (cocoon starts it on the guest's, and opens no stdin stream).
+    # In the foreground (runc copies through pipes then): EOF at once, or the caller's bytes.
+    with open(tmp_path / "exec.out", "wb") as out:
+        argv = [*rt.argv, "exec", "--detach", "--pid-file", str(tmp_path / "e.pid"), "c1"]
+        look = ["sh", "-c", "readlink /proc/self/fd/0 > /tmp/fd0; cat > /tmp/in"]
+        d = subprocess.run([*argv, *look], stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+    assert d.returncode == 0, (tmp_path / "exec.out").read_text()
+    assert wait_pid(int((tmp_path / "e.pid").read_text())) == 0
+    assert rt.ok("exec", "c1", "cat", "/tmp/fd0", "/tmp/in") == "/dev/null\n"
+    for given, want in ((None, b""), (b"piped", b"piped")):
+        kw: dict[str, Any] = {"input": given} if given else {"stdin": subprocess.DEVNULL}
+        p = subprocess.run([*rt.argv, "exec", "c1", "cat"], capture_output=True, timeout=60, **kw)
+        assert (p.returncode, p.stdout) == (0, want), p.stderr
     assert rt.state("c1")["status"] == "running"
     rt.ok("kill", "c1", "KILL")
     wait_pid(pid)
