@@ -21,7 +21,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -115,7 +114,8 @@ def spawn(
     ``namespaces``: (kind, path) of the IPC, UTS and cgroup namespaces it joins (an empty path:
     a new one). ``process``: an exec's process as JSON, which the shim starts itself (the
     agent's refusal is the LifecycleError ``exec in ID: why``). ``fork``: for a shim we wait
-    for (a foreground exec), forked from this process if it has no other thread to lose."""
+    for (a foreground exec), forked from this process if it has no other thread (a fork
+    copies only the caller's: a lock another one held would stay taken in the child)."""
     rfd, wfd = os.pipe()
     pfd = -1
     if process:
@@ -144,7 +144,7 @@ def spawn(
     keep = (wfd,) if pfd < 0 else (wfd, pfd)
     proc: Shim
     try:
-        if fork and threading.active_count() == 1:
+        if fork and len(os.listdir("/proc/self/task")) == 1:  # gRPC's C threads count too
             proc = _fork(argv)
         else:
             proc = subprocess.Popen(
