@@ -31,6 +31,7 @@ import pytest
 
 from cocoon.runtime import config as config_mod
 from cocoon.runtime.container import busybox
+from cocoon.runtime.container import shim as shimmod
 from cocoon.runtime.errors import ConfigError
 from cocoon.runtime.sandbox import paths
 from cocoon.testing.leaks import live_processes, mounts_under, processes_left, processes_mentioning
@@ -386,6 +387,12 @@ def test_the_container_cannot_reach_the_agent_or_its_port(box: Box) -> None:
 
 @pytest.mark.qemu
 @pytest.mark.root
+def _ppid(pid: int) -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return -1
+
+
 def test_a_flooding_container_does_not_stall_or_bloat_the_monitor(box: Box) -> None:
     """stdout and stderr flooded while the reader (the exec's shim) is stopped: the monitor
     stays small and answers; other processes' calls go through."""
@@ -409,13 +416,12 @@ def test_a_flooding_container_does_not_stall_or_bloat_the_monitor(box: Box) -> N
         end = time.monotonic() + 60
         while not shim and time.monotonic() < end:
             time.sleep(0.5)
+            # The exec's shim: the foreground CLI's child (forked, or a started one).
             shim = next(
                 (
                     pid
-                    for pid, cmd in live_processes()
-                    if "cocoon.shim.main" in cmd
-                    and str(box.sandbox_dir) in cmd
-                    and "--exec-id" in cmd
+                    for pid, _ in live_processes()
+                    if _ppid(pid) == flood.pid and shimmod.is_shim(pid, box.cid)
                 ),
                 0,
             )
