@@ -411,8 +411,8 @@ def share_in(sandbox_dir: Path, cid: str, bundle: specmod.Bundle) -> None:
 
 def teardown_sandbox(ctx: Ctx, sid: str) -> None:
     d = paths.sandbox_dir(ctx.root, sid)
-    if d.exists():
-        sandbox.stop(ctx.root, sid, ctx.cfg.runtime.shutdown_timeout_s)
+    if d.exists():  # by its directory: a monitor that ended its sandbox may remove it meanwhile
+        sandbox.stop_dir(d, ctx.cfg.runtime.shutdown_timeout_s)
 
 
 def remove_netns(path: Path) -> None:
