@@ -336,10 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     return shim.status
 
 
-def run() -> None:
+def run(argv: list[str] | None = None) -> None:
     """main(), then out without the interpreter's teardown (~8 ms of an exec's exit path):
-    nothing is left to flush but stdout and stderr."""
-    status = main()
+    nothing is left to flush but stdout and stderr. A forked shim ends here too."""
+    status = main(argv)
     for f in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             f.flush()

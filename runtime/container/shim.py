@@ -80,22 +80,18 @@ def _fork(args: list[str]) -> Forked:
     pid = os.fork()
     if pid:
         return Forked(pid)
-    status = 255
     try:
         os.setsid()
         with open("/proc/self/comm", "w") as f:
             f.write(FORKED_COMM)
         from cocoon.shim import main as shim_main
 
-        status = shim_main.main(args)
+        shim_main.run(args)  # flushes and leaves with main()'s status
     except BaseException as exc:  # never back into the caller's code
         with contextlib.suppress(Exception):
-            print(f"cocoon-shim: {exc!r}", file=sys.stderr)
+            print(f"cocoon-shim: {exc!r}", file=sys.stderr, flush=True)
     finally:
-        for out in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                out.flush()
-        os._exit(status)
+        os._exit(255)
 
 
 def spawn(
