@@ -104,20 +104,22 @@ class CpuStats(_message.Message):
     def __init__(self, usage_total_ns: _Optional[int] = ..., usage_kernel_ns: _Optional[int] = ..., usage_user_ns: _Optional[int] = ..., throttled_periods: _Optional[int] = ..., throttled_time_ns: _Optional[int] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ["container_id", "devices", "exec_id", "oci_spec_json", "stdio", "storages"]
+    __slots__ = ["container_id", "devices", "exec_id", "oci_spec_json", "start", "stdio", "storages"]
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     EXEC_ID_FIELD_NUMBER: _ClassVar[int]
     OCI_SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
     STDIO_FIELD_NUMBER: _ClassVar[int]
     STORAGES_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     devices: _containers.RepeatedCompositeFieldContainer[Device]
     exec_id: str
     oci_spec_json: bytes
+    start: bool
     stdio: StdioConfig
     storages: _containers.RepeatedCompositeFieldContainer[Storage]
-    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., oci_spec_json: _Optional[bytes] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., stdio: _Optional[_Union[StdioConfig, _Mapping]] = ...) -> None: ...
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., oci_spec_json: _Optional[bytes] = ..., storages: _Optional[_Iterable[_Union[Storage, _Mapping]]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., stdio: _Optional[_Union[StdioConfig, _Mapping]] = ..., start: bool = ...) -> None: ...
 
 class CreateSandboxRequest(_message.Message):
     __slots__ = ["dns", "guest_hook_path", "hostname", "sandbox_id", "sandbox_pidns", "storages"]

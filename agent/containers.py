@@ -140,8 +140,12 @@ class Manager:
         spec_json: bytes,
         stdin: bool,
         devices: Iterable[tuple[str, str]] = (),
+        start: bool = False,
     ) -> Container:
-        """``devices``: (guest device node, container path) of hot-plugged block devices."""
+        """``devices``: (guest device node, container path) of hot-plugged block devices.
+        ``start``: the process is started too (a ``run``): by one ``crun run --detach`` when
+        nothing has to be done to the container between its create and its start (mount
+        propagation, a loopback to bring up), else by ``crun start`` right after those."""
         if not _ID.match(cid) or cid in (".", ".."):
             raise ContainerError(ErrorKind.INVALID, f"invalid container id {cid!r}")
         spec = specedit.parse(spec_json, f"container {cid}: spec")
@@ -184,31 +188,49 @@ class Manager:
         process = specedit.section(spec, "process")
         terminal = bool(process.get("terminal"))
         p = Process(cid, "", terminal, args=list(process.get("args") or []))
+        propagation = mounts.propagation_wanted(spec)
+        at_once = start and not propagation and not specedit.own_netns(spec)
+        verb = ["run", "--detach"] if at_once else ["create"]
         try:
-            self._launch(p, bundle, ["create", "--bundle", str(bundle)], cid, stdin)
-            try:
-                mounts.apply_propagation(p.pid, mounts.propagation_wanted(spec))
-            except OSError as exc:
-                raise ContainerError(ErrorKind.INTERNAL, f"container {cid}: {exc}") from exc
-            if specedit.own_netns(spec):
-                try:
-                    network.loopback_up_in(p.pid)
-                except Exception as exc:
-                    raise ContainerError(
-                        ErrorKind.INTERNAL,
-                        f"loopback in the container's network namespace: {exc}",
-                    ) from exc
+            self._launch(p, bundle, [*verb, "--bundle", str(bundle)], cid, stdin)
+            if not at_once:
+                self._before_start(cid, spec, p.pid, propagation)
+                if start:
+                    self._crun(bundle, "start", cid)
         except BaseException:
             p.close_fds()
             with contextlib.suppress(ContainerError):
                 self._crun(bundle, "delete", "--force", cid)
             shutil.rmtree(bundle, ignore_errors=True)
             raise
+        how = "crun run --detach" if at_once else "crun create, crun start" if start else ""
+        log.info(
+            "container %s %s (%s)", cid, "started" if start else "created", how or "crun create"
+        )
         cgroup = str(specedit.section(spec, "linux").get("cgroupsPath", ""))
         c = Container(cid, bundle, p, cgroup=cgroup)
         with self._lock:
             self._containers[cid] = c
         return c
+
+    @staticmethod
+    def _before_start(
+        cid: str, spec: specedit.Spec, pid: int, propagation: list[tuple[str, int]]
+    ) -> None:
+        """What the guest does to a created container before it may start: the mounts'
+        propagation (crun 1.8 leaves it), and the loopback of its own network namespace up."""
+        try:
+            mounts.apply_propagation(pid, propagation)
+        except OSError as exc:
+            raise ContainerError(ErrorKind.INTERNAL, f"container {cid}: {exc}") from exc
+        if specedit.own_netns(spec):
+            try:
+                network.loopback_up_in(pid)
+            except Exception as exc:
+                raise ContainerError(
+                    ErrorKind.INTERNAL,
+                    f"loopback in the container's network namespace: {exc}",
+                ) from exc
 
     def _init_pid(self, cid: str, other: str) -> int:
         """The guest pid of container ``other``'s init, whose namespaces ``cid`` joins."""
@@ -226,7 +248,8 @@ class Manager:
         return c.init.pid
 
     def _launch(self, p: Process, bundle: Path, verb: list[str], cid: str, stdin: bool) -> None:
-        """Runs ``crun create`` or ``crun exec --detach`` with the process's stdio attached:
+        """Runs ``crun create``, ``crun run --detach`` or ``crun exec --detach`` with the
+        process's stdio attached:
         pipes held here, or a pty. Without ``stdin`` (the caller's was /dev/null) the process
         reads /dev/null, as under runc, and its stdin is as if closed: no stream to open."""
         tag = p.exec_id or "init"

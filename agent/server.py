@@ -188,6 +188,7 @@ class AgentService(pbg.AgentServiceServicer):
                 request.oci_spec_json,
                 request.stdio.stdin,
                 [(d.vm_path, d.container_path) for d in request.devices if d.type == "blk"],
+                start=request.start,
             )
         return pb.Empty()
 

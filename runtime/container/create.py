@@ -19,6 +19,10 @@ The steps, in order:
 8. the prestart/createRuntime hooks, then the network namespace's interfaces brought into the
    guest (the hooks may have just made them: docker's libnetwork).
 9. the state saved, the pid file written last.
+``run`` (``start=True``) of a container without those hooks attaches the network before step
+6 and has the agent start the process in the same call (one ``crun run --detach``): nothing
+is left to do between the create and the start, and a second crun process in the guest
+(~0.13 s under TCG) is saved.
 Any failure undoes all of it (``_undo``: a VM booted for it is stopped; a pod's container
 leaves its pod's VM as it found it), and the id is free again.
 
@@ -69,6 +73,7 @@ from cocoon.runtime.sandbox import launcher as sandbox
 from cocoon.runtime.sandbox.client import Client, rpc_error
 
 log = logging.getLogger("cocoon")
+CREATE_HOOKS = ("prestart", "createRuntime")  # run by create, on the host, in this order
 LATER_HOOKS = ("poststart", "poststop")  # run by start and delete, from the state
 
 
@@ -124,9 +129,14 @@ def create(
     pid_file: Path | None,
     console_socket: str | None,
     foreground_tty: bool = False,
+    start: bool = False,
 ) -> tuple[ContainerState, shimmod.Shim]:
-    """The container's state and its shim (``run`` waits for the shim)."""
+    """The container's state and its shim (``run`` waits for the shim). ``start`` (``run``):
+    a container with no prestart or createRuntime hook is started by the same agent call
+    that creates it, its network attached first (nothing on the host has to happen between
+    its create and its start); its state is then RUNNING, and only poststart is left."""
     plan = _check(ctx, cid, bundle_path, console_socket, foreground_tty)
+    at_once = start and not any(plan.bundle.hooks(k) for k in CREATE_HOOKS)
     store = ctx.store
     store.reserve(cid)
     made = _Made()
@@ -135,20 +145,28 @@ def create(
         netns = _own_netns(ctx, plan, made)
         made.sandbox_dir = d = _sandbox(ctx, plan)
         faults.point("create:booted", d)
+        network = plan.guest_network and not plan.member
         with Client(d, timeout) as c:
             devices, sources = _prepare_guest(ctx, c, plan, d)
-            _create_in_guest(c, plan, devices, sources, ctx.cfg.runtime.guest_seccomp)
+            if at_once and network:
+                _attach_network(c, cid, netns, plan.net)
+            _create_in_guest(
+                c, plan, devices, sources, ctx.cfg.runtime.guest_seccomp, start=at_once
+            )
         faults.point("create:in-guest", d)
         made.shim = shimmod.spawn(
             d, cid, "", plan.bundle.terminal, console_socket, netns, _shim_namespaces(plan)
         )
         faults.point("create:shim", d, made.shim.pid)
         st = _state(plan, made.shim.pid, netns, made.owned_netns is not None)
-        run_hooks("prestart", plan.bundle.hooks("prestart"), st.oci())
-        run_hooks("createRuntime", plan.bundle.hooks("createRuntime"), st.oci())
-        if plan.guest_network and not plan.member:
-            with Client(d, timeout) as c:
-                _attach_network(c, cid, netns, plan.net)
+        if at_once:
+            st.status = Status.RUNNING.value
+        else:
+            for kind in CREATE_HOOKS:
+                run_hooks(kind, plan.bundle.hooks(kind), st.oci())
+            if network:
+                with Client(d, timeout) as c:
+                    _attach_network(c, cid, netns, plan.net)
         store.save(st)
         if pid_file is not None:
             shimmod.write_pid_file(pid_file, made.shim.pid)
@@ -298,6 +316,7 @@ def _create_in_guest(
     devices: list[apb.Device],
     sources: dict[int, str],
     guest_seccomp: bool = False,
+    start: bool = False,
 ) -> None:
     spec = specmod.guest_spec(
         plan.bundle,
@@ -314,6 +333,7 @@ def _create_in_guest(
         oci_spec_json=json.dumps(spec).encode(),
         stdio=apb.StdioConfig(terminal=plan.bundle.terminal, stdin=True),
         devices=devices,
+        start=start,
     )
     try:
         c.agent.CreateContainer(req, timeout=120)

@@ -275,11 +275,14 @@ def run_foreground(
     leaves the stopped container for state, exec-less inspection and delete), returning the
     workload's status."""
     # In the foreground without --console-socket, a terminal is the caller's own (stdin).
-    _, shim = create_mod.create(
-        ctx, cid, bundle, pid_file, console_socket, foreground_tty=not detach
+    st, shim = create_mod.create(
+        ctx, cid, bundle, pid_file, console_socket, foreground_tty=not detach, start=True
     )
     try:
-        start(ctx, cid)
+        if st.status == Status.CREATED.value:  # it has hooks to run between create and start
+            start(ctx, cid)
+        else:
+            run_hooks("poststart", st.hooks.get("poststart", []), st.oci())
     except BaseException:
         with contextlib.suppress(CocoonError):
             delete(ctx, cid, force=True)

@@ -6,8 +6,8 @@ and the agent's own create path. Under TCG that first run also pays for translat
 it (a first ``crun run`` in a guest takes ~0.37 s against ~0.21 s for the next ones, and a
 claim's CreateContainer 0.55-0.6 s against ~0.24 s in a warmed VM; docs/performance.md). A
 pool fill (``sandbox.pool``) therefore runs ``true`` in a busybox container through the same
-agent calls a ``run`` makes (share, create, start, wait, remove) and marks the VM ready only
-after it exited 0: a pooled VM that cannot run a container is never handed out.
+agent calls a ``run`` makes (share, create and start in one, wait, remove) and marks the VM
+ready only after it exited 0: a pooled VM that cannot run a container is never handed out.
 
 May import: the standard library, grpc, cocoon.agent.agent_pb2,
 cocoon.runtime.{errors, container.{busybox, create, spec}, sandbox.{client, hostmount}}.
@@ -41,7 +41,9 @@ def warm_vm(d: Path, timeout: float = 60.0) -> None:
     try:
         bundle = specmod.load_bundle(busybox.make_bundle(tmp, ["true"]))
         share_in(d, WARM_ID, bundle)
-        spec = specmod.guest_spec(bundle, WARM_ID)
+        # As a claim's `run` makes it: the VM's network stands for the container's, so the
+        # agent starts it with one `crun run --detach`.
+        spec = specmod.guest_spec(bundle, WARM_ID, guest_network=True)
         with Client(d, timeout) as c:
             try:
                 _run(c, spec, timeout)
@@ -57,10 +59,10 @@ def _run(c: Client, spec: dict[str, object], timeout: float) -> None:
         container_id=WARM_ID,
         oci_spec_json=json.dumps(spec).encode(),
         stdio=apb.StdioConfig(terminal=False, stdin=False),
+        start=True,
     )
     c.agent.CreateContainer(req, timeout=timeout)
     try:
-        c.agent.StartContainer(apb.StartContainerRequest(container_id=WARM_ID), timeout=timeout)
         r = c.agent.WaitProcess(
             apb.WaitProcessRequest(container_id=WARM_ID, exec_id=""), timeout=timeout
         )

@@ -300,9 +300,14 @@ def test_config_json_changed_after_create_changes_nothing(
     rt.ok("delete", "c1")
 
 
-def test_a_new_network_namespace_has_lo_up(rt: Rt, mkbundle: Callable[..., Path]) -> None:
+@pytest.mark.parametrize("model", ["", "none"])
+def test_a_new_network_namespace_has_lo_up(
+    rt: Rt, mkbundle: Callable[..., Path], model: str
+) -> None:
     """A container in a new network namespace with nothing to bridge still has lo up (runc
-    brings it up), and reaches itself on 127.0.0.1."""
+    brings it up), and reaches itself on 127.0.0.1. With cocoon's network model "none" the
+    container has a network namespace of its own in the guest too, whose lo the agent brings
+    up between crun's create and start (a `run` is then not started in one crun call)."""
     b = mkbundle(
         sh(
             "cat /sys/class/net/lo/flags; httpd -p 127.0.0.1:8080 -h /etc; "
@@ -311,6 +316,9 @@ def test_a_new_network_namespace_has_lo_up(rt: Rt, mkbundle: Callable[..., Path]
     )
     spec = json.loads((b / "config.json").read_text())
     assert {"type": "network"} in spec["linux"]["namespaces"]
+    if model:  # runc ignores the annotation
+        spec.setdefault("annotations", {})["io.cocoon.config.network.model"] = model
+        (b / "config.json").write_text(json.dumps(spec))
     r = rt("run", "--bundle", str(b), "c1")
     assert r.returncode == 0, r.stderr
     flags = int(r.stdout.split()[0], 16)
@@ -800,6 +808,52 @@ def test_host_hooks_get_the_state(rt: Rt, mkbundle: Callable[..., Path], tmp_pat
     rt.wait_status("c1", "stopped")
     rt.ok("delete", "c1")
     assert json.loads((tmp_path / "poststop.json").read_text())["id"] == "c1"
+
+
+def _run_detached(rt: Rt, cid: str, bundle: Path) -> int:
+    """`run -d` with the container's stdio on files (its shim keeps them); returns its pid."""
+    pid_file = rt.work / f"{cid}.pid"
+    with open(rt.work / f"{cid}.out", "wb") as out, open(rt.work / f"{cid}.err", "wb") as err:
+        argv = [*rt.argv, "run", "-d", "--pid-file", str(pid_file), "--bundle", str(bundle), cid]
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, timeout=180)
+    assert r.returncode == 0, (rt.work / f"{cid}.err").read_text()
+    return int(pid_file.read_text())
+
+
+def test_run_starts_at_create_unless_hooks_come_between(
+    rt: Rt, mkbundle: Callable[..., Path], tmp_path: Path, state_root: Path
+) -> None:
+    """`run` of a container without prestart or createRuntime hooks: started by the call that
+    creates it (in cocoon's guest, one `crun run --detach`). With those hooks, they run
+    between the create (status "created") and the start, and poststart after the start."""
+    plain = mkbundle(sh("echo early; exec sleep 1000"))
+    pid = _run_detached(rt, "c1", plain)
+    assert rt.state("c1")["status"] == "running"
+    rt.wait_output("c1", "early")
+    hooked = mkbundle(sh("echo hooked; exec sleep 1000"))
+    spec = json.loads((hooked / "config.json").read_text())
+    spec["hooks"] = {
+        kind: [_hook(tmp_path / f"{kind}.json")]
+        for kind in ("prestart", "createRuntime", "poststart")
+    }
+    (hooked / "config.json").write_text(json.dumps(spec))
+    pid2 = _run_detached(rt, "c2", hooked)
+    assert rt.state("c2")["status"] == "running"
+    rt.wait_output("c2", "hooked")
+    for kind in ("prestart", "createRuntime", "poststart"):
+        st = json.loads((tmp_path / f"{kind}.json").read_text())
+        assert st["id"] == "c2" and st["pid"] == pid2, (kind, st)
+    if rt.name == "cocoon":  # runc 1.1 runs poststart at create (see above)
+        for kind, status in (("prestart", "created"), ("poststart", "running")):
+            assert json.loads((tmp_path / f"{kind}.json").read_text())["status"] == status
+        # what the agent did in each VM, from its log
+        for cid, said in (("c1", "started (crun run --detach)"), ("c2", "created (crun create)")):
+            log = (state_root / "sandboxes" / cid / "console.log").read_text()  # the agent's
+            assert f"container {cid} {said}" in log, log[-2000:]
+    for cid, p in (("c1", pid), ("c2", pid2)):
+        rt.ok("kill", cid, "KILL")
+        wait_pid(p)
+        rt.ok("delete", cid)
 
 
 def test_failing_prestart_hook_fails_create(rt: Rt, mkbundle: Callable[..., Path]) -> None:
