@@ -84,13 +84,16 @@ def guest_files(cfg: Config, build_output: object = None) -> GuestFiles:
         return files
     cache = Path(im.cache_dir)
     try:
-        target = image_build.image_dir(cache)
-        if not (target / "manifest.json").exists() and not im.auto_build:
+        target = image_build.image_dir(cache)  # hashes the image's inputs: once a call
+        if (target / "manifest.json").exists():
+            img = image_build.GuestImage.load(target)
+        elif not im.auto_build:
             raise HostError(
                 f"guest image not built ({target}) and image.auto_build is off: "
                 "run `cocoon image build`"
             )
-        img = image_build.ensure(cache, out=build_output)  # type: ignore[arg-type]
+        else:
+            img = image_build.ensure(cache, out=build_output)  # type: ignore[arg-type]
     except image_build.ImageError as exc:
         raise HostError(str(exc)) from exc
     return GuestFiles(img.kernel, img.initrd, img.rootfs, img.floor_initrd)
@@ -124,7 +127,9 @@ def resolve_host(cfg: Config, files: GuestFiles) -> tuple[str, str, str, bool]:
         kvm = probe.kvm_prober(cfg, host, files.kernel, files.floor_initrd)
     accel, why = probe.resolve_accel(cfg.hypervisor.accel, kvm)
     channel = probe.resolve_channel(cfg.agent.channel, host)
-    seccomp = cfg.hypervisor.seccomp_sandbox and probe.seccomp_sandbox_supported(host, qemu)
+    seccomp = cfg.hypervisor.seccomp_sandbox and probe.seccomp_sandbox_supported(
+        host, qemu, probe.default_qemu_cache(cfg)
+    )
     return accel, why, channel, seccomp
 
 

@@ -37,6 +37,7 @@ TUN_DEV = "/dev/net/tun"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 OSRELEASE = "/proc/sys/kernel/osrelease"
 KVM_CACHE_NAME = "kvm-probe.json"
+QEMU_CACHE_NAME = "qemu-probe.json"
 _CACHE_VERSION = 1
 _QUERY_TIMEOUT = 10.0
 
@@ -160,15 +161,34 @@ def qemu_version(host: Host, qemu_path: str) -> tuple[int, int, int] | None:
     return parse_qemu_version(res.stdout)
 
 
-def seccomp_sandbox_supported(host: Host, qemu_path: str) -> bool:
+def seccomp_sandbox_supported(host: Host, qemu_path: str, cache_file: Path | None = None) -> bool:
     """Whether this QEMU accepts ``-sandbox on``.
 
     ``-help`` lists ``-sandbox`` even in builds without libseccomp, so instead the option is
     parsed for real: QEMU handles ``-sandbox on`` (rejecting it if seccomp is compiled out)
-    before it reaches ``-version`` and exits; nothing is started.
+    before it reaches ``-version`` and exits; nothing is started. With ``cache_file`` the
+    answer is kept there, keyed by the binary (path, mtime): every boot and pool claim asks,
+    and starting QEMU to ask costs ~25 ms. An unreadable cache is asked again and replaced.
     """
+    key: dict[str, object] = {"qemu": qemu_path, "qemu_mtime": host.mtime(qemu_path)}
+    cache = str(cache_file) if cache_file is not None else ""
+    if cache and key["qemu_mtime"] is not None:
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(host.read_text(cache))
+            if (
+                isinstance(data, dict)
+                and data.get("version") == _CACHE_VERSION
+                and data.get("key") == key
+                and isinstance(data.get("seccomp_sandbox"), bool)
+            ):
+                return bool(data["seccomp_sandbox"])
     res = host.run([qemu_path, "-sandbox", "on", "-version"], _QUERY_TIMEOUT)
-    return res.rc == 0 and parse_qemu_version(res.stdout) is not None
+    ok = res.rc == 0 and parse_qemu_version(res.stdout) is not None
+    if cache and key["qemu_mtime"] is not None and res.rc is not None:  # not a timeout
+        record = {"version": _CACHE_VERSION, "key": key, "seccomp_sandbox": ok}
+        with contextlib.suppress(OSError):
+            host.write_text_atomic(cache, json.dumps(record, indent=2) + "\n")
+    return ok
 
 
 def qemu_has_device(host: Host, qemu_path: str, device: str) -> bool:
@@ -299,6 +319,11 @@ def probe_kvm(
         with contextlib.suppress(OSError):
             host.write_text_atomic(cache, json.dumps(record, indent=2) + "\n")
     return result
+
+
+def default_qemu_cache(cfg: Config) -> Path:
+    """Where what the QEMU binary was asked (``seccomp_sandbox_supported``) is kept."""
+    return Path(cfg.image.cache_dir) / QEMU_CACHE_NAME
 
 
 def default_kvm_cache(cfg: Config) -> Path:

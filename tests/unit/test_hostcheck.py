@@ -142,6 +142,28 @@ def test_seccomp_supported() -> None:
     assert yes.calls == [[QEMU, "-sandbox", "on", "-version"]]
 
 
+def test_seccomp_answer_kept_per_qemu_binary() -> None:
+    """Asked once per QEMU binary: the answer is read back from the cache until the binary's
+    mtime changes; a corrupt cache, a timeout or a missing binary is asked again."""
+    cache = Path("/cache/qemu-probe.json")
+    host = FakeHost({QEMU: ""}, {("-sandbox", "on"): pr.RunResult(0, VERSION_OUT, "")})
+    assert pr.seccomp_sandbox_supported(host, QEMU, cache)
+    assert pr.seccomp_sandbox_supported(host, QEMU, cache)
+    assert len(host.calls) == 1 and host.writes == [str(cache)]
+    host.runs[("-sandbox", "on")] = pr.RunResult(1, "", "-sandbox support is not enabled")
+    assert pr.seccomp_sandbox_supported(host, QEMU, cache)  # the same binary: not asked
+    host.mtime = lambda path: 2000.0  # type: ignore[method-assign]  # replaced by an upgrade
+    assert not pr.seccomp_sandbox_supported(host, QEMU, cache)
+    assert not pr.seccomp_sandbox_supported(host, QEMU, cache)
+    assert len(host.calls) == 2
+    host.files[str(cache)] = "{not json"
+    assert not pr.seccomp_sandbox_supported(host, QEMU, cache)
+    assert len(host.calls) == 3 and json.loads(host.files[str(cache)])["seccomp_sandbox"] is False
+    slow = FakeHost({QEMU: ""}, {("-sandbox", "on"): pr.RunResult(None, "", "")})
+    assert not pr.seccomp_sandbox_supported(slow, QEMU, cache)
+    assert slow.writes == []  # a timeout says nothing about the binary: not kept
+
+
 # ---------------------------------------------------------------- probe_kvm
 
 
