@@ -1,7 +1,13 @@
 """The shim: one host process per container process; its pid stands for the workload.
 
 ``python -m cocoon.shim.main --sandbox-dir D --container ID [--exec-id E [--process-fd N]]
-[--terminal] [--console-socket S] [--ready-fd N] [--netns PATH] [--ns KIND=PATH|KIND]...``
+[--terminal] [--console-socket S] [--ready-fd N] [--netns PATH] [--ns KIND=PATH|KIND]...
+[--go-fd N]``
+
+``--go-fd``: a pipe the shim reads to its end before it does anything: ``go`` (the container
+now exists in the guest) or nothing (it never will: the shim exits 0). ``create`` starts
+the shim before it asks the agent for the container, so that the interpreter's start (~60 ms)
+overlaps with that call.
 
 ``--process-fd``: an exec's OCI process as JSON (a memfd from ``cocoon exec``): the shim
 starts it itself, on its control connection, after joining the namespaces and before it says
@@ -258,6 +264,17 @@ def enter_namespaces(entries: list[str]) -> None:
             raise OSError(exc.errno, what, path) from None
 
 
+def _go(fd: int) -> bool:
+    """Waits on ``--go-fd``: the caller started this shim while the container was still
+    being made, so that our interpreter's start overlapped with that; "go" once it exists,
+    nothing (the pipe closed) when it never will."""
+    said = b""
+    while chunk := os.read(fd, 16):
+        said += chunk
+    os.close(fd)
+    return said == b"go"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cocoon-shim")
     ap.add_argument("--sandbox-dir", required=True)
@@ -269,8 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--process-fd", type=int, default=-1)
     ap.add_argument("--netns", default="")
     ap.add_argument("--ns", action="append", default=[])
+    ap.add_argument("--go-fd", type=int, default=-1)
     args = ap.parse_args(argv)
-    close_inherited({args.ready_fd, args.process_fd})
+    close_inherited({args.ready_fd, args.process_fd, args.go_fd})
+    if args.go_fd >= 0 and not _go(args.go_fd):
+        return 0  # the caller's create failed (or it died) before the container was made
     process = b""
     if args.process_fd >= 0:
         with os.fdopen(args.process_fd, "rb") as f:

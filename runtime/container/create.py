@@ -15,7 +15,9 @@ The steps, in order:
    (not for a pod's container: it runs in the pod's VM as it is), the container's disks and
    VFIO groups hot-plugged.
 6. ``_create_in_guest``: the agent creates the container (crun create in the guest).
-7. the shim (a child of the caller, holding its stdio, inside the container's netns).
+7. the shim (a child of the caller, holding its stdio, inside the container's netns),
+   started before step 5 and held on a pipe until the container exists, so that its
+   interpreter's start overlaps with the agent's work.
 8. the prestart/createRuntime hooks, then the network namespace's interfaces brought into the
    guest (the hooks may have just made them: docker's libnetwork).
 9. the state saved, the pid file written last.
@@ -118,6 +120,7 @@ class _Made:
     """What create has made so far: ``_undo`` takes it apart in reverse."""
 
     sandbox_dir: Path | None = None  # the VM it was put in (booted for it, or its pod's)
+    starting: shimmod.Starting | None = None  # the shim, held until the container exists
     shim: shimmod.Shim | None = None
     owned_netns: Path | None = None
 
@@ -146,6 +149,16 @@ def create(
         made.sandbox_dir = d = _sandbox(ctx, plan)
         faults.point("create:booted", d)
         network = plan.guest_network and not plan.member
+        made.starting = shimmod.begin(
+            d,
+            cid,
+            "",
+            plan.bundle.terminal,
+            console_socket,
+            netns,
+            _shim_namespaces(plan),
+            held=True,
+        )
         with Client(d, timeout) as c:
             devices, sources = _prepare_guest(ctx, c, plan, d)
             if at_once and network:
@@ -154,9 +167,8 @@ def create(
                 c, plan, devices, sources, ctx.cfg.runtime.guest_seccomp, start=at_once
             )
         faults.point("create:in-guest", d)
-        made.shim = shimmod.spawn(
-            d, cid, "", plan.bundle.terminal, console_socket, netns, _shim_namespaces(plan)
-        )
+        made.shim = shimmod.finish(made.starting)
+        made.starting = None
         faults.point("create:shim", d, made.shim.pid)
         st = _state(plan, made.shim.pid, netns, made.owned_netns is not None)
         if at_once:
@@ -395,6 +407,8 @@ def _attach_network(c: Client, cid: str, netns: str, net: NetworkConfig) -> None
 
 
 def _undo(ctx: Ctx, plan: _Plan, made: _Made) -> None:
+    if made.starting is not None:  # never let go: it exits as its pipe closes
+        shimmod.cancel(made.starting)
     if made.shim is not None and made.shim.poll() is None:
         made.shim.kill()
         made.shim.wait()

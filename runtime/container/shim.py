@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from cocoon.runtime.errors import LifecycleError
@@ -94,6 +95,17 @@ def _fork(args: list[str]) -> Forked:
         os._exit(255)
 
 
+@dataclass
+class Starting:
+    """A shim started and not yet ready (``begin``): ``finish`` waits for its ready line,
+    ``cancel`` ends it."""
+
+    proc: Shim
+    cid: str
+    ready_fd: int
+    go_fd: int = -1  # held back until "go" (``begin(held=True)``)
+
+
 def spawn(
     sandbox_dir: Path,
     cid: str,
@@ -112,11 +124,32 @@ def spawn(
     agent's refusal is the LifecycleError ``exec in ID: why``). ``fork``: for a shim we wait
     for (a foreground exec), forked from this process if it has no other thread (a fork
     copies only the caller's: a lock another one held would stay taken in the child)."""
+    s = begin(sandbox_dir, cid, exec_id, terminal, console_socket, netns, namespaces, process, fork)
+    return finish(s, timeout)
+
+
+def begin(
+    sandbox_dir: Path,
+    cid: str,
+    exec_id: str,
+    terminal: bool,
+    console_socket: str | None,
+    netns: str = "",
+    namespaces: Sequence[tuple[str, str]] = (),
+    process: bytes = b"",
+    fork: bool = False,
+    held: bool = False,
+) -> Starting:
+    """``spawn``'s first half: the shim started, not waited for. ``held``: it waits for
+    ``finish``'s "go" before it does anything (``create`` starts it before the container
+    exists, so that its interpreter's start overlaps with the agent's create)."""
     rfd, wfd = os.pipe()
-    pfd = -1
+    pfd = gr = gw = -1
     if process:
         pfd = os.memfd_create("cocoon-exec-process", os.MFD_CLOEXEC)
         os.write(pfd, process)
+    if held:
+        gr, gw = os.pipe()
     argv = [
         "--sandbox-dir",
         str(sandbox_dir),
@@ -129,6 +162,8 @@ def spawn(
         argv += ["--exec-id", exec_id]
     if pfd >= 0:
         argv += ["--process-fd", str(pfd)]
+    if gr >= 0:
+        argv += ["--go-fd", str(gr)]
     if terminal:
         argv.append("--terminal")
     if console_socket:
@@ -137,7 +172,7 @@ def spawn(
         argv += ["--netns", netns]
     for kind, path in namespaces:
         argv += ["--ns", f"{kind}={path}" if path else kind]
-    keep = (wfd,) if pfd < 0 else (wfd, pfd)
+    keep = tuple(fd for fd in (wfd, pfd, gr) if fd >= 0)
     proc: Shim
     try:
         if fork and len(os.listdir("/proc/self/task")) == 1:  # gRPC's C threads count too
@@ -146,15 +181,32 @@ def spawn(
             proc = subprocess.Popen(
                 [sys.executable, "-m", SHIM_MODULE, *argv], pass_fds=keep, start_new_session=True
             )
+    except BaseException:
+        for fd in (rfd, gw):
+            if fd >= 0:
+                os.close(fd)
+        raise
     finally:
-        os.close(wfd)
-        if pfd >= 0:
-            os.close(pfd)
+        for fd in keep:
+            os.close(fd)
+    return Starting(proc, cid, rfd, gw)
+
+
+def finish(s: Starting, timeout: float = 60.0) -> Shim:
+    """Lets a held shim go, then waits for its ready line: the shim, ready; or
+    LifecycleError (the shim ended)."""
+    proc, cid = s.proc, s.cid
     try:
-        ready, _, _ = select.select([rfd], [], [], timeout)
-        said = os.read(rfd, 65536) if ready else b""
+        if s.go_fd >= 0:
+            with contextlib.suppress(BrokenPipeError):  # it died: its status says so below
+                os.write(s.go_fd, b"go")
+            os.close(s.go_fd)
+            s.go_fd = -1
+        ready, _, _ = select.select([s.ready_fd], [], [], timeout)
+        said = os.read(s.ready_fd, 65536) if ready else b""
     finally:
-        os.close(rfd)
+        os.close(s.ready_fd)
+        s.ready_fd = -1
     if not said.startswith(b"ok"):
         if proc.poll() is None:
             proc.kill()
@@ -168,6 +220,22 @@ def spawn(
             else f"container {cid}: the shim did not start (status {proc.returncode})"
         )
     return proc
+
+
+def cancel(s: Starting) -> None:
+    """A shim that ``finish`` never let go: its pipes closed (a held one exits on that) and
+    the process waited for."""
+    held = s.go_fd >= 0
+    for fd in (s.go_fd, s.ready_fd):
+        if fd >= 0:
+            os.close(fd)
+    s.go_fd = s.ready_fd = -1
+    if held and isinstance(s.proc, subprocess.Popen):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            s.proc.wait(timeout=5)
+    if s.proc.poll() is None:
+        s.proc.kill()
+    s.proc.wait()
 
 
 def wait_forwarding(proc: Shim) -> int:

@@ -416,6 +416,25 @@ def _ppid(p: Path) -> int:
     return -1
 
 
+def test_a_held_shim_waits_for_go_and_a_cancelled_one_leaves_quietly(mon: Monitor) -> None:
+    """create starts its shim before the container exists: held, it does nothing until
+    "go" (a shim that connected first would find no process: status 255); one that never
+    gets it (the create failed) exits 0 as its pipe closes."""
+    s = shimmod.begin(mon.dir, "c1", "", False, None, held=True)
+    time.sleep(1.0)  # long enough for an unheld shim to have started and asked
+    assert s.proc.poll() is None
+    p = Proc(status=3)
+    mon.agent.procs[("c1", "")] = p
+    proc = shimmod.finish(s, timeout=30)
+    assert shimmod.is_shim(proc.pid, "c1")
+    p.exited.set()
+    assert proc.wait(30) == 3  # type: ignore[call-arg]
+    gone = shimmod.begin(mon.dir, "c2", "", False, None, held=True)
+    shimmod.cancel(gone)
+    assert gone.proc.returncode == 0 and gone.go_fd == gone.ready_fd == -1
+    assert ("c2", "") not in mon.agent.procs
+
+
 def test_a_process_with_threads_starts_its_shim_instead_of_forking(mon: Monitor) -> None:
     """Forking a process with other threads (this one has the fake monitor's) could copy a
     lock held mid-operation: spawn then starts a fresh shim, fork or not."""
