@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
+
+DEV_NULL = os.makedev(1, 3)
 
 
 def close_inherited(keep: set[int]) -> None:
@@ -19,3 +22,13 @@ def close_inherited(keep: set[int]) -> None:
         if fd > 2 and fd not in keep:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+def is_dev_null(fd: int) -> bool:
+    """Whether ``fd`` is /dev/null (a caller's stdin for a process that has none: containerd's
+    and conmon's)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == DEV_NULL

@@ -51,7 +51,6 @@ import json
 import os
 import signal
 import socket
-import stat
 import struct
 import sys
 import termios
@@ -60,7 +59,7 @@ import tty
 
 from cocoon.agent import libc
 from cocoon.runtime.errors import DEADLINE_WORDS
-from cocoon.runtime.fds import close_inherited
+from cocoon.runtime.fds import close_inherited, is_dev_null
 
 TYPE_CHECKING = False  # typing (4 ms of a 50 ms start) only for the type checker
 if TYPE_CHECKING:
@@ -70,7 +69,6 @@ STDIO_SOCK = "stdio.sock"  # runtime/monitor/launch.py STDIO_SOCK (the shim impo
 NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE}
 FORWARDED = {s for s in signal.valid_signals() if s not in NOT_FORWARDED}
 CHUNK = 64 * 1024
-DEV_NULL = os.makedev(1, 3)
 
 
 def send_console(sock_path: str, master: int) -> None:
@@ -79,14 +77,6 @@ def send_console(sock_path: str, master: int) -> None:
         s.connect(sock_path)
         fds = array.array("i", [master])
         s.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-
-
-def is_dev_null(fd: int) -> bool:
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return False
-    return stat.S_ISCHR(st.st_mode) and st.st_rdev == DEV_NULL
 
 
 class Shim:
@@ -104,7 +94,9 @@ class Shim:
         self.main_thread = threading.get_ident()  # woken when done (it waits in sigtimedwait)
         self.status = 255
         self.saved_tty: list[Any] | None = None  # the caller's terminal mode, restored
-        self.null_stdin = not self.terminal and is_dev_null(0)  # an exec then opens no stdin
+        # The process reads /dev/null in the guest (``create`` and ``exec`` decided so from
+        # this same fd 0, ours since we were started): no stdin stream to open.
+        self.null_stdin = not self.terminal and is_dev_null(0)
 
     def setup_terminal(self, console_socket: str | None) -> None:
         if not self.terminal:
@@ -322,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         if not shim.terminal:
             conns.append((shim.connect("stderr"), shim.err_fd))
         stdin = None
-        if not (shim.null_stdin and process):
+        if not shim.null_stdin:
             stdin = shim.connect("stdin", close=not shim.terminal)
     except OSError as exc:
         print(f"cocoon-shim: {shim.endpoint}: {exc.strerror}", file=sys.stderr)

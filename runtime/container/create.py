@@ -29,8 +29,8 @@ Any failure undoes all of it (``_undo``: a VM booted for it is stopped; a pod's 
 leaves its pod's VM as it found it), and the id is free again.
 
 May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{config,
-errors, faults, vm_pb2, pids, monitor.{hostcgroup, launch}, pod, container.{hooks, ids, shim, spec,
-state, seccomp}, resources, sandbox.{client, hostmount, launcher, paths, pool},
+errors, faults, fds, vm_pb2, pids, monitor.{hostcgroup, launch}, pod, container.{hooks, ids,
+shim, spec, state, seccomp}, resources, sandbox.{client, hostmount, launcher, paths, pool},
 network.netns (lazily)}.
 """
 
@@ -56,6 +56,7 @@ from cocoon.runtime.container.hooks import run_hooks
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.state import ContainerState, Ctx, Status
 from cocoon.runtime.errors import CocoonError, LifecycleError, SpecError, StateError
+from cocoon.runtime.fds import is_dev_null
 from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor.launch import MONITOR_SOCK
 from cocoon.runtime.pids import start_time
@@ -343,7 +344,12 @@ def _create_in_guest(
     req = apb.CreateContainerRequest(
         container_id=plan.cid,
         oci_spec_json=json.dumps(spec).encode(),
-        stdio=apb.StdioConfig(terminal=plan.bundle.terminal, stdin=True),
+        # The caller's stdin, which the shim inherits: /dev/null (containerd's and conmon's
+        # for a container without stdin) is the guest's /dev/null, as runc passes it through,
+        # and the shim opens no stdin stream (shim.main decides the same from the same fd).
+        stdio=apb.StdioConfig(
+            terminal=plan.bundle.terminal, stdin=plan.bundle.terminal or not is_dev_null(0)
+        ),
         devices=devices,
         start=start,
     )
