@@ -17,10 +17,10 @@ creates never get the same VM, and nothing waits for a fill. It then links
 sandbox's id, host cgroup, nice level, log). A VM that died, or whose monitor refuses, is
 destroyed and the next one is tried; with none left the sandbox boots cold. ``start`` then
 spawns ``cocoon pool fill`` in the background (detached, its own session, no inherited fds,
-nice 10), which boots replacements one at a time under ``<root>/pool/fill.lock``. Holding that
-lock, a fill also clears what is stale: entries whose monitor is gone, corrupt entries, VMs
-booted from another configuration, half-booted entries of a fill that died, and VMs claimed by
-a process that died before linking them.
+at nice +10 from its first instruction), which boots replacements one at a time under
+``<root>/pool/fill.lock``. Holding that lock, a fill also clears what is stale: entries whose
+monitor is gone, corrupt entries, VMs booted from another configuration, half-booted entries
+of a fill that died, and VMs claimed by a process that died before linking them.
 
 May import: the standard library, grpc, cocoon.runtime.{config, errors, vm_pb2,
 pids, monitor.{hostcgroup, launch}}, cocoon.runtime.sandbox.{client, launcher, paths, template}.
@@ -464,8 +464,11 @@ def spawn_fill(cfg: config_mod.Config, root: Path) -> None:
     ]
     env = dict(os.environ, COCOON_CONFIG_DIR=str(base / "no-drop-ins"))
     env.pop("COCOON_CONFIG", None)
-    subprocess.run(  # sh backgrounds the fill and exits: the fill is nobody's child here
-        ["/bin/sh", "-c", '"$@" &', "sh", *argv],
+    # sh backgrounds the fill and exits: the fill is nobody's child here. It starts at a
+    # lower priority at once (not only once its imports are done): its interpreter's start
+    # would otherwise take a core from the claim's container while that one starts.
+    subprocess.run(
+        ["/bin/sh", "-c", f'nice -n {POOL_NICE} "$@" &', "sh", *argv],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

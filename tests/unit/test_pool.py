@@ -224,3 +224,31 @@ def test_a_pooled_vm_that_fails_its_warm_up_is_destroyed(
     (d,) = fake.booted
     assert fake.destroyed == [d] and not (d / L.POOL_READY).exists()
     assert str(info.value).startswith(f"pooled VM {d.name} could not run a container: ")
+
+
+def test_a_spawned_fill_is_at_nice_plus_10_from_its_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The background fill must not take a core from the claim's container while its
+    interpreter starts: it is nice +10 before its first instruction, detached, and given the
+    caller's configuration."""
+    fake = tmp_path / "python"
+    out = tmp_path / "fill.out"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$(cut -d" " -f19 /proc/self/stat) $PPID $*" > {out}.tmp && mv {out}.tmp {out}\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    pool.spawn_fill(Config(), tmp_path / "root")
+    deadline = time.monotonic() + 10
+    while not out.exists():
+        assert time.monotonic() < deadline, "the fill never ran"
+        time.sleep(0.02)
+    nice, ppid, *argv = out.read_text().split()
+    assert int(nice) == min(before + pool.POOL_NICE, 19)
+    assert int(ppid) != os.getpid()  # reparented: nobody's child here
+    assert argv[:2] == ["-m", "cocoon.runtime.cli.main"] and argv[-2] == "fill"
+    assert argv[argv.index("--config") + 1] == str(tmp_path / "root" / "pool" / pool.FILL_CONFIG)
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the caller's own is unchanged
