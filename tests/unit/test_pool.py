@@ -230,13 +230,13 @@ def test_a_spawned_fill_is_at_nice_plus_10_from_its_start(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The background fill must not take a core from the claim's container while its
-    interpreter starts: it is nice +10 before its first instruction, detached, and given the
-    caller's configuration."""
+    interpreter starts: it is nice +10 before its first instruction, in a session of its own,
+    and given the caller's configuration."""
     fake = tmp_path / "python"
     out = tmp_path / "fill.out"
     fake.write_text(
         "#!/bin/sh\n"
-        f'echo "$(cut -d" " -f19 /proc/self/stat) $PPID $*" > {out}.tmp && mv {out}.tmp {out}\n'
+        f'echo "$(cut -d" " -f6,19 /proc/self/stat) $*" > {out}.tmp && mv {out}.tmp {out}\n'
     )
     fake.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake))
@@ -246,9 +246,9 @@ def test_a_spawned_fill_is_at_nice_plus_10_from_its_start(
     while not out.exists():
         assert time.monotonic() < deadline, "the fill never ran"
         time.sleep(0.02)
-    nice, ppid, *argv = out.read_text().split()
+    session, nice, *argv = out.read_text().split()
     assert int(nice) == min(before + pool.POOL_NICE, 19)
-    assert int(ppid) != os.getpid()  # reparented: nobody's child here
+    assert int(session) != os.getsid(0)  # detached: a session of its own
     assert argv[:2] == ["-m", "cocoon.runtime.cli.main"] and argv[-2] == "fill"
     assert argv[argv.index("--config") + 1] == str(tmp_path / "root" / "pool" / pool.FILL_CONFIG)
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the caller's own is unchanged
