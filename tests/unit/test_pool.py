@@ -66,7 +66,10 @@ def _race(dirs: list[str], q: multiprocessing.Queue[tuple[int, list[str]]]) -> N
 
 def test_concurrent_takes_never_get_the_same_vm(tmp_path: Path) -> None:
     dirs = [str(entry_dir(tmp_path, f"p-{i}")) for i in range(3)]
-    ctx = multiprocessing.get_context("fork")
+    # Forked from a fresh server, not from pytest: earlier tests leave gRPC's threads in this
+    # process, and a child forked while one held a lock can hang (seen once in CI).
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # the server imports this module once
     q: multiprocessing.Queue[tuple[int, list[str]]] = ctx.Queue()
     procs = [ctx.Process(target=_race, args=(dirs, q)) for _ in range(20)]
     for p in procs:
