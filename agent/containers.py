@@ -203,10 +203,14 @@ class Manager:
                 self._crun(bundle, "delete", "--force", cid)
             shutil.rmtree(bundle, ignore_errors=True)
             raise
-        how = "crun run --detach" if at_once else "crun create, crun start" if start else ""
-        log.info(
-            "container %s %s (%s)", cid, "started" if start else "created", how or "crun create"
+        how = (
+            "crun run --detach"
+            if at_once
+            else "crun create, crun start"
+            if start
+            else "crun create"
         )
+        log.info("container %s %s (%s)", cid, "started" if start else "created", how)
         cgroup = str(specedit.section(spec, "linux").get("cgroupsPath", ""))
         c = Container(cid, bundle, p, cgroup=cgroup)
         with self._lock:

@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from cocoon.runtime.config import Config
 from cocoon.runtime.errors import ConfigError, HostError
@@ -171,23 +171,15 @@ def seccomp_sandbox_supported(host: Host, qemu_path: str, cache_file: Path | Non
     and starting QEMU to ask costs ~25 ms. An unreadable cache is asked again and replaced.
     """
     key: dict[str, object] = {"qemu": qemu_path, "qemu_mtime": host.mtime(qemu_path)}
-    cache = str(cache_file) if cache_file is not None else ""
-    if cache and key["qemu_mtime"] is not None:
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads(host.read_text(cache))
-            if (
-                isinstance(data, dict)
-                and data.get("version") == _CACHE_VERSION
-                and data.get("key") == key
-                and isinstance(data.get("seccomp_sandbox"), bool)
-            ):
-                return bool(data["seccomp_sandbox"])
+    cache = str(cache_file) if cache_file is not None and key["qemu_mtime"] is not None else ""
+    if cache:
+        data = _read_record(host, cache, key)
+        if data is not None and isinstance(data.get("seccomp_sandbox"), bool):
+            return bool(data["seccomp_sandbox"])
     res = host.run([qemu_path, "-sandbox", "on", "-version"], _QUERY_TIMEOUT)
     ok = res.rc == 0 and parse_qemu_version(res.stdout) is not None
-    if cache and key["qemu_mtime"] is not None and res.rc is not None:  # not a timeout
-        record = {"version": _CACHE_VERSION, "key": key, "seccomp_sandbox": ok}
-        with contextlib.suppress(OSError):
-            host.write_text_atomic(cache, json.dumps(record, indent=2) + "\n")
+    if cache and res.rc is not None:  # a timeout says nothing about the binary
+        _write_record(host, cache, key, seccomp_sandbox=ok)
     return ok
 
 
@@ -257,15 +249,30 @@ def _boot_probe(
     return KvmProbe(False, reason)
 
 
-def _read_cache(host: Host, cache_file: str, key: dict[str, object]) -> KvmProbe | None:
+def _read_record(host: Host, cache_file: str, key: dict[str, object]) -> dict[str, Any] | None:
+    """A probe's cached record, if the file holds one of this version for ``key``."""
     try:
         data = json.loads(host.read_text(cache_file))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION:
         return None
+    return data if data.get("key") == key else None
+
+
+def _write_record(host: Host, cache_file: str, key: dict[str, object], **answer: object) -> None:
+    """A probe's answer kept for ``key``; a cache that cannot be written is not an error."""
+    record = {"version": _CACHE_VERSION, "key": key, **answer}
+    with contextlib.suppress(OSError):
+        host.write_text_atomic(cache_file, json.dumps(record, indent=2) + "\n")
+
+
+def _read_cache(host: Host, cache_file: str, key: dict[str, object]) -> KvmProbe | None:
+    data = _read_record(host, cache_file, key)
+    if data is None:
+        return None
     usable, reason = data.get("usable"), data.get("reason")
-    if data.get("key") != key or not isinstance(usable, bool) or not isinstance(reason, str):
+    if not isinstance(usable, bool) or not isinstance(reason, str):
         return None
     return KvmProbe(usable, reason)
 
@@ -310,14 +317,7 @@ def probe_kvm(
 
     result = _boot_probe(host, qemu_path, str(kernel), str(floor_initrd), timeout)
     if boot_id:
-        record = {
-            "version": _CACHE_VERSION,
-            "key": key,
-            "usable": result.usable,
-            "reason": result.reason,
-        }
-        with contextlib.suppress(OSError):
-            host.write_text_atomic(cache, json.dumps(record, indent=2) + "\n")
+        _write_record(host, cache, key, usable=result.usable, reason=result.reason)
     return result
 
 
