@@ -17,10 +17,14 @@ creates never get the same VM, and nothing waits for a fill. It then links
 sandbox's id, host cgroup, nice level, log). A VM that died, or whose monitor refuses, is
 destroyed and the next one is tried; with none left the sandbox boots cold. ``start`` then
 spawns ``cocoon pool fill`` in the background (detached, its own session, no inherited fds,
-at nice +10 from its first instruction), which boots replacements one at a time under
-``<root>/pool/fill.lock``. Holding that lock, a fill also clears what is stale: entries whose
-monitor is gone, corrupt entries, VMs booted from another configuration, half-booted entries
-of a fill that died, and VMs claimed by a process that died before linking them.
+at nice +10 from its first instruction), held back until the claimer exits, or for at most
+``FILL_HOLD_S`` (a foreground ``run`` lives as long as its container): on a small host the
+fill's interpreter and its QEMU's boot would otherwise share the cores with the claimer while
+it creates, starts and (for a short ``run``) deletes its container. The fill boots
+replacements one at a time under ``<root>/pool/fill.lock``. Holding that lock, a fill also
+clears what is stale: entries whose monitor is gone, corrupt entries, VMs booted from another
+configuration, half-booted entries of a fill that died, and VMs claimed by a process that
+died before linking them.
 
 May import: the standard library, grpc, cocoon.runtime.{config, errors, vm_pb2,
 pids, monitor.{hostcgroup, launch}}, cocoon.runtime.sandbox.{client, launcher, paths, template}.
@@ -61,6 +65,10 @@ QEMU_OVERHEAD_MIB = 64  # QEMU, the monitor and virtiofsd of an idle VM, beyond 
 LOCK = "fill.lock"
 FILL_CONFIG = "fill.toml"
 FILL_LOG = "fill.log"
+FILL_HOLD_S = 2  # the longest a claimer holds its refill back
+# The write ends of the pipes that hold this process's spawned fills back (spawn_fill), with
+# when their hold ends: kept open until then (closed by a later spawn) or this process's end.
+_held_fills: list[tuple[float, int]] = []
 DRAINED = "drained"  # touched by drain: fills asked for before it do nothing
 
 Warm = Callable[[Path], None]  # runs a throwaway container in a booted VM (container.warm)
@@ -170,7 +178,7 @@ def start(
         try:
             sb = claim(cfg, root, sandbox_id, host, log_file, log_format, debug, cgroups_path)
         finally:
-            spawn_fill(cfg, root)
+            spawn_fill(cfg, root, held=True)
         if sb is not None:
             return sb
     tpl = None
@@ -437,9 +445,12 @@ def status(cfg: config_mod.Config, root: Path) -> dict[str, object]:
     }
 
 
-def spawn_fill(cfg: config_mod.Config, root: Path) -> None:
+def spawn_fill(cfg: config_mod.Config, root: Path, held: bool = False) -> None:
     """``cocoon pool fill`` in the background with this configuration, detached (its own
-    session, stdio on /dev/null, reparented at once): the caller waits for nothing."""
+    session, stdio on /dev/null, reparented at once): the caller waits for nothing.
+    ``held``: the fill's interpreter starts only once this process has ended (a pipe's
+    EOF) or after ``FILL_HOLD_S``, so that it does not compete with what the caller does
+    next."""
     base = pool_root(root)
     base.mkdir(parents=True, exist_ok=True, mode=0o700)
     conf = base / FILL_CONFIG
@@ -466,16 +477,35 @@ def spawn_fill(cfg: config_mod.Config, root: Path) -> None:
     env.pop("COCOON_CONFIG", None)
     # sh backgrounds the fill and exits: the fill is nobody's child here. It starts at a
     # lower priority at once (not only once its imports are done): its interpreter's start
-    # would otherwise take a core from the claim's container while that one starts.
-    subprocess.run(
-        ["/bin/sh", "-c", f'nice -n {POOL_NICE} "$@" &', "sh", *argv],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=env,
-        check=False,
-    )
+    # would otherwise take a core from the claim's container while that one starts. Held,
+    # the backgrounded shell first waits for the EOF of the pipe on its stdin (taken as fd 3
+    # before the `&`, which would give the list /dev/null), for FILL_HOLD_S at most.
+    script = f'nice -n {POOL_NICE} "$@" &'
+    stdin: int = subprocess.DEVNULL
+    if held:
+        now = time.monotonic()
+        for hold in [h for h in _held_fills if h[0] < now]:  # long since let go
+            _held_fills.remove(hold)
+            os.close(hold[1])
+        stdin, gate = os.pipe()  # both not inheritable: the fill's sh gets stdin only
+        _held_fills.append((now + FILL_HOLD_S, gate))
+        script = (
+            f"exec 3<&0; {{ timeout {FILL_HOLD_S} cat <&3 >/dev/null; exec 3<&-;"
+            f' exec nice -n {POOL_NICE} "$@"; }} &'
+        )
+    try:
+        subprocess.run(
+            ["/bin/sh", "-c", script, "sh", *argv],
+            stdin=stdin,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            check=False,
+        )
+    finally:
+        if held:
+            os.close(stdin)
 
 
 def background_fill(

@@ -229,29 +229,111 @@ def test_a_pooled_vm_that_fails_its_warm_up_is_destroyed(
     assert str(info.value).startswith(f"pooled VM {d.name} could not run a container: ")
 
 
-def test_a_spawned_fill_is_at_nice_plus_10_from_its_start(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The background fill must not take a core from the claim's container while its
-    interpreter starts: it is nice +10 before its first instruction, in a session of its own,
-    and given the caller's configuration."""
+PYTHON = sys.executable  # the real one: _fake_fill replaces it
+
+
+def _fake_fill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A stand-in for the fill's interpreter: it writes its session, nice level, the fds it
+    has open on pipes and its argv to the returned file."""
     fake = tmp_path / "python"
     out = tmp_path / "fill.out"
     fake.write_text(
-        "#!/bin/sh\n"
-        f'echo "$(cut -d" " -f6,19 /proc/self/stat) $*" > {out}.tmp && mv {out}.tmp {out}\n'
+        f"#!{PYTHON} -S\n"
+        "import os, sys\n"
+        "stat = open('/proc/self/stat').read().rsplit(')', 1)[1].split()\n"
+        "def link(f):\n"
+        "    try: return os.readlink(f'/proc/self/fd/{f}')\n"
+        "    except OSError: return ''  # listdir's own\n"
+        "pipes = [f for f in os.listdir('/proc/self/fd') if link(f).startswith('pipe:')]\n"
+        f"open('{out}.tmp', 'w').write(' '.join([stat[3], stat[16], ','.join(pipes) or '-',"
+        " *sys.argv[1:]]))\n"
+        f"os.rename('{out}.tmp', '{out}')\n"
     )
     fake.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake))
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    pool.spawn_fill(Config(), tmp_path / "root")
-    deadline = time.monotonic() + 10
-    while not out.exists():
+    monkeypatch.setattr(pool, "_held_fills", [])
+    return out
+
+
+def _wait_file(path: Path, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
         assert time.monotonic() < deadline, "the fill never ran"
         time.sleep(0.02)
-    session, nice, *argv = out.read_text().split()
+
+
+@pytest.mark.parametrize("held", [False, True])
+def test_a_spawned_fill_is_at_nice_plus_10_from_its_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: bool
+) -> None:
+    """The background fill must not take a core from the claim's container while its
+    interpreter starts: it is nice +10 before its first instruction, in a session of its own,
+    given the caller's configuration, and holds none of the caller's fds but stdio."""
+    out = _fake_fill(tmp_path, monkeypatch)
+    monkeypatch.setattr(pool, "FILL_HOLD_S", 0.2)  # held: the caller, pytest, lives on
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    pool.spawn_fill(Config(), tmp_path / "root", held=held)
+    _wait_file(out)
+    session, nice, fds, *argv = out.read_text().split()
+    assert fds == "-"  # no pipe: neither the caller's nor the one that held it back
     assert int(nice) == min(before + pool.POOL_NICE, 19)
     assert int(session) != os.getsid(0)  # detached: a session of its own
     assert argv[:2] == ["-m", "cocoon.runtime.cli.main"] and argv[-2] == "fill"
     assert argv[argv.index("--config") + 1] == str(tmp_path / "root" / "pool" / pool.FILL_CONFIG)
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the caller's own is unchanged
+
+
+def test_a_held_fill_waits_for_its_claimer_at_most_fill_hold_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim's refill waits while its claimer (here pytest, which lives on) runs, but no
+    longer than FILL_HOLD_S; the pipes of holds that ended are closed by later spawns, so a
+    long-lived claimer does not collect them."""
+    out = _fake_fill(tmp_path, monkeypatch)
+    monkeypatch.setattr(pool, "FILL_HOLD_S", 1.5)
+    t0 = time.monotonic()
+    pool.spawn_fill(Config(), tmp_path / "root", held=True)
+    time.sleep(0.7)
+    assert not out.exists(), "a held fill started while its claimer was still running"
+    _wait_file(out)
+    assert time.monotonic() - t0 >= 1.5
+    (hold,) = pool._held_fills
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(pool, "FILL_HOLD_S", 0)
+    for _ in range(3):
+        pool.spawn_fill(Config(), tmp_path / "root", held=True)
+    assert len(pool._held_fills) == 1 and hold not in pool._held_fills
+    assert len(os.listdir("/proc/self/fd")) == fds  # each spawn closed the hold before it
+
+
+def test_a_held_fill_starts_when_its_claimer_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claimer's end (here SIGKILL) lets its refill go at once."""
+    out = _fake_fill(tmp_path, monkeypatch)
+    claimer = (  # a fresh interpreter: pytest's own may hold threads a fork would inherit
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from cocoon.runtime.config import Config\n"
+        "from cocoon.runtime.sandbox import pool\n"
+        "sys.executable = sys.argv[1]\n"
+        "pool.FILL_HOLD_S = 60\n"
+        "pool.spawn_fill(Config(), Path(sys.argv[2]), held=True)\n"
+        "print('spawned', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    p = subprocess.Popen(
+        [PYTHON, "-c", claimer, str(tmp_path / "python"), str(tmp_path / "root")],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"spawned\n"
+        time.sleep(0.3)
+        assert not out.exists()
+    finally:
+        p.kill()
+        p.wait()
+    t0 = time.monotonic()
+    _wait_file(out)
+    assert time.monotonic() - t0 < 30  # not the 60 s hold's end
