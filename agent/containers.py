@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -306,7 +307,7 @@ class Manager:
             p.pid = int(pid_file.read_text().strip())
         except (OSError, ValueError) as exc:
             raise ContainerError(ErrorKind.INTERNAL, f"crun {verb[0]}: no pid file: {exc}") from exc
-        threading.Thread(target=self._watch, args=(p,), daemon=True).start()
+        self._reaper.watch(p.pid, functools.partial(self._ended, p))
 
     def _receive_pty(self, p: Process, lsock: socket.socket, crun_pid: int) -> int | None:
         """Accepts crun's console-socket connection and takes the pty master from it."""
@@ -327,11 +328,13 @@ class Manager:
                 return status
         raise ContainerError(ErrorKind.INTERNAL, "crun did not send the terminal within 120s")
 
-    def _watch(self, p: Process) -> None:
-        status = self._reaper.wait(p.pid)
-        assert status is not None
+    @staticmethod
+    def _ended(p: Process, status: int) -> None:
+        """The process's exit, in the reaping thread: its waiters first, then the log line
+        (a console line costs the guest milliseconds under TCG)."""
         p.signaled = os.WIFSIGNALED(status)
         p.status = proc.exit_code(status)
+        p.done.set()
         log.info(
             "container %s process %s (pid %d) exited: %d",
             p.container_id,
@@ -339,7 +342,6 @@ class Manager:
             p.pid,
             p.status,
         )
-        p.done.set()
 
     def start(self, cid: str) -> None:
         c = self._get(cid)

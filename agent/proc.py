@@ -15,18 +15,20 @@ import os
 import select
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 MAX_UNCLAIMED = 10000
 
 
 class Reaper:
-    """Reaps every child; a waiter picks up the status of its pid (before or after the exit)."""
+    """Reaps every child; a waiter picks up the status of its pid (before or after the exit),
+    or a watcher is called with it (``watch``: no thread waits for a long-lived process)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._statuses: dict[int, int] = {}
+        self._watchers: dict[int, Callable[[int], None]] = {}
 
     def reap(self) -> None:
         while True:
@@ -37,10 +39,24 @@ class Reaper:
             if pid == 0:
                 return
             with self._cond:
-                if len(self._statuses) >= MAX_UNCLAIMED:
-                    self._statuses.pop(next(iter(self._statuses)))
-                self._statuses[pid] = status
-                self._cond.notify_all()
+                watcher = self._watchers.pop(pid, None)
+                if watcher is None:
+                    if len(self._statuses) >= MAX_UNCLAIMED:
+                        self._statuses.pop(next(iter(self._statuses)))
+                    self._statuses[pid] = status
+                    self._cond.notify_all()
+            if watcher is not None:
+                watcher(status)
+
+    def watch(self, pid: int, watcher: Callable[[int], None]) -> None:
+        """``watcher(status)`` once ``pid`` is reaped, in the reaping thread; at once, in this
+        one, if it was reaped already. It must not block: the reaping waits for it."""
+        with self._cond:
+            status = self._statuses.pop(pid, None)
+            if status is None:
+                self._watchers[pid] = watcher
+                return
+        watcher(status)
 
     def wait(self, pid: int, timeout: float | None = None) -> int | None:
         """The raw wait status of ``pid``, or None on timeout."""
