@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -91,10 +92,17 @@ class Runtime:
         # stdio open, so a pipe would not see EOF until the container ends.
         with tempfile.TemporaryFile() as err:
             t = time.monotonic()
-            r = subprocess.run(
-                [*self.argv, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                timeout=300,
-            )  # fmt: skip
+            r = subprocess.Popen(
+                [*self.argv, *args], stdin=subprocess.DEVNULL, stdout=out, stderr=err
+            )
+            # Not subprocess.run(timeout=): its wait polls, sleeping up to 50 ms between
+            # polls, which is as much as a runc exec takes. A blocking wait, a timer to kill.
+            killer = threading.Timer(300, r.kill)
+            killer.start()
+            try:
+                r.wait()
+            finally:
+                killer.cancel()
             dt = time.monotonic() - t
             if r.returncode != 0:
                 err.seek(0)

@@ -9,7 +9,10 @@ Rows:
   runc; its floor is the same in-guest ``dd | cat``;
 - exec: ``exec ID true``, cocoon and runc; the in-guest floor is the guest's own
   ``crun exec`` of ``true``, timed in another sandbox's guest by a privileged container that
-  enters its guest's mount namespace (as in bench/pool.py) and execs into itself;
+  enters its guest's mount namespace (as in bench/pool.py) and execs into itself. Measured
+  before the transfers, in idle guests, each pair beside a floor taken the same moment (the
+  ratio is per pair) and each after a second's settling; the first exec of each container is
+  left out, as the floor's is;
 - host PSS of the idle container's shim and of its sandbox's monitor.
 
     python bench/stdio.py [--runs 3] [--mib 100] [--json out.json]
@@ -33,6 +36,7 @@ from bench.run import Runtime, bench_args, pss_kib, summary
 from cocoon.runtime.container import busybox
 
 MIB = 1024 * 1024
+SETTLE = 1.0  # seconds before each latency measurement
 # In the guest, in PID 1's mount namespace: a pipe's floor, then crun exec's.
 FLOOR_PIPE = (
     "nsenter -t 1 -m -- /bin/sh -c 'for i in $(seq N); do s=$(date +%s%N); "
@@ -99,11 +103,24 @@ def main() -> int:
             monitor = int((coc.root / "sandboxes" / "s" / "monitor.pid").read_text())
             time.sleep(2)
             res["pss_mib"] = {"shim": pss_kib(shim) / 1024, "monitor": pss_kib(monitor) / 1024}
+            # Latency first, in idle guests: each exec pair beside a floor taken the same
+            # moment, each after the machine settled from the one before (the other guest's
+            # work, a shim's exit); the first exec of each (like the floor's first) is left out.
+            ex = FLOOR_EXEC.replace("seq N", "seq 2").replace("CID", "fl")
+            for rt in rts:
+                rt.call("exec", "s", "true")
             for _ in range(args.runs):
                 for rt in rts:
+                    time.sleep(SETTLE)
                     rows.setdefault(f"exec true, {rt.name}", []).append(
                         rt.call("exec", "s", "true")
                     )
+                time.sleep(SETTLE)
+                rows.setdefault("in-guest floor: crun exec true", []).append(
+                    in_guest(coc, "fl", ex)[1]
+                )
+            for _ in range(args.runs):
+                for rt in rts:
                     dd = [
                         *rt.argv,
                         "exec",
@@ -122,8 +139,6 @@ def main() -> int:
             rows["in-guest pipe floor MB/s"] = [
                 mib * MIB / 1e6 / s for s in in_guest(coc, "fl", pipe)
             ]
-            ex = FLOOR_EXEC.replace("seq N", f"seq {args.runs + 1}").replace("CID", "fl")
-            rows["in-guest floor: crun exec true"] = in_guest(coc, "fl", ex)[1:]
         finally:
             for rt, cid in started:
                 rt.call("delete", "--force", cid)
