@@ -19,7 +19,8 @@ The steps, in order:
    started before step 5 and held on a pipe until the container exists, so that its
    interpreter's start overlaps with the agent's work.
 8. the prestart/createRuntime hooks, then the network namespace's interfaces brought into the
-   guest (the hooks may have just made them: docker's libnetwork).
+   guest (the hooks may have just made them: docker's libnetwork); none for a namespace
+   cocoon made in step 3 and no hook could fill (it holds only lo).
 9. the state saved, the pid file written last.
 ``run`` (``start=True``) of a container without those hooks attaches the network before step
 6 and has the agent start the process in the same call (one ``crun run --detach``): nothing
@@ -140,7 +141,8 @@ def create(
     that creates it, its network attached first (nothing on the host has to happen between
     its create and its start); its state is then RUNNING, and only poststart is left."""
     plan = _check(ctx, cid, bundle_path, console_socket, foreground_tty)
-    at_once = start and not any(plan.bundle.hooks(k) for k in CREATE_HOOKS)
+    hooked = any(plan.bundle.hooks(k) for k in CREATE_HOOKS)
+    at_once = start and not hooked
     store = ctx.store
     store.reserve(cid)
     made = _Made()
@@ -149,7 +151,9 @@ def create(
         netns = _own_netns(ctx, plan, made)
         made.sandbox_dir = d = _sandbox(ctx, plan)
         faults.point("create:booted", d)
-        network = plan.guest_network and not plan.member
+        # A namespace cocoon made just now holds only lo: nothing to bridge, unless a hook
+        # between create and start puts something in it (docker's libnetwork does).
+        network = plan.guest_network and not plan.member and (made.owned_netns is None or hooked)
         made.starting = shimmod.begin(
             d,
             cid,

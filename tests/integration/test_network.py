@@ -245,10 +245,26 @@ def test_two_interfaces_both_ways_ipv4_and_ipv6(
     cli.ok("delete", "--force", "n1")
 
 
+def _attach_lines(cli: Cli) -> list[str]:
+    """The monitors' reports of a network attached, from the CLI's JSON log."""
+    if not cli.log.exists():
+        return []
+    msgs = [json.loads(line).get("msg", "") for line in cli.log.read_text().splitlines()]
+    return [m for m in msgs if m.startswith("network: ")]
+
+
 def test_new_namespace_filled_by_a_prestart_hook(cli: Cli, tmp_path: Path) -> None:
     """docker's libnetwork: the spec asks for a new netns; a prestart hook finds it through
     the state's pid and moves a configured veth in. cocoon makes the namespace, the hook
-    fills it, the guest gets the interface; delete removes the namespace."""
+    fills it, the guest gets the interface; delete removes the namespace. Without a hook to
+    fill it, the namespace cocoon made holds only lo: nothing is attached."""
+    r = cli.create("n0", server_bundle(tmp_path, None))
+    assert r.returncode == 0, r.stderr
+    cli.ok("start", "n0")
+    assert (cli.root / "netns" / "n0").exists()
+    assert _attach_lines(cli) == []
+    cli.ok("delete", "--force", "n0")
+    assert not (cli.root / "netns" / "n0").exists()
     peer = tmp_path / "ns-peer"
     N.create_netns(peer)
     hook = tmp_path / "hook.py"
@@ -288,6 +304,7 @@ def test_new_namespace_filled_by_a_prestart_hook(cli: Cli, tmp_path: Path) -> No
         assert r.returncode == 0, r.stderr
         owned = cli.root / "netns" / "n2"
         assert owned.exists()
+        assert [m.split(" (")[0] for m in _attach_lines(cli)] == ["network: 1 NICs"]
         cli.ok("start", "n2")
         assert fetch_from(peer, "10.78.0.2", HTTP_PORT) == b"hello from the guest\n"
         cli.ok("delete", "--force", "n2")
