@@ -6,7 +6,6 @@ fresh interpreter of its own, never inside pytest's.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -60,7 +59,6 @@ def test_a_watcher_gets_its_child_status_whether_reaped_before_or_after() -> Non
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     assert out.returncode == 0, out.stderr
     # (status, called in the watching thread): late by the reaping thread, early at once
