@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import config as config_mod
 from cocoon.runtime.sandbox import launcher as sandbox
 from cocoon.runtime.sandbox import qemu_argv
@@ -64,11 +63,11 @@ def cocoon_once(cfg: config_mod.Config, root: Path, i: int) -> tuple[float, floa
     sb = sandbox.start(cfg, root, f"bench-{os.getpid()}-{i}")
     ready = time.monotonic() - t
     with sb.client() as c:
-        d = c.agent.GetGuestDetails(apb.GuestDetailsRequest(), timeout=30)
+        d = c.agent.GetGuestDetails(timeout=30)
     t = time.monotonic()
     sandbox.stop(root, sb.sandbox_id)
     stop = time.monotonic() - t
-    return ready, d.agent_ready_uptime_seconds, stop
+    return ready, d["agent_ready_uptime_seconds"], stop
 
 
 def summary(xs: list[float]) -> dict[str, float]:

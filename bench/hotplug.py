@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cocoon.runtime import config as config_mod
-from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.sandbox import launcher as sandbox
 
 
@@ -57,25 +56,23 @@ def main() -> int:
             with sb.client(60) as c:
                 for i in range(args.runs):
                     rows["floor: QMP round trip"].append(
-                        timed(lambda: c.vm.Qmp(vpb.QmpRequest(command="query-status")))
+                        timed(lambda: c.vm.Qmp({"command": "query-status"}))
                     )
                     if can_cpu:
-                        r = c.vm.Resize(vpb.ResizeRequest(vcpus=2, memory_mib=256), timeout=60)
-                        rows.setdefault("vCPU add + online", []).append(r.seconds["cpu"])
-                        r = c.vm.Resize(vpb.ResizeRequest(vcpus=1, memory_mib=256), timeout=60)
-                        rows.setdefault("vCPU offline", []).append(r.seconds["cpu"])
-                    r = c.vm.Resize(vpb.ResizeRequest(vcpus=1, memory_mib=768), timeout=60)
-                    rows.setdefault("memory +512 MiB", []).append(r.seconds["memory"])
-                    r = c.vm.Resize(vpb.ResizeRequest(vcpus=1, memory_mib=256), timeout=60)
-                    rows.setdefault("memory -512 MiB", []).append(r.seconds["memory"])
-                    d = c.vm.AttachDisk(
-                        vpb.AttachDiskRequest(id=f"b{i}", path=str(img)), timeout=60
-                    )
+                        r = c.vm.Resize({"vcpus": 2, "memory_mib": 256}, timeout=60)
+                        rows.setdefault("vCPU add + online", []).append(r["seconds"]["cpu"])
+                        r = c.vm.Resize({"vcpus": 1, "memory_mib": 256}, timeout=60)
+                        rows.setdefault("vCPU offline", []).append(r["seconds"]["cpu"])
+                    r = c.vm.Resize({"vcpus": 1, "memory_mib": 768}, timeout=60)
+                    rows.setdefault("memory +512 MiB", []).append(r["seconds"]["memory"])
+                    r = c.vm.Resize({"vcpus": 1, "memory_mib": 256}, timeout=60)
+                    rows.setdefault("memory -512 MiB", []).append(r["seconds"]["memory"])
+                    d = c.vm.AttachDisk({"id": f"b{i}", "path": str(img)}, timeout=60)
                     rows.setdefault("disk attach (scsi-hd)", []).append(
-                        d.seconds["qmp"] + d.seconds["guest"]
+                        d["seconds"]["qmp"] + d["seconds"]["guest"]
                     )
                     t = time.monotonic()
-                    c.vm.DetachDisk(vpb.DetachDiskRequest(id=f"b{i}"), timeout=60)
+                    c.vm.DetachDisk({"id": f"b{i}"}, timeout=60)
                     rows.setdefault("disk detach", []).append(time.monotonic() - t)
         finally:
             sandbox.stop(root, "bench-hp")

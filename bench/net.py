@@ -33,8 +33,6 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from cocoon.agent import agent_pb2 as apb
-from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.container import busybox
 from cocoon.runtime.network import netns as N
 from cocoon.runtime.sandbox import client, paths
@@ -150,19 +148,17 @@ def _bundle(work: Path, model: str, netns: Path) -> Path:
 def _attach_plain_tap(root: Path, cid: str, ns: Path, guest_addr: str) -> None:
     d = paths.sandbox_dir(root, cid)
     with client.Client(d, 60) as c:
-        r = c.vm.AttachNetwork(
-            vpb.AttachNetworkRequest(netns_path=str(ns), model="tap"), timeout=120
-        )
-        nic = r.interfaces[0]
+        r = c.vm.AttachNetwork({"netns_path": str(ns), "model": "tap"}, timeout=120)
+        nic = r["interfaces"][0]
         c.agent.UpdateInterface(
-            apb.UpdateInterfaceRequest(
-                interface=apb.Interface(
-                    name="eth0",
-                    hw_addr=nic.mac,
-                    mtu=nic.mtu,
-                    addresses=[apb.IPAddress(address=guest_addr, prefix_len=24)],
-                )
-            ),
+            {
+                "interface": {
+                    "name": "eth0",
+                    "hw_addr": nic["mac"],
+                    "mtu": nic["mtu"],
+                    "addresses": [{"address": guest_addr, "prefix_len": 24}],
+                }
+            },
             timeout=60,
         )
 

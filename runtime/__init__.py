@@ -10,9 +10,10 @@
     network/    the container's network namespace bridged to tap fds for guest NICs
     monitor/    the per-sandbox monitor process (QEMU, QMP, the agent link, the VM service)
 
-Beside them: ``errors`` (every error class of the host side), ``config``, ``logs``, ``fds``,
-and the VM service's contract (``vm.proto``, ``vm_pb2*``), spoken between a sandbox's clients
-and its monitor. The one libc seam is cocoon.agent.libc, shared with the guest.
+Beside them: ``errors`` (every error class of the host side), ``config``, ``logs``, ``fds``, and the
+VM service's contract (``vm.proto``, ``vm_pb2*``), which the monitor serves over gRPC and, to the
+CLI, as framed JSON (monitor.calls, sandbox.client). The one libc seam is cocoon.agent.libc, shared
+with the guest.
 
 Imports point one way: cli -> container -> {pod, sandbox, resources, network} -> the shared
 modules beside them; the monitor is its own process and imports none of cli, container, pod.

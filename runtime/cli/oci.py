@@ -1,7 +1,7 @@
 """The runc verbs: argument grammar and one short function each, over container.lifecycle.
 
 May import: the standard library, cocoon.runtime.{config, errors, container.{spec, state},
-container.{create, lifecycle} (lazily: they load grpc and the sandbox), container.execproc
+container.{create, lifecycle} (lazily: they load the sandbox), container.execproc
 (lazily)}.
 """
 

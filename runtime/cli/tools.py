@@ -5,12 +5,11 @@
 a monitor without containers, ``pool status|fill|drain`` the pre-booted VMs, ``template
 status|build|drop`` the VM template new VMs restore, and ``demo`` runs the embedded busybox
 bundle in a new VM.
-Each verb imports what it needs when it runs (the image builder, grpc, the lifecycle), so the
-CLI's other verbs do not pay for them.
+Each verb imports what it needs when it runs (the image builder, the lifecycle), so the CLI's
+other verbs do not pay for them.
 
-May import: the standard library, google.protobuf (lazily), cocoon.agent (lazily),
-cocoon.guest_image (lazily), cocoon.runtime.{config, errors, vm_pb2 (lazily),
-container (lazily), sandbox (lazily)}.
+May import: the standard library, cocoon.guest_image (lazily), cocoon.runtime.{config,
+errors, container (lazily), sandbox (lazily)}.
 """
 
 from __future__ import annotations
@@ -180,10 +179,6 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
-
-    from cocoon.agent import agent_pb2 as apb
-    from cocoon.runtime import vm_pb2 as vpb
     from cocoon.runtime.sandbox import client, paths
     from cocoon.runtime.sandbox import launcher as sandbox
 
@@ -227,11 +222,11 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         print(sandbox.stop(root, args.id, cfg.runtime.shutdown_timeout_s))
         return 0
     with client.Client(paths.sandbox_dir(root, args.id)) as c:
-        if verb == "status":
-            msg: object = c.vm.Status(vpb.StatusRequest(), timeout=c.timeout)
-        else:
-            msg = c.agent.GetGuestDetails(apb.GuestDetailsRequest(), timeout=c.timeout)
-        print(json_format.MessageToJson(msg, preserving_proto_field_name=True))  # type: ignore[arg-type]
+        try:
+            msg = c.vm.Status() if verb == "status" else c.agent.GetGuestDetails()
+        except client.CallError as exc:
+            raise client.rpc_error(f"sandbox {args.id}", exc) from exc
+        print(json.dumps(msg, indent=2))
     return 0
 
 

@@ -7,7 +7,7 @@ checked once at the edge, and its rewrite for the guest), ``hooks`` (the host-si
 ``shim`` (spawning a container's or an exec's shim and waiting for it) and ``busybox`` (the
 embedded default bundle).
 
-May import: the standard library, grpc, cocoon.agent (stubs), cocoon.runtime.{errors, config,
-logs, vm_pb2, pod, sandbox, resources, network, monitor.launch (the files a sandbox holds)}.
-Never cocoon.runtime.cli or the monitor's own modules.
+May import: the standard library, cocoon.runtime.{errors, config, logs, pod, sandbox, resources,
+network, monitor.launch (the files a sandbox holds)}. Never cocoon.runtime.cli or the monitor's own
+modules.
 """

@@ -29,10 +29,9 @@ is left to do between the create and the start, and a second crun process in the
 Any failure undoes all of it (``_undo``: a VM booted for it is stopped; a pod's container
 leaves its pod's VM as it found it), and the id is free again.
 
-May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{config,
-errors, faults, fds, vm_pb2, pids, monitor.{hostcgroup, launch}, pod, container.{hooks, ids,
-shim, spec, state, seccomp}, resources, sandbox.{client, hostmount, launcher, paths, pool},
-network.netns (lazily)}.
+May import: the standard library, cocoon.runtime.{config, errors, faults, fds, pids,
+monitor.{hostcgroup, launch}, pod, container.{hooks, ids, shim, spec, state, seccomp},
+resources, sandbox.{client, hostmount, launcher, paths, pool}, network.netns (lazily)}.
 """
 
 from __future__ import annotations
@@ -44,11 +43,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import faults
-from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import ANNOTATION_PREFIX, NetworkConfig, with_annotations
 from cocoon.runtime.container import seccomp
 from cocoon.runtime.container import shim as shimmod
@@ -74,7 +69,7 @@ from cocoon.runtime.resources import attach, sizing
 from cocoon.runtime.resources import devices as devmod
 from cocoon.runtime.sandbox import hostmount, paths, pool
 from cocoon.runtime.sandbox import launcher as sandbox
-from cocoon.runtime.sandbox.client import Client, rpc_error
+from cocoon.runtime.sandbox.client import CallError, Client, b64, rpc_error
 
 log = logging.getLogger("cocoon")
 CREATE_HOOKS = ("prestart", "createRuntime")  # run by create, on the host, in this order
@@ -314,7 +309,7 @@ def _sandbox(ctx: Ctx, plan: _Plan) -> Path:
 
 def _prepare_guest(
     ctx: Ctx, c: Client, plan: _Plan, sandbox_dir: Path
-) -> tuple[list[apb.Device], dict[int, str]]:
+) -> tuple[list[dict[str, str]], dict[int, str]]:
     """Share in the rootfs and volumes, size the VM, plug the devices; the agent's Device list
     and each block volume's node in the guest."""
     share_in(sandbox_dir, plan.cid, plan.bundle)
@@ -330,7 +325,7 @@ def _prepare_guest(
 def _create_in_guest(
     c: Client,
     plan: _Plan,
-    devices: list[apb.Device],
+    devices: list[dict[str, str]],
     sources: dict[int, str],
     guest_seccomp: bool = False,
     start: bool = False,
@@ -345,21 +340,22 @@ def _create_in_guest(
     )
     if guest_seccomp:
         seccomp.with_default_profile(spec)
-    req = apb.CreateContainerRequest(
-        container_id=plan.cid,
-        oci_spec_json=json.dumps(spec).encode(),
+    req = {
+        "container_id": plan.cid,
+        "oci_spec_json": b64(json.dumps(spec).encode()),
         # The caller's stdin, which the shim inherits: /dev/null (containerd's and conmon's
         # for a container without stdin) is the guest's /dev/null, as runc passes it through,
         # and the shim opens no stdin stream (shim.main decides the same from the same fd).
-        stdio=apb.StdioConfig(
-            terminal=plan.bundle.terminal, stdin=plan.bundle.terminal or not is_dev_null(0)
-        ),
-        devices=devices,
-        start=start,
-    )
+        "stdio": {
+            "terminal": plan.bundle.terminal,
+            "stdin": plan.bundle.terminal or not is_dev_null(0),
+        },
+        "devices": devices,
+        "start": start,
+    }
     try:
         c.agent.CreateContainer(req, timeout=120)
-    except grpc.RpcError as exc:
+    except CallError as exc:
         raise rpc_error(f"container {plan.cid}", exc) from exc
 
 
@@ -407,13 +403,12 @@ def _state(plan: _Plan, pid: int, netns: str, netns_owned: bool) -> ContainerSta
 def _attach_network(c: Client, cid: str, netns: str, net: NetworkConfig) -> None:
     try:
         r = c.vm.AttachNetwork(
-            vpb.AttachNetworkRequest(netns_path=netns, model=net.model, queues=net.queues),
-            timeout=120,
+            {"netns_path": netns, "model": net.model, "queues": net.queues}, timeout=120
         )
-    except grpc.RpcError as exc:
+    except CallError as exc:
         raise rpc_error(f"container {cid}: network", exc) from exc
-    for sk in r.skipped:
-        log.warning("container %s: %s", cid, sk.reason)
+    for sk in r["skipped"]:
+        log.warning("container %s: %s", cid, sk["reason"])
 
 
 def _undo(ctx: Ctx, plan: _Plan, made: _Made) -> None:
@@ -438,8 +433,8 @@ def leave_sandbox(ctx: Ctx, sandbox_id: str, cid: str, disks: list[str], vfio: l
     share unmounted."""
     d = paths.sandbox_dir(ctx.root, sandbox_id)
     with contextlib.suppress(CocoonError), Client(d, ctx.cfg.agent.request_timeout_s) as c:
-        with contextlib.suppress(grpc.RpcError):  # a create that failed early made none
-            c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=cid), timeout=60)
+        with contextlib.suppress(CallError):  # a create that failed early made none
+            c.agent.RemoveContainer({"container_id": cid}, timeout=60)
         attach.detach_devices(c, disks, vfio)
         attach.resize(c, cid, vm_size(ctx, sandbox_id, drop=cid))
     hostmount.safe_rmtree(d / "shared" / cid)

@@ -3,12 +3,11 @@
 Each verb loads the container's state, asks its Status the verb's rule (``can_start``,
 ``can_kill``...), and asks the agent (through the sandbox's monitor) to do it; ``create``
 lives in ``create`` (it is the long one), ``state``/``list`` in ``state`` and ``exec`` in
-``execproc`` (they need no gRPC). ``run`` is create + start and, in the foreground, wait +
+``execproc`` (they need no sandbox call). ``run`` is create + start and, in the foreground, wait +
 delete.
 
-May import: the standard library, grpc, cocoon.agent (messages), cocoon.runtime.{errors,
-faults, pids, container.{create, ids, shim, spec, state, hooks}, pod.resources,
-resources.{attach, sizing}, sandbox.{client, paths}}.
+May import: the standard library, cocoon.runtime.{errors, faults, pids, container.{create, ids,
+shim, spec, state, hooks}, pod.resources, resources.{attach, sizing}, sandbox.{client, paths}}.
 """
 
 from __future__ import annotations
@@ -21,9 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime import faults
 from cocoon.runtime.container import create as create_mod
 from cocoon.runtime.container import shim as shimmod
@@ -36,7 +32,7 @@ from cocoon.runtime.pids import pid_alive, wait_gone
 from cocoon.runtime.pod.resources import in_pod, members, vm_size
 from cocoon.runtime.resources import attach, sizing
 from cocoon.runtime.sandbox import paths
-from cocoon.runtime.sandbox.client import Client, rpc_error
+from cocoon.runtime.sandbox.client import CallError, Client, b64, rpc_error
 
 
 def _dir(ctx: Ctx, st: ContainerState) -> Path:
@@ -65,8 +61,8 @@ def start(ctx: Ctx, cid: str) -> None:
         faults.point("start:before", _dir(ctx, st), st.pid)
         with _client(ctx, st) as c:
             try:
-                c.agent.StartContainer(apb.StartContainerRequest(container_id=cid), timeout=120)
-            except grpc.RpcError as exc:
+                c.agent.StartContainer({"container_id": cid}, timeout=120)
+            except CallError as exc:
                 raise rpc_error(f"start {cid}", exc) from exc
         st.status = Status.RUNNING.value
         store.save(st)
@@ -83,10 +79,9 @@ def kill(ctx: Ctx, cid: str, sig: int, all_processes: bool) -> None:
     with _client(ctx, st) as c:
         try:
             c.agent.SignalProcess(
-                apb.SignalProcessRequest(container_id=cid, signal=sig, all=all_processes),
-                timeout=30,
+                {"container_id": cid, "signal": sig, "all": all_processes}, timeout=30
             )
-        except grpc.RpcError as exc:
+        except CallError as exc:
             raise rpc_error(f"kill {cid}", exc) from exc
 
 
@@ -121,14 +116,10 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
             for member in members(ctx, st.sandbox_id):
                 delete(ctx, member.id, force=True)
         if eff is not Status.STOPPED:
-            with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
+            with contextlib.suppress(CocoonError, CallError), _client(ctx, st) as c:
                 if eff is Status.PAUSED:
-                    c.agent.ResumeContainer(
-                        apb.ResumeContainerRequest(container_id=cid), timeout=30
-                    )
-                c.agent.SignalProcess(
-                    apb.SignalProcessRequest(container_id=cid, signal=9, all=True), timeout=30
-                )
+                    c.agent.ResumeContainer({"container_id": cid}, timeout=30)
+                c.agent.SignalProcess({"container_id": cid, "signal": 9, "all": True}, timeout=30)
             wait_gone(st.pid, 15)
         faults.point("delete:killed", _dir(ctx, st), st.pid)
         for pid in [st.pid, *st.exec_pids.values()]:
@@ -140,7 +131,7 @@ def delete(ctx: Ctx, cid: str, force: bool) -> None:
             # first. VFIO devices are unplugged so that their host driver is given back; the
             # sandbox's teardown undoes the network (from its record, once QEMU is gone).
             if st.disks or st.vfio:
-                with contextlib.suppress(CocoonError, grpc.RpcError), _client(ctx, st) as c:
+                with contextlib.suppress(CocoonError, CallError), _client(ctx, st) as c:
                     attach.detach_devices(c, st.disks, st.vfio)
             create_mod.teardown_sandbox(ctx, st.sandbox_id)
         else:  # a pod's container: the pod's VM and its other containers stay
@@ -166,13 +157,9 @@ def simple(ctx: Ctx, cid: str, verb: str) -> None:
             raise LifecycleError(f"cannot {verb} container {cid} in status {eff.value}")
         with _client(ctx, st) as c:
             try:
-                if verb == "pause":
-                    c.agent.PauseContainer(apb.PauseContainerRequest(container_id=cid), timeout=60)
-                else:
-                    c.agent.ResumeContainer(
-                        apb.ResumeContainerRequest(container_id=cid), timeout=60
-                    )
-            except grpc.RpcError as exc:
+                method = c.agent.PauseContainer if verb == "pause" else c.agent.ResumeContainer
+                method({"container_id": cid}, timeout=60)
+            except CallError as exc:
                 raise rpc_error(f"{verb} {cid}", exc) from exc
         if verb == "pause":  # a created container may be paused too, as under runc
             st.paused_from, st.status = eff.value, Status.PAUSED.value
@@ -204,12 +191,10 @@ def update(ctx: Ctx, cid: str, resources: dict[str, Any]) -> None:
             faults.point("update:resized", _dir(ctx, st), st.pid)
             try:
                 c.agent.UpdateContainer(
-                    apb.UpdateContainerRequest(
-                        container_id=cid, resources_json=json.dumps(resources).encode()
-                    ),
+                    {"container_id": cid, "resources_json": b64(json.dumps(resources).encode())},
                     timeout=60,
                 )
-            except grpc.RpcError as exc:
+            except CallError as exc:
                 if grows:
                     with contextlib.suppress(CocoonError):
                         attach.resize(c, cid, old)
@@ -226,32 +211,38 @@ def stats(ctx: Ctx, cid: str) -> dict[str, Any]:
         raise LifecycleError(f"container {cid} is stopped")
     with _client(ctx, st) as c:
         try:
-            s = c.agent.StatsContainer(apb.StatsContainerRequest(container_id=cid), timeout=30)
-        except grpc.RpcError as exc:
+            s = c.agent.StatsContainer({"container_id": cid}, timeout=30)
+        except CallError as exc:
             raise rpc_error(f"stats {cid}", exc) from exc
+    # A message the agent left out is missing; 64-bit fields come as strings.
+    cpu, mem, pids = s.get("cpu", {}), s.get("memory", {}), s.get("pids", {})
     return {
         "cpu": {
             "usage": {
-                "total": s.cpu.usage_total_ns,
-                "kernel": s.cpu.usage_kernel_ns,
-                "user": s.cpu.usage_user_ns,
+                "total": _n(cpu, "usage_total_ns"),
+                "kernel": _n(cpu, "usage_kernel_ns"),
+                "user": _n(cpu, "usage_user_ns"),
             },
             "throttling": {
-                "throttledPeriods": s.cpu.throttled_periods,
-                "throttledTime": s.cpu.throttled_time_ns,
+                "throttledPeriods": _n(cpu, "throttled_periods"),
+                "throttledTime": _n(cpu, "throttled_time_ns"),
             },
         },
         "memory": {
             "usage": {
-                "usage": s.memory.usage_bytes,
-                "max": s.memory.max_usage_bytes,
-                "limit": s.memory.limit_bytes,
-                "failcnt": s.memory.failcnt,
+                "usage": _n(mem, "usage_bytes"),
+                "max": _n(mem, "max_usage_bytes"),
+                "limit": _n(mem, "limit_bytes"),
+                "failcnt": _n(mem, "failcnt"),
             },
-            "cache": s.memory.cache_bytes,
+            "cache": _n(mem, "cache_bytes"),
         },
-        "pids": {"current": s.pids.current, "limit": s.pids.limit},
+        "pids": {"current": _n(pids, "current"), "limit": _n(pids, "limit")},
     }
+
+
+def _n(msg: dict[str, Any], field: str) -> int:
+    return int(msg.get(field, 0))
 
 
 def host_pids(ctx: Ctx, cid: str) -> list[int]:

@@ -9,8 +9,8 @@ pool fill (``sandbox.pool``) therefore runs ``true`` in a busybox container thro
 agent calls a ``run`` makes (share, create and start in one, wait, remove) and marks the VM
 ready only after it exited 0: a pooled VM that cannot run a container is never handed out.
 
-May import: the standard library, grpc, cocoon.agent.agent_pb2,
-cocoon.runtime.{errors, container.{busybox, create, spec}, sandbox.{client, hostmount}}.
+May import: the standard library, cocoon.runtime.{errors, container.{busybox, create, spec},
+sandbox.{client, hostmount}}.
 """
 
 from __future__ import annotations
@@ -19,15 +19,12 @@ import json
 import shutil
 from pathlib import Path
 
-import grpc
-
-from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime.container import busybox
 from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container.create import share_in
 from cocoon.runtime.errors import LifecycleError
 from cocoon.runtime.sandbox import hostmount
-from cocoon.runtime.sandbox.client import Client, rpc_error
+from cocoon.runtime.sandbox.client import CallError, Client, b64, rpc_error
 
 WARM_ID = "cocoon-pool-warm"  # a container id no caller's VM ever sees: the VM is not one yet
 WARM_DIR = "warm-bundle"  # in the pooled VM's state directory, while the warm-up runs
@@ -47,7 +44,7 @@ def warm_vm(d: Path, timeout: float = 60.0) -> None:
         with Client(d, timeout) as c:
             try:
                 _run(c, spec, timeout)
-            except grpc.RpcError as exc:
+            except CallError as exc:
                 raise rpc_error("warming the pooled VM", exc) from exc
     finally:
         hostmount.safe_rmtree(d / "shared" / WARM_ID)
@@ -55,19 +52,17 @@ def warm_vm(d: Path, timeout: float = 60.0) -> None:
 
 
 def _run(c: Client, spec: dict[str, object], timeout: float) -> None:
-    req = apb.CreateContainerRequest(
-        container_id=WARM_ID,
-        oci_spec_json=json.dumps(spec).encode(),
-        stdio=apb.StdioConfig(terminal=False, stdin=False),
-        start=True,
-    )
+    req = {
+        "container_id": WARM_ID,
+        "oci_spec_json": b64(json.dumps(spec).encode()),
+        "stdio": {"terminal": False, "stdin": False},
+        "start": True,
+    }
     c.agent.CreateContainer(req, timeout=timeout)
     try:
-        r = c.agent.WaitProcess(
-            apb.WaitProcessRequest(container_id=WARM_ID, exec_id=""), timeout=timeout
-        )
+        r = c.agent.WaitProcess({"container_id": WARM_ID, "exec_id": ""}, timeout=timeout)
     finally:
-        c.agent.RemoveContainer(apb.RemoveContainerRequest(container_id=WARM_ID), timeout=timeout)
-    if r.signaled or r.status != 0:
-        how = "was killed by signal" if r.signaled else "exited"
-        raise LifecycleError(f"warming the pooled VM: true {how} {r.status}")
+        c.agent.RemoveContainer({"container_id": WARM_ID}, timeout=timeout)
+    if r["signaled"] or r["status"] != 0:
+        how = "was killed by signal" if r["signaled"] else "exited"
+        raise LifecycleError(f"warming the pooled VM: true {how} {r['status']}")

@@ -1,15 +1,16 @@
 """The sandbox monitor process: ``python -m cocoon.runtime.monitor.main --launch FILE``.
 
-Reads the launch file, sets up logging, brings the VM up (monitor.vm), then serves the VM
-service (monitor.service) and the forwarded agent service (monitor.forward) on the monitor's
-socket; a template's monitor (``template = "save"``) instead saves the booted VM and ends.
-Whatever the outcome, one JSON line goes to ``--ready-fd``: ``{"ok": true, ...}`` or
-``{"ok": false, "error": ..., "details": ...}`` (QEMU's stderr and console tails). A failed
-start tears everything down and removes the state directory before reporting; so does the end
-of a sandbox (SIGTERM, a Shutdown call, or QEMU's death), orderly or not.
+Reads the launch file, sets up logging, brings the VM up (monitor.vm), then serves the VM service
+(monitor.service) and the forwarded agent service (monitor.forward) on the monitor's socket, and
+both as framed JSON calls on the shims' socket (monitor.calls); a template's monitor (``template =
+"save"``) instead saves the booted VM and ends. Whatever the outcome, one JSON line goes to
+``--ready-fd``: ``{"ok": true, ...}`` or ``{"ok": false, "error": ..., "details": ...}`` (QEMU's
+stderr and console tails). A failed start tears everything down and removes the state directory
+before reporting; so does the end of a sandbox (SIGTERM, a Shutdown call, or QEMU's death), orderly
+or not.
 
 May import: the standard library, qemu.qmp (QMPError), cocoon.runtime.{fds, logs, errors},
-cocoon.runtime.monitor.{forward, hostcgroup, launch, service, vm}.
+cocoon.runtime.monitor.{calls, forward, hostcgroup, launch, service, vm}.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from qemu.qmp.error import QMPError
 
 from cocoon.runtime import fds, logs
 from cocoon.runtime.errors import StartError
-from cocoon.runtime.monitor import forward, hostcgroup, service
+from cocoon.runtime.monitor import calls, forward, hostcgroup, service
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.vm import Vm, remove_state_dir
 
@@ -56,6 +57,7 @@ async def start(vm: Vm) -> None:
         grant_vfio=vm.grant_vfio,
     )
     await vm.serve([service.handler(svc), forward.handlers(lambda: vm.agent)])
+    vm.stdio.calls = calls.Calls(svc, lambda: vm.agent)
     await vm.stdio.serve(vm.dir / L.STDIO_SOCK)
 
 

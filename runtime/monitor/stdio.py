@@ -28,11 +28,14 @@ most 4 KiB: ``{"container_id": C, "exec_id": E, "stream": S}``, S one of
   needs no gRPC of its own, and a started process always has a shim whose going away kills
   it.
 
+A first line with ``call`` in it is not a shim's: it carries one unary call of the CLI to the
+VM service or the agent (monitor.calls), answered on the same connection.
+
 Bad input from a shim (a long or malformed line, an unknown stream or field) closes that
 connection and is logged; the other connections and the sandbox carry on.
 
 May import: the standard library, grpc, cocoon.agent.{agent_pb2, mux},
-cocoon.runtime.monitor.{agentcalls, channel, launch}.
+cocoon.runtime.monitor.{agentcalls, calls, channel, launch}.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import grpc.aio
 
 from cocoon.agent import agent_pb2 as apb
 from cocoon.agent import mux
+from cocoon.runtime.monitor import calls as calls_mod
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.agentcalls import Stub
 from cocoon.runtime.monitor.channel import SerialMuxHost
@@ -63,6 +67,7 @@ CHUNK = 64 * 1024
 GRANT_BATCH = mux.RAW_WINDOW // 2  # a raw stream's room given back half a window at a time
 EXEC_TIMEOUT = 120.0  # crun exec in the guest, under TCG on a loaded host
 SIGNAL_MAX = signal.SIGRTMAX
+CALL_GRACE = 2.0  # how long a closing endpoint lets the calls in flight answer
 # The fields each stream's first line may carry besides container_id, exec_id and stream.
 STREAMS: dict[str, dict[str, type]] = {
     "stdout": {},
@@ -87,14 +92,23 @@ class Hello:
     stdin: bool = True  # control of an exec: False, its stdin is /dev/null (no stdin stream)
 
 
-def parse_hello(line: bytes) -> Hello:
-    """A connection's first line, checked field by field."""
+def parse_line(line: bytes) -> dict[str, Any]:
+    """A connection's first line as a JSON object."""
     try:
         h = json.loads(line)
     except ValueError:
         raise BadHello("not JSON") from None
     if not isinstance(h, dict):
         raise BadHello("not an object")
+    return h
+
+
+def parse_hello(line: bytes) -> Hello:
+    """A shim's first line, checked field by field."""
+    return hello(parse_line(line))
+
+
+def hello(h: dict[str, Any]) -> Hello:
     cid, eid, stream = h.pop("container_id", None), h.pop("exec_id", ""), h.pop("stream", None)
     if not isinstance(cid, str) or not cid or not isinstance(eid, str):
         raise BadHello("container_id and exec_id must be strings")
@@ -141,13 +155,18 @@ class Endpoint:
         self._link = link
         self.server: asyncio.AbstractServer | None = None
         self.conns: set[asyncio.StreamWriter] = set()
+        self.calls: calls_mod.Calls | None = None  # set once the VM service exists
+        self.calling: set[asyncio.Future[None]] = set()  # calls not answered yet
 
     async def serve(self, path: Path) -> None:
         self.server = await asyncio.start_unix_server(self._handle, str(path), limit=HELLO_MAX)
         path.chmod(0o600)
 
     async def close(self) -> None:
-        """No new shims, and the connected ones learn that the sandbox is gone."""
+        """No new shims, and the connected ones learn that the sandbox is gone; calls being
+        answered (the Shutdown that ended the sandbox) get their answer first."""
+        if self.calling:
+            await asyncio.wait(self.calling, timeout=CALL_GRACE)
         for w in list(self.conns):
             w.close()
         if self.server is not None:
@@ -159,11 +178,20 @@ class Endpoint:
         self.conns.add(writer)
         try:
             try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), 10)
-                h = parse_hello(line)
+                first = parse_line(await asyncio.wait_for(reader.readuntil(b"\n"), 10))
+                if "call" in first:
+                    await self._call(first, reader, writer)
+                    return
+                h = hello(first)
                 body = await asyncio.wait_for(reader.readexactly(h.size), 10) if h.size else b""
-            except (BadHello, ValueError, asyncio.IncompleteReadError, TimeoutError) as exc:
-                log.warning("shim connection refused: %s", exc)
+            except (
+                BadHello,
+                calls_mod.BadCall,
+                ValueError,
+                asyncio.IncompleteReadError,
+                TimeoutError,
+            ) as exc:
+                log.warning("connection refused: %s", exc)
                 return
             channel = self._channel()
             if channel is None:
@@ -183,6 +211,22 @@ class Endpoint:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    async def _call(
+        self, first: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """A client's unary call (monitor.calls)."""
+        h = calls_mod.parse_header(first)
+        body = await asyncio.wait_for(reader.readexactly(h.size), 10)
+        if self.calls is None:
+            raise calls_mod.BadCall("the sandbox's services are not up yet")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.calling.add(done)
+        try:
+            await calls_mod.serve(self.calls, h, body, reader, writer)
+        finally:
+            self.calling.discard(done)
+            done.set_result(None)
 
     async def _exec(self, stub: Stub, h: Hello, body: bytes, writer: asyncio.StreamWriter) -> bool:
         """Starts an exec's process; False if the agent refused it (the shim has the error)."""

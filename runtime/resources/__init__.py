@@ -4,6 +4,6 @@
 devices of ``linux.devices`` (block devices, VFIO groups); ``attach`` asks the monitor to
 resize the VM and hot-plug or unplug those devices on a container's behalf.
 
-May import: the standard library, cocoon.agent (messages), cocoon.runtime.{errors, config,
-vm_pb2, container.spec, sandbox.client}.
+May import: the standard library, cocoon.runtime.{errors, config, container.spec,
+sandbox.client}.
 """

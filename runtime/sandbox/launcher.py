@@ -6,9 +6,9 @@ it), and waits for the monitor's one-line ready report (``client.Client`` then r
 ``stop()`` asks for an orderly shutdown and waits until the monitor and its state directory
 are gone.
 
-May import: the standard library, grpc, cocoon.guest_image, cocoon.runtime.{config, errors,
-vm_pb2, monitor.{hostcgroup, launch, qemuuser}, pids,
-network.record (lazily)}, cocoon.runtime.sandbox.{client, hostmount, paths, probe, qemu_argv}.
+May import: the standard library, cocoon.guest_image, cocoon.runtime.{config, errors,
+monitor.{hostcgroup, launch, qemuuser}, pids, network.record (lazily)},
+cocoon.runtime.sandbox.{client, hostmount, paths, probe, qemu_argv}.
 """
 
 from __future__ import annotations
@@ -28,10 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from cocoon.guest_image import build as image_build
-from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import Config
 from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
 from cocoon.runtime.monitor import hostcgroup, qemuuser
@@ -494,10 +491,8 @@ def stop_dir(d: Path, timeout: float = 10.0) -> str:
     how = "unknown"
     try:
         with client_mod.Client(d) as c:
-            how = c.vm.Shutdown(
-                vpb.ShutdownRequest(timeout_seconds=int(timeout)), timeout=timeout * 3 + 10
-            ).how
-    except (grpc.RpcError, CocoonError):
+            how = c.vm.Shutdown({"timeout_seconds": int(timeout)}, timeout=timeout * 3 + 10)["how"]
+    except (client_mod.CallError, CocoonError):
         how = "forced"
     if mpid:
         wait_gone(mpid, timeout + 10)

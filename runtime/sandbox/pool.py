@@ -26,8 +26,8 @@ clears what is stale: entries whose monitor is gone, corrupt entries, VMs booted
 configuration, half-booted entries of a fill that died, and VMs claimed by a process that
 died before linking them.
 
-May import: the standard library, grpc, cocoon.runtime.{config, errors, vm_pb2,
-pids, monitor.{hostcgroup, launch}}, cocoon.runtime.sandbox.{client, launcher, paths, template}.
+May import: the standard library, cocoon.runtime.{config, errors, pids, monitor.{hostcgroup,
+launch}}, cocoon.runtime.sandbox.{client, launcher, paths, template}.
 """
 
 from __future__ import annotations
@@ -46,10 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
 from cocoon.runtime import config as config_mod
-from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
 from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor import launch as L
@@ -231,8 +228,8 @@ def claim(
             raise StateError(f"sandbox {sandbox_id} already exists ({link})") from None
         try:
             _specialise(cfg, e, link, sandbox_id, log_file, log_format, debug, cgroups_path)
-        except (CocoonError, OSError, grpc.RpcError) as exc:
-            detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+        except (CocoonError, OSError, client_mod.CallError) as exc:
+            detail = exc.details if isinstance(exc, client_mod.CallError) else str(exc)
             log.warning("pooled VM %s could not be claimed (%s): trying another", e.vmid, detail)
             with contextlib.suppress(FileNotFoundError):
                 link.unlink()
@@ -276,15 +273,15 @@ def _specialise(
     try:
         with client_mod.Client(e.dir, cfg.agent.request_timeout_s) as c:
             c.vm.Claim(
-                vpb.ClaimRequest(
-                    sandbox_id=sandbox_id,
-                    alias=str(link),
-                    cgroup_json=json.dumps(dataclasses.asdict(cg)),
-                    log_file=str(log_file) if log_file else "",
-                    log_format=log_format,
-                    debug=debug,
-                    nice=os.getpriority(os.PRIO_PROCESS, 0),
-                ),
+                {
+                    "sandbox_id": sandbox_id,
+                    "alias": str(link),
+                    "cgroup_json": json.dumps(dataclasses.asdict(cg)),
+                    "log_file": str(log_file) if log_file else "",
+                    "log_format": log_format,
+                    "debug": debug,
+                    "nice": os.getpriority(os.PRIO_PROCESS, 0),
+                },
                 timeout=30,
             )
     except BaseException:

@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -87,6 +88,19 @@ def uid_markers() -> dict[str, str]:
 def cfg() -> config_mod.Config:
     """The shipped defaults (equal to configuration.toml), independent of /etc/cocoon."""
     return config_mod.Config()
+
+
+@contextlib.contextmanager
+def grpc_stubs(d: Path) -> Iterator[tuple[Any, Any]]:
+    """The agent's and the VM service's gRPC stubs on the monitor's own socket (which the
+    CLI does not use: it calls as JSON, sandbox.client), for the streaming methods."""
+    import grpc
+
+    from cocoon.agent import agent_pb2_grpc
+    from cocoon.runtime import vm_pb2_grpc
+
+    with grpc.insecure_channel(f"unix:{d / 'monitor.sock'}") as ch:
+        yield agent_pb2_grpc.AgentServiceStub(ch), vm_pb2_grpc.VMStub(ch)
 
 
 def with_(cfg: config_mod.Config, section: str, **kw: object) -> config_mod.Config:

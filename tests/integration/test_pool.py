@@ -23,8 +23,8 @@ from cocoon.agent import agent_pb2 as apb
 from cocoon.runtime.container import busybox
 from cocoon.runtime.container.warm import WARM_DIR, WARM_ID
 from cocoon.runtime.monitor import launch as L
-from cocoon.runtime.sandbox.client import Client
 from tests.integration.cli import Cli
+from tests.integration.conftest import grpc_stubs
 from tests.integration.procs import cgroup_of
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
@@ -89,8 +89,8 @@ def test_create_claims_a_pooled_vm_specialises_it_and_the_pool_refills(
     qemu = pool.qemu_pid(vmdir)
     assert os.getpriority(os.PRIO_PROCESS, qemu) == 10  # an idle pooled VM yields
     # warmed before it was marked ready: one throwaway container ran in it and left nothing
-    with Client(vmdir) as c:
-        logs = [r.message for r in c.agent.ReadLogs(apb.ReadLogsRequest(follow=False), timeout=30)]
+    with grpc_stubs(vmdir) as (agent, _):
+        logs = [r.message for r in agent.ReadLogs(apb.ReadLogsRequest(follow=False), timeout=30)]
     assert any(f"container {WARM_ID} process init" in m and m.endswith("exited: 0") for m in logs)
     assert list((vmdir / "shared").iterdir()) == [] and not (vmdir / WARM_DIR).exists()
     assert cgroup_of(qemu)["cpu,cpuacct" if "cpu,cpuacct" in cgroup_of(qemu) else "cpu"].endswith(

@@ -18,10 +18,11 @@ from cocoon.agent import api_hash
 from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.config import Config
 from cocoon.runtime.container import busybox
+from cocoon.runtime.sandbox import client, paths, qemu_argv
 from cocoon.runtime.sandbox import launcher as sandbox
-from cocoon.runtime.sandbox import paths, qemu_argv
 from cocoon.testing.leaks import live_processes
 from tests.integration.cli import Cli
+from tests.integration.conftest import grpc_stubs
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 MIB = 1024 * 1024
@@ -33,34 +34,37 @@ def test_boot_guest_details_and_orderly_stop(
     sb = sandbox.start(cfg, state_root, "boot1")
     try:
         assert (state_root / "sandboxes" / "boot1" / "monitor.sock").exists()
-        with sb.client() as c:
-            ver = c.agent.Version(apb.VersionRequest(), timeout=10)
-            details = c.agent.GetGuestDetails(apb.GuestDetailsRequest(), timeout=10)
-            status = c.vm.Status(vpb.StatusRequest(), timeout=10)
-        assert ver.api_hash == api_hash()
-        assert details.kernel_release.endswith("-cloud-amd64")
-        assert details.kernel_release != os.uname().release
-        assert details.machine == "x86_64"
-        assert details.cpus_online == cfg.hypervisor.default_vcpus
-        assert details.cpus_possible == (cfg.hypervisor.default_maxvcpus or os.cpu_count())
+        with sb.client() as c:  # as the CLI calls: JSON on stdio.sock
+            ver = c.agent.Version(timeout=10)
+            details = c.agent.GetGuestDetails(timeout=10)
+            status = c.vm.Status(timeout=10)
+        assert ver["api_hash"] == api_hash()
+        assert details["kernel_release"].endswith("-cloud-amd64")
+        assert details["kernel_release"] != os.uname().release
+        assert details["machine"] == "x86_64"
+        assert details["cpus_online"] == cfg.hypervisor.default_vcpus
+        assert details["cpus_possible"] == (cfg.hypervisor.default_maxvcpus or os.cpu_count())
         want = cfg.hypervisor.default_memory_mib * MIB
         # The kernel keeps some RAM for itself; MemTotal is a little under the boot size.
-        assert want - 64 * MIB < details.mem_total_bytes <= want
-        assert 0 < details.mem_available_bytes <= details.mem_total_bytes
-        assert details.channel == "virtio-serial"
-        assert details.agent_ready_uptime_seconds > 0
-        assert status.state == "running"
-        assert status.qemu_pid > 0 and status.monitor_pid == sb.monitor_pid
-        assert status.accel in ("kvm", "tcg")
-        # A bad request comes back through the monitor as a clear gRPC status.
-        with sb.client() as c, pytest.raises(grpc.RpcError) as err:
-            c.agent.CreateContainer(apb.CreateContainerRequest(container_id="x"), timeout=10)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "spec is not JSON" in (err.value.details() or "")
-        # ... and so do the calls the agent does not implement yet.
-        with sb.client() as c, pytest.raises(grpc.RpcError) as err:
-            c.agent.GetOOMEvent(apb.GetOOMEventRequest(), timeout=10)
-        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        mem_total, mem_available = (
+            int(details[k]) for k in ("mem_total_bytes", "mem_available_bytes")
+        )
+        assert want - 64 * MIB < mem_total <= want
+        assert 0 < mem_available <= mem_total
+        assert details["channel"] == "virtio-serial"
+        assert details["agent_ready_uptime_seconds"] > 0
+        assert status["state"] == "running"
+        assert status["qemu_pid"] > 0 and status["monitor_pid"] == sb.monitor_pid
+        assert status["accel"] in ("kvm", "tcg")
+        # A bad request comes back through the monitor as a clear status.
+        with sb.client() as c, pytest.raises(client.CallError) as err:
+            c.agent.CreateContainer({"container_id": "x"}, timeout=10)
+        assert err.value.code == "INVALID_ARGUMENT"
+        assert "spec is not JSON" in err.value.details
+        # ... and so do the calls the agent does not implement yet, over gRPC too.
+        with grpc_stubs(sb.dir) as (agent, _), pytest.raises(grpc.RpcError) as grpc_err:
+            agent.GetOOMEvent(apb.GetOOMEventRequest(), timeout=10)
+        assert grpc_err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         how = sandbox.stop(state_root, "boot1", cfg.runtime.shutdown_timeout_s)
     assert how == "agent"  # the guest powered itself off on DestroySandbox
@@ -76,8 +80,8 @@ def test_qemu_killed_is_reported_and_cleaned_up(
     subscribed = threading.Event()
 
     def watch() -> None:
-        with sb.client() as c:
-            stream = c.vm.Events(vpb.EventsRequest(), timeout=60)
+        with grpc_stubs(sb.dir) as (_, vm):
+            stream = vm.Events(vpb.EventsRequest(), timeout=60)
             subscribed.set()
             try:
                 for ev in stream:
@@ -90,7 +94,7 @@ def test_qemu_killed_is_reported_and_cleaned_up(
     assert subscribed.wait(10)
     time.sleep(0.3)  # the Events call is registered on the monitor side
     with sb.client() as c:
-        qemu_pid = c.vm.Status(vpb.StatusRequest(), timeout=10).qemu_pid
+        qemu_pid = c.vm.Status(timeout=10)["qemu_pid"]
     os.kill(qemu_pid, signal.SIGKILL)
     assert sb.process is not None
     assert sb.process.wait(30) == 0, "the monitor should exit by itself"

@@ -3,28 +3,15 @@ in words rather than gRPC's "Deadline Exceeded" alone."""
 
 from __future__ import annotations
 
-import grpc
-
-from cocoon.runtime.sandbox.client import rpc_error
-
-
-class Failed(grpc.RpcError):  # type: ignore[misc]
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
+from cocoon.runtime.sandbox.client import CallError, rpc_error
 
 
 def test_the_callees_details_are_kept() -> None:
-    err = rpc_error("container c", Failed(grpc.StatusCode.UNKNOWN, "crun create: no such file"))
+    err = rpc_error("container c", CallError("UNKNOWN", "crun create: no such file"))
     assert str(err) == "container c: crun create: no such file"
 
 
 def test_a_deadline_says_the_sandbox_did_not_finish_in_time() -> None:
-    err = rpc_error("container c", Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+    err = rpc_error("container c", CallError("DEADLINE_EXCEEDED", "Deadline Exceeded"))
     assert str(err).startswith("container c: the sandbox did not finish it in time")
     assert "console.log" in str(err)
