@@ -182,8 +182,13 @@ def join(hc: HostCgroup, pid: int) -> None:
 
 def leave(hc: HostCgroup, pid: int) -> None:
     """``pid`` back where it came from, then what ``make`` made removed. Where it came from may
-    be gone (conmon's cgroup, removed by CRI-O when conmon died): then its nearest ancestor."""
-    for home in hc.home:
+    be gone (conmon's cgroup, removed by CRI-O when conmon died): then its nearest ancestor.
+    A hierarchy whose cgroup was not made (a claim into the claimer's own, ``here``) is not
+    left: nothing is removed there, and moving a process is a cgroup migration (on cgroup v1
+    here the first one costs ~9 ms, an RCU grace period)."""
+    for home, joined in zip(hc.home, hc.join, strict=False):
+        if joined not in hc.made:
+            continue
         for d in (Path(home), *Path(home).parents):
             if (d / "cgroup.procs").is_file() and _write_pid(d, pid):
                 break

@@ -166,12 +166,24 @@ def test_leave_goes_to_the_nearest_home_that_is_left(tmp_path: Path) -> None:
     root, proc = fake_proc(tmp_path)
     hc = H.make("/k/p/s", "s", proc)
     gone = root / "memory" / "jobs" / "7" / "conmon-x"  # removed by its owner meanwhile
-    hc = HostCgroup(hc.join, [*hc.home[:1], str(gone), *hc.home[2:]], [])
+    hc = HostCgroup(hc.join, [*hc.home[:1], str(gone), *hc.home[2:]], hc.made)
     for home in {*hc.home, str(gone.parent)} - {str(gone)}:  # a cgroupfs has it in every one
         Path(home, "cgroup.procs").write_text("")
     H.leave(hc, 4242)
     assert (root / "memory" / "jobs" / "7" / "cgroup.procs").read_text() == "4242"
     assert not gone.exists()
+
+
+def test_leave_moves_nothing_out_of_a_cgroup_it_did_not_make(tmp_path: Path) -> None:
+    """A VM claimed into its claimer's own cgroup (``here``): its monitor stays in it, as
+    nothing is removed (a move would be a cgroup migration for nothing)."""
+    root, proc = fake_proc(tmp_path)
+    hc = H.here(proc)
+    for d in hc.join:
+        Path(d, "cgroup.procs").write_text("")
+    H.leave(hc, 4242)
+    assert [Path(d, "cgroup.procs").read_text() for d in hc.join] == [""] * len(hc.join)
+    assert all(Path(d).is_dir() for d in hc.join)
 
 
 def test_remove_kills_what_is_left_in_the_sandbox_cgroup_only(tmp_path: Path) -> None:
