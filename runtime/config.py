@@ -20,7 +20,6 @@ May import: the standard library and cocoon.runtime.errors.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -213,6 +212,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _unknown_key(path: Path, dotted: str) -> ConfigError:
+    import difflib  # only for a key that is wrong: not at every CLI start (~3 ms)
+
     msg = f"{path}: unknown key {_toml_str(dotted)}"
     close = difflib.get_close_matches(dotted, _ALL_KEYS, n=1)
     if close:

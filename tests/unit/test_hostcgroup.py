@@ -177,7 +177,7 @@ def test_leave_goes_to_the_nearest_home_that_is_left(tmp_path: Path) -> None:
 def test_leave_moves_nothing_out_of_a_cgroup_it_did_not_make(tmp_path: Path) -> None:
     """A VM claimed into its claimer's own cgroup (``here``): its monitor stays in it, as
     nothing is removed (a move would be a cgroup migration for nothing)."""
-    root, proc = fake_proc(tmp_path)
+    _, proc = fake_proc(tmp_path)
     hc = H.here(proc)
     for d in hc.join:
         Path(d, "cgroup.procs").write_text("")
