@@ -43,6 +43,7 @@ log = logging.getLogger("cocoon.agent.channel")
 
 PORT_NAME = "agent.channel.0"
 VSOCK_PORT = 1024
+READ_BATCH = 256 * 1024  # the most the port reader decodes at once
 
 
 def find_serial_port(
@@ -455,7 +456,7 @@ class SerialMux:
             _, ev = events[0]
             if ev & select.POLLIN:
                 try:
-                    data = os.read(self._fd, 256 * 1024)
+                    data = self._read_batch(poller)
                 except OSError as exc:
                     if exc.errno in (errno.EAGAIN, errno.EINTR):
                         continue
@@ -465,6 +466,23 @@ class SerialMux:
                     continue
             # POLLHUP without data: no host connected. The state is a level, so wait a bit.
             time.sleep(0.02)
+
+    def _read_batch(self, poller: select.poll) -> bytes:
+        """What the port holds now, up to READ_BATCH bytes. The guest's virtio-serial driver
+        returns one receive buffer (a page) per read, so a stdin stream arrives 4 KiB a read;
+        decoding once per batch rather than once per page is what bounds stdin under TCG."""
+        first = os.read(self._fd, READ_BATCH)
+        if len(first) == 0:
+            return first
+        parts = [first]
+        size = len(first)
+        while size < READ_BATCH and poller.poll(0):
+            more = os.read(self._fd, READ_BATCH - size)
+            if not more:
+                break
+            parts.append(more)
+            size += len(more)
+        return first if len(parts) == 1 else b"".join(parts)
 
     def on_data(self, data: bytes) -> None:
         """What the port delivered: decoded and handled. After a malformed frame everything
