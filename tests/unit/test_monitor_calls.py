@@ -11,7 +11,7 @@ import base64
 import json
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from cocoon.runtime.monitor import calls as calls_mod
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor import stdio
 from cocoon.runtime.sandbox.client import CallError, Client, b64
-from tests.unit.test_monitor_service import Rig
+from tests.unit.test_monitor_service import Rig, _until
 
 
 class FakeAgent:
@@ -273,11 +273,3 @@ def test_a_sandbox_without_a_monitor(tmp_path: Path) -> None:
 
 def test_b64_is_protobufs_bytes_mapping() -> None:
     assert base64.b64decode(b64(b"\x00\xffspec")) == b"\x00\xffspec"
-
-
-async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.01)
