@@ -471,18 +471,15 @@ class SerialMux:
         """What the port holds now, up to READ_BATCH bytes. The guest's virtio-serial driver
         returns one receive buffer (a page) per read, so a stdin stream arrives 4 KiB a read;
         decoding once per batch rather than once per page is what bounds stdin under TCG."""
-        first = os.read(self._fd, READ_BATCH)
-        if len(first) == 0:
-            return first
-        parts = [first]
-        size = len(first)
-        while size < READ_BATCH and poller.poll(0):
+        parts = [os.read(self._fd, READ_BATCH)]
+        size = len(parts[0])
+        while 0 < size < READ_BATCH and poller.poll(0):
             more = os.read(self._fd, READ_BATCH - size)
             if not more:
                 break
             parts.append(more)
             size += len(more)
-        return first if len(parts) == 1 else b"".join(parts)
+        return b"".join(parts)  # one part: that very object, not a copy
 
     def on_data(self, data: bytes) -> None:
         """What the port delivered: decoded and handled. After a malformed frame everything

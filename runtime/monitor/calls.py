@@ -121,7 +121,7 @@ class Calls:
             async with asyncio.timeout(h.timeout):
                 if h.service == "VM":
                     return await service.TABLE[h.method](self._svc, req)
-                return await self._agent(h, m, req)
+                return await self._agent(h, req)
         except Failed:
             raise
         except TimeoutError:
@@ -135,16 +135,11 @@ class Calls:
             log.exception("%s/%s failed", h.service, h.method)
             raise Failed("UNKNOWN", f"{type(exc).__name__}: {exc}") from None
 
-    async def _agent(self, h: Header, m: Any, req: Any) -> Any:
+    async def _agent(self, h: Header, req: Any) -> Any:
         ch = self._channel()
         if ch is None:
             raise Failed("UNAVAILABLE", "the sandbox's agent is not connected")
-        call = ch.unary_unary(
-            agentcalls.AGENT_SERVICE + h.method,
-            request_serializer=type(req).SerializeToString,
-            response_deserializer=getattr(apb, m.output_type.name).FromString,
-        )
-        return await call(req, timeout=h.timeout)
+        return await getattr(agentcalls.Stub(ch), h.method)(req, timeout=h.timeout)
 
     @staticmethod
     def _plain(msg: Any) -> dict[str, Any]:

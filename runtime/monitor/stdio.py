@@ -156,7 +156,7 @@ class Endpoint:
         self.server: asyncio.AbstractServer | None = None
         self.conns: set[asyncio.StreamWriter] = set()
         self.calls: calls_mod.Calls | None = None  # set once the VM service exists
-        self.calling: set[asyncio.Future[None]] = set()  # calls not answered yet
+        self.calling: set[asyncio.Task[Any]] = set()  # the handlers of calls not answered yet
 
     async def serve(self, path: Path) -> None:
         self.server = await asyncio.start_unix_server(self._handle, str(path), limit=HELLO_MAX)
@@ -220,13 +220,13 @@ class Endpoint:
         body = await asyncio.wait_for(reader.readexactly(h.size), 10)
         if self.calls is None:
             raise calls_mod.BadCall("the sandbox's services are not up yet")
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.calling.add(done)
+        task = asyncio.current_task()
+        assert task is not None  # a connection's handler runs as a task
+        self.calling.add(task)
         try:
             await calls_mod.serve(self.calls, h, body, reader, writer)
         finally:
-            self.calling.discard(done)
-            done.set_result(None)
+            self.calling.discard(task)
 
     async def _exec(self, stub: Stub, h: Hello, body: bytes, writer: asyncio.StreamWriter) -> bool:
         """Starts an exec's process; False if the agent refused it (the shim has the error)."""
