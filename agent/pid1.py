@@ -6,7 +6,7 @@ them with sigwait in the main thread, reaps every child on SIGCHLD (orphans are 
 it), and powers the VM off on DestroySandbox or when the channel cannot be served.
 
 May import: the standard library, grpc, cocoon.agent.{agent_pb2_grpc, channel, containers,
-kmod, libc, logbuf, network, proc, server}.
+deferred, kmod, libc, logbuf, network, proc, server}.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from cocoon.agent import agent_pb2_grpc as pbg
-from cocoon.agent import channel, libc, network
+from cocoon.agent import channel, deferred, libc, network
 from cocoon.agent.containers import Manager
 from cocoon.agent.kmod import LateModules
 from cocoon.agent.logbuf import LogBuffer
@@ -146,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     service.mark_ready()
     modules.start()  # what the first stage left out, while the host works on its side
     log.info(
-        "agent ready on %s (pid %d) at %.2fs uptime",
+        "agent ready on %s (pid %d) at %.2fs uptime (deferred, not imported: %s)",
         "+".join(kinds),
         os.getpid(),
         service.ready_uptime,
+        ", ".join(deferred.pending()) or "none",
     )
 
     while True:

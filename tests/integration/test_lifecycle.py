@@ -850,6 +850,9 @@ def test_run_starts_at_create_unless_hooks_come_between(
         for cid, said in (("c1", "started (crun run --detach)"), ("c2", "created (crun create)")):
             log = (state_root / "sandboxes" / cid / "console.log").read_text()  # the agent's
             assert f"container {cid} {said}" in log, log[-2000:]
+            # gRPC's asyncio half was never imported in the guest (agent/deferred.py)
+            assert "(deferred, not imported: asyncio, grpc.aio)" in log, log[-2000:]
+            assert "imported on first use" not in log, log[-2000:]
     for cid, p in (("c1", pid), ("c2", pid2)):
         rt.ok("kill", cid, "KILL")
         wait_pid(p)
