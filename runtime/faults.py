@@ -8,7 +8,9 @@ of the container in it yet), ``create:in-guest`` (crun created it, no shim yet),
 ``create:shim`` (the shim runs, the state is not saved yet), ``start:before`` (before crun
 start), ``exec:started`` (the exec's process and shim run), ``update:resized`` (the VM grew,
 crun update not yet run), ``delete:killed`` (the workload killed, the container not yet
-removed). Victims: ``cli``, ``monitor``, ``qemu``, ``virtiofsd``, ``shim``.
+removed). With a pool (``POOL_POINTS``): ``create:claiming`` (a pooled VM taken and linked
+to the sandbox's name, its monitor not yet asked to claim it). Victims: ``cli``, ``monitor``,
+``qemu``, ``virtiofsd``, ``shim``.
 
 May import: the standard library, cocoon.runtime.monitor.launch.
 """
@@ -33,6 +35,7 @@ POINTS = (
     "update:resized",
     "delete:killed",
 )
+POOL_POINTS = ("create:claiming",)  # reached only when a create takes a VM from the pool
 VICTIMS = ("cli", "monitor", "qemu", "virtiofsd", "shim")
 
 

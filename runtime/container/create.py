@@ -54,7 +54,7 @@ from cocoon.runtime.container.state import ContainerState, Ctx, Status
 from cocoon.runtime.errors import CocoonError, LifecycleError, SpecError, StateError
 from cocoon.runtime.fds import is_dev_null
 from cocoon.runtime.monitor import hostcgroup
-from cocoon.runtime.monitor.launch import MONITOR_SOCK
+from cocoon.runtime.monitor.launch import MONITOR_SOCK, drop_dangling
 from cocoon.runtime.pids import start_time
 from cocoon.runtime.pod.membership import (
     Membership,
@@ -452,6 +452,9 @@ def teardown_sandbox(ctx: Ctx, sid: str) -> None:
     d = paths.sandbox_dir(ctx.root, sid)
     if d.exists():  # by its directory: a monitor that ended its sandbox may remove it meanwhile
         sandbox.stop_dir(d, ctx.cfg.runtime.shutdown_timeout_s)
+    # A pooled VM taken by a create that died before the VM's monitor claimed it has no alias
+    # for the monitor to remove: its name goes here, once the VM is gone.
+    drop_dangling(paths.sandbox_path(ctx.root, sid))
 
 
 def remove_netns(path: Path) -> None:

@@ -24,10 +24,11 @@ it creates, starts and (for a short ``run``) deletes its container. The fill boo
 replacements one at a time under ``<root>/pool/fill.lock``. Holding that lock, a fill also
 clears what is stale: entries whose monitor is gone, corrupt entries, VMs booted from another
 configuration, half-booted entries of a fill that died, and VMs claimed by a process that
-died before linking them.
+died before their monitor claimed them (with the sandbox name such a process linked;
+``delete --force`` of that name removes both too).
 
-May import: the standard library, cocoon.runtime.{config, errors, pids, monitor.{hostcgroup,
-launch}}, cocoon.runtime.sandbox.{client, launcher, paths, template}.
+May import: the standard library, cocoon.runtime.{config, errors, faults, pids,
+monitor.{hostcgroup, launch}}, cocoon.runtime.sandbox.{client, launcher, paths, template}.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cocoon.runtime import config as config_mod
+from cocoon.runtime import faults
 from cocoon.runtime.errors import CocoonError, HostError, SandboxError, StateError
 from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor import launch as L
@@ -226,6 +228,7 @@ def claim(
         except FileExistsError:
             give_back(e.dir)
             raise StateError(f"sandbox {sandbox_id} already exists ({link})") from None
+        faults.point("create:claiming", e.dir)
         try:
             _specialise(cfg, e, link, sandbox_id, log_file, log_format, debug, cgroups_path)
         except (CocoonError, OSError, client_mod.CallError) as exc:
@@ -291,9 +294,17 @@ def _specialise(
 
 
 def destroy(d: Path) -> None:
-    """A pooled VM stopped and its directory removed, however far it got."""
+    """A pooled VM stopped and its directory removed, however far it got, and any sandbox name
+    still linked to it (a claimer that died between linking it and its monitor's Claim: the
+    monitor never learnt the name, so it does not remove it)."""
     with contextlib.suppress(CocoonError, OSError):
         launcher.stop_dir(d, 5.0)  # forces what an orderly stop leaves
+    names = d.parent.parent / "sandboxes"  # <root>/pool/<vmid> -> <root>/sandboxes
+    with contextlib.suppress(OSError):
+        for link in names.iterdir():
+            if link.is_symlink() and os.readlink(link) == str(d):
+                with contextlib.suppress(FileNotFoundError):
+                    link.unlink()
 
 
 # ---------------------------------------------------------------------- fill

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from cocoon.agent import agent_pb2 as apb
+from cocoon.runtime import faults
 from cocoon.runtime.container import busybox
 from cocoon.runtime.container.warm import WARM_DIR, WARM_ID
 from cocoon.runtime.monitor import launch as L
@@ -226,6 +227,40 @@ def test_a_broken_or_foreign_pooled_vm_is_never_handed_out(
     if stray_qemu:
         assert not Path(f"/proc/{stray_qemu}").exists() or _zombie(stray_qemu)
     cli.ok("delete", "--force", "c1")
+
+
+@pytest.mark.parametrize("victim", ["cli", "monitor", "qemu", "virtiofsd"])
+def test_a_pooled_vm_or_its_claimer_killed_mid_claim_leaves_nothing_half_claimed(
+    pool: Pool, cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, victim: str
+) -> None:
+    """Killed between the take (the ``ready`` marker renamed, the sandbox's name linked to the
+    VM) and the monitor's Claim: the create boots cold or fails with one clean error, never
+    hands out the broken VM, and ``delete --force`` plus the next fill leave nothing of it."""
+    cli.ok("pool", "fill")
+    (vm,) = pool.ready()
+    vmdir = cli.root / "pool" / vm["vmid"]
+    qemu = pool.qemu_pid(vmdir)
+    monkeypatch.setenv(faults.ENV, f"create:claiming:{victim}")
+    r = cli.create("c1", sleeper(tmp_path, "c1"))
+    monkeypatch.delenv(faults.ENV)
+    link = cli.root / "sandboxes" / "c1"
+    if victim == "cli":
+        assert r.returncode == -9, (r.returncode, r.stderr)
+    else:
+        assert "Traceback" not in r.stderr, r.stderr
+        if r.returncode == 0:  # a cold boot (or another pooled VM): never the one that broke
+            assert link.resolve() != vmdir
+            cli.ok("start", "c1")
+            assert cli.ok("exec", "c1", "echo", "ok").strip() == "ok"
+        else:
+            assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = cli("delete", "--force", "c1")
+    assert r.returncode == 0, r.stderr
+    assert not link.is_symlink()
+    cli.ok("pool", "fill")  # holds the fill lock: clears what is stale, boots a replacement
+    assert not vmdir.exists(), pool.status()
+    assert not Path(f"/proc/{qemu}").exists() or _zombie(qemu)
+    assert [v["state"] for v in pool.status()["vms"]] == ["ready"]
 
 
 def _zombie(pid: int) -> bool:

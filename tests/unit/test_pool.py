@@ -142,6 +142,33 @@ def test_what_a_fill_removes(tmp_path: Path) -> None:
     assert pool.stale(orphan, "k1") == ""
 
 
+def test_destroy_takes_the_sandbox_name_a_dead_claimer_linked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stopped: list[Path] = []
+
+    def stop_dir(d: Path, timeout: float) -> str:
+        stopped.append(d)
+        return "forced"
+
+    monkeypatch.setattr(launcher, "stop_dir", stop_dir)
+    root = tmp_path / "root"
+    names = root / "sandboxes"
+    names.mkdir(parents=True)
+    d = pool.pool_root(root) / "p-1"
+    other = pool.pool_root(root) / "p-2"
+    for vm in (d, other):
+        vm.mkdir(parents=True)
+    os.symlink(d, names / "half")  # linked, its monitor never told: no alias to remove
+    os.symlink(other, names / "web")  # another VM's sandbox
+    (names / "plain").mkdir()  # a cold-booted sandbox's state directory
+    pool.destroy(d)
+    assert stopped == [d]
+    assert sorted(p.name for p in names.iterdir()) == ["plain", "web"]
+    pool.destroy(pool.pool_root(root) / "p-3")  # nothing links to it: nothing else goes
+    assert sorted(p.name for p in names.iterdir()) == ["plain", "web"]
+
+
 def _facts(tmp_path: Path) -> launcher.HostFacts:
     files: list[Path] = []
     for name in ("vmlinuz", "initrd.img", "rootfs.img"):
