@@ -188,21 +188,16 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
         for sid in sandbox.list_sandboxes(root):
             print(sid)
         return 0
-    if verb == "start":
-        from cocoon.runtime.sandbox import template
+    if verb == "start":  # as create's: from the pool when it has a VM, else restored or booted
+        from cocoon.runtime.sandbox import pool
 
-        cfg = load_config(args)
-        host = sandbox.host_facts(cfg)
-        tpl = template.ensure(cfg, root, host) if cfg.factory.template else None
-        sb = sandbox.start(
-            cfg,
+        sb = pool.start(
+            load_config(args),
             root,
             args.id,
             log_file=Path(args.log) if args.log else None,
             log_format=args.log_format,
             debug=args.debug,
-            host=host,
-            template=tpl,
         )
         print(
             json.dumps(
@@ -211,6 +206,7 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
                     "monitor_pid": sb.monitor_pid,
                     "boot_seconds": round(sb.boot_seconds, 3),
                     "accel": sb.accel,
+                    "pooled": sb.pooled,
                     "restored": sb.restored,
                     "restore_failure": sb.restore_failure,
                 }

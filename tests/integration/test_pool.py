@@ -158,6 +158,23 @@ def test_a_pods_sandbox_comes_from_the_pool(pool: Pool, cli: Cli, tmp_path: Path
     cli.ok("delete", "--force", sid)
 
 
+def test_sandbox_start_takes_a_vm_from_the_pool(pool: Pool, cli: Cli) -> None:
+    cli.ok("pool", "fill")
+    (vm,) = pool.ready()
+    vmdir = cli.root / "pool" / vm["vmid"]
+    started = json.loads(cli.ok("sandbox", "start", "s1"))
+    try:
+        assert started["pooled"] is True and started["id"] == "s1"
+        assert (cli.root / "sandboxes" / "s1").resolve() == vmdir
+        assert json.loads(cli.ok("sandbox", "status", "s1"))["sandbox_id"] == "s1"
+        assert json.loads(cli.ok("pool", "status"))["claimed"] == ["s1"]
+        r = cli("sandbox", "start", "s1")
+        assert r.returncode == 1 and "already exists" in r.stderr, r.stderr
+    finally:
+        cli.ok("sandbox", "stop", "s1")
+    assert not (cli.root / "sandboxes" / "s1").is_symlink() and not vmdir.exists()
+
+
 def test_concurrent_creates_never_share_a_vm(pool: Pool, cli: Cli, tmp_path: Path) -> None:
     pool.configure(2)
     cli.ok("pool", "fill")
