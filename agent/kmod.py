@@ -7,7 +7,10 @@ side of a start, instead of before the agent starts. Every call that needs one o
 container's share, a device wait, memory onlining, a NIC, a storage) first ``wait``s for the
 set. A module that fails to load is logged and counted: ``wait`` then raises, naming it.
 Once the balloon is in, the command line's free page reporting order is set again
-(``reapply_reporting_order``).
+(``reapply_reporting_order``). The loading thread runs at nice ``LOAD_NICE``: on a guest's one
+vCPU it otherwise took half the CPU from the host's first calls (the agent's first gRPC call
+runs code TCG has not translated yet); nothing else competes with it for long, since nothing a
+workload needs is there before it is done.
 
 May import: the standard library, cocoon.agent.libc.
 """
@@ -28,6 +31,7 @@ log = logging.getLogger("cocoon.agent.kmod")
 
 LIST = Path("/usr/lib/cocoon/late-modules.list")  # names, in load order (the image's build)
 DIR = Path("/usr/lib/cocoon/modules")
+LOAD_NICE = 19  # the loading thread's: the agent's calls first
 
 
 REPORTING_PARAM = "page_reporting.page_reporting_order"
@@ -81,6 +85,7 @@ class LateModules:
 
     def _load_all(self) -> None:
         t = time.monotonic()
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOAD_NICE)  # this thread's
         try:
             names = self._listing.read_text().split() if self._listing.exists() else []
             for name in names:

@@ -4,6 +4,8 @@ once it serves (agent.kmod), against the recording libc fake."""
 from __future__ import annotations
 
 import errno
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,19 @@ def test_a_module_already_in_the_kernel_is_fine(
     m = late(tmp_path, ["a.ko"], ["a.ko"])
     m.start()
     m.wait(timeout=5)
+
+
+def test_late_modules_load_at_low_priority_in_their_own_thread_only(tmp_path: Path) -> None:
+    seen: list[int] = []
+    m = kmod.LateModules(
+        tmp_path / "none.list",
+        tmp_path,
+        after=lambda: seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())),
+    )
+    m.start()
+    m.wait(timeout=5)
+    assert seen == [kmod.LOAD_NICE]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < kmod.LOAD_NICE
 
 
 def test_no_late_modules_list_means_nothing_to_wait_for(tmp_path: Path) -> None:
