@@ -1,9 +1,9 @@
 """Modules that are imported at the agent's start but only used, if ever, later: deferred.
 
 grpc's package imports ``grpc.aio`` and its Cython core imports ``asyncio`` (and with it
-``ssl``, OpenSSL and ``concurrent.futures``' asyncio glue), though the agent serves gRPC with
-threads and never touches either. Under TCG that was ~0.4 s of a cold boot and a few MiB of
-the guest's memory. ``install`` puts a stand-in in ``sys.modules`` for each such name before
+``ssl`` and OpenSSL), though the agent serves gRPC with threads and never touches either.
+Under TCG that was ~0.2 s of the agent's start and ~3 MiB of each guest's memory
+(docs/performance.md). ``install`` puts a stand-in in ``sys.modules`` for each such name before
 anything imports it: an ``import`` of the name gets the stand-in, and the first attribute read
 from it imports the real module (which then replaces the stand-in in ``sys.modules``) and
 forwards to it.
