@@ -331,3 +331,21 @@ def test_a_stalled_reader_and_a_killed_shim_stop_only_their_own_stream(
     assert json.loads(cli.ok("state", "st"))["status"] == "running"
     assert cli.ok("exec", "st", "echo", "carries on") == "carries on\n"
     cli.ok("delete", "--force", "st")
+
+
+def test_a_burst_of_small_writes_and_a_closed_stdout_lose_nothing_and_do_not_hang(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """10,000 writes of a line each (busybox sh's echo is a builtin: one write(2) a line) all
+    arrive, in order. A process that closes its stdout and runs on still has its later stderr
+    and its exit status delivered: the exec ends with the process, not with its stdout."""
+    assert cli.create("bw", sleeper(tmp_path, "bw")).returncode == 0
+    cli.ok("start", "bw")
+    burst = "i=0; while [ $i -lt 10000 ]; do echo $i; i=$((i+1)); done"
+    r = cli("exec", "bw", "sh", "-c", burst, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(i) for i in range(10000)]
+    closer = "echo before; exec 1>&-; sleep 2; echo after >&2; exit 7"
+    r = cli("exec", "bw", "sh", "-c", closer, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (7, "before\n", "after\n")
+    cli.ok("delete", "--force", "bw")
