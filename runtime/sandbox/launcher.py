@@ -36,7 +36,7 @@ from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.pids import pid_alive, wait_gone
 from cocoon.runtime.sandbox import client as client_mod
 from cocoon.runtime.sandbox import hostmount, probe, qemu_argv
-from cocoon.runtime.sandbox.paths import sandbox_dir, sandbox_path
+from cocoon.runtime.sandbox.paths import sandbox_dir, sandbox_path, sandboxes_dir
 
 # Unix socket paths (sun_path) hold at most 107 bytes; paths.MAX_DIR_NAME keeps the sandbox
 # directory's name short, and a --root too long for the sockets below it is refused.
@@ -465,7 +465,7 @@ def _is_our_qemu(pid: int, d: Path) -> bool:
 def list_sandboxes(root: Path) -> list[str]:
     """The sandboxes' ids (a long id's directory has a shortened name: its launch file has
     the id)."""
-    d = root / "sandboxes"
+    d = sandboxes_dir(root)
     ids = []
     for p in d.iterdir() if d.is_dir() else ():
         if p.is_symlink() and not p.exists():

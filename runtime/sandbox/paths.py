@@ -17,6 +17,11 @@ from cocoon.runtime.container.ids import validate_id
 MAX_DIR_NAME = 24
 
 
+def sandboxes_dir(root: Path) -> Path:
+    """Where every sandbox has its name: ``<root>/sandboxes``."""
+    return root.absolute() / "sandboxes"
+
+
 def sandbox_path(root: Path, sandbox_id: str) -> Path:
     """The sandbox's name in ``<root>/sandboxes``: its state directory, or for a VM claimed
     from the pool a link to the pooled VM's directory."""
@@ -26,7 +31,7 @@ def sandbox_path(root: Path, sandbox_id: str) -> Path:
         import hashlib  # here: OpenSSL's load is 4 ms of every short id's CLI call
 
         name = "h-" + hashlib.sha256(sandbox_id.encode()).hexdigest()[: MAX_DIR_NAME - 2]
-    return root.absolute() / "sandboxes" / name
+    return sandboxes_dir(root) / name
 
 
 def sandbox_dir(root: Path, sandbox_id: str) -> Path:

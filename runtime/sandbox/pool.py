@@ -299,9 +299,9 @@ def destroy(d: Path) -> None:
     monitor never learnt the name, so it does not remove it)."""
     with contextlib.suppress(CocoonError, OSError):
         launcher.stop_dir(d, 5.0)  # forces what an orderly stop leaves
-    names = d.parent.parent / "sandboxes"  # <root>/pool/<vmid> -> <root>/sandboxes
+    root = d.parent.parent  # d is pool_root(root) / vmid
     with contextlib.suppress(OSError):
-        for link in names.iterdir():
+        for link in paths.sandboxes_dir(root).iterdir():
             if link.is_symlink() and os.readlink(link) == str(d):
                 with contextlib.suppress(FileNotFoundError):
                     link.unlink()

@@ -246,9 +246,10 @@ def test_a_broken_or_foreign_pooled_vm_is_never_handed_out(
     cli.ok("delete", "--force", "c1")
 
 
+@pytest.mark.parametrize("point", faults.POOL_POINTS)
 @pytest.mark.parametrize("victim", ["cli", "monitor", "qemu", "virtiofsd"])
 def test_a_pooled_vm_or_its_claimer_killed_mid_claim_leaves_nothing_half_claimed(
-    pool: Pool, cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, victim: str
+    pool: Pool, cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str, victim: str
 ) -> None:
     """Killed between the take (the ``ready`` marker renamed, the sandbox's name linked to the
     VM) and the monitor's Claim: the create boots cold or fails with one clean error, never
@@ -257,7 +258,7 @@ def test_a_pooled_vm_or_its_claimer_killed_mid_claim_leaves_nothing_half_claimed
     (vm,) = pool.ready()
     vmdir = cli.root / "pool" / vm["vmid"]
     qemu = pool.qemu_pid(vmdir)
-    monkeypatch.setenv(faults.ENV, f"create:claiming:{victim}")
+    monkeypatch.setenv(faults.ENV, f"{point}:{victim}")
     r = cli.create("c1", sleeper(tmp_path, "c1"))
     monkeypatch.delenv(faults.ENV)
     link = cli.root / "sandboxes" / "c1"
