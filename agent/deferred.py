@@ -77,11 +77,3 @@ def pending() -> list[str]:
         for name, mod in list(sys.modules.items())
         if isinstance(mod, Deferred) and mod.__dict__.get("_deferred_real") is None
     )
-
-
-def loaded(name: str) -> bool:
-    """Whether ``name`` has been really imported (not only stood in for)."""
-    mod = sys.modules.get(name)
-    if isinstance(mod, Deferred):
-        return mod.__dict__.get("_deferred_real") is not None
-    return mod is not None
