@@ -74,7 +74,8 @@ def main() -> int:
     print(f"{args.pods} idle 1-container pods, host PSS per pod (MiB, mean):")
     for k, v in pss.items():
         print(f"  {k:12} {v:7.1f}")
-    print(f"  cocoon's own (monitor + shim): {pss['monitor'] + pss['shim']:.1f} MiB")
+    own = pss["monitor"] + pss["shim"] + pss["forkserver"]
+    print(f"  cocoon's own (monitor + shim + fork server's share): {own:.1f} MiB")
     print(f"MemAvailable drop per pod: {res['mem_available_drop_mib_per_pod']:.1f} MiB")
     print(f"idle pods per GiB (by PSS): {res['idle_pods_per_gib']:.2f}")
     if args.json:

@@ -61,7 +61,7 @@ from bench import boot  # the floor (run from the repository root, as scripts/be
 from cocoon.runtime import config as config_mod
 from cocoon.runtime.container import busybox
 from cocoon.runtime.sandbox import launcher as sandbox
-from cocoon.runtime.sandbox import paths
+from cocoon.runtime.sandbox import paths, spawn
 
 COCOON = str(Path(sys.executable).parent / "cocoon")
 MIB = 1024 * 1024
@@ -189,8 +189,25 @@ def idle_sandboxes(rt: Runtime, bundle: Path, work: Path, n: int) -> Iterator[li
                 rt.call("delete", "--force", cid)
 
 
+def forkserver_share_kib(root: Path) -> float:
+    """The root's monitor fork server's PSS (monitor.forkserver), divided among the monitors
+    it forked that are up: each sandbox's share of it (0 with no server)."""
+    server = max(spawn.server_pids(root), default=0)
+    if not server:
+        return 0.0
+    kids = 0
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                kids += Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(
+                    server
+                )
+    return pss_kib(server) / max(kids, 1)
+
+
 def sandbox_pss_mib(rt: Runtime, cid: str, shim: int) -> dict[str, float]:
     parts = {k: pss_kib(p) / 1024 for k, p in sandbox_pids(rt.root, cid, shim).items()}
+    parts["forkserver"] = forkserver_share_kib(rt.root) / 1024
     vfs = sum(v for k, v in parts.items() if k.startswith("virtiofsd"))
     out = {k: v for k, v in parts.items() if not k.startswith("virtiofsd")}
     out["virtiofsd"] = vfs

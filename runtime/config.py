@@ -96,6 +96,7 @@ class ImageConfig:
 class RuntimeConfig:
     shutdown_timeout_s: float = 10.0
     guest_seccomp: bool = False
+    fork_monitors: bool = True  # monitors forked by the root's fork server (sandbox.spawn)
 
 
 @dataclass(frozen=True)

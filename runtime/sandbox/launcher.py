@@ -1,14 +1,15 @@
 """Starting, reaching and stopping a sandbox (one VM under one monitor process).
 
-``start()`` resolves the guest image, accel and channel, writes the launch file, spawns the
-monitor in its own session (still a child of the caller, so callers that are subreapers reap
-it), and waits for the monitor's one-line ready report (``client.Client`` then reaches it).
+``start()`` resolves the guest image, accel and channel, writes the launch file, has the
+monitor started in its own session (sandbox.spawn: forked by the state root's fork server, or
+a fresh interpreter, a child of the caller), and waits for the monitor's one-line ready report
+(``client.Client`` then reaches it).
 ``stop()`` asks for an orderly shutdown and waits until the monitor and its state directory
 are gone.
 
 May import: the standard library, cocoon.guest_image, cocoon.runtime.{config, errors,
 monitor.{hostcgroup, launch, qemuuser}, pids, network.record (lazily)},
-cocoon.runtime.sandbox.{client, hostmount, paths, probe, qemu_argv}.
+cocoon.runtime.sandbox.{client, hostmount, paths, probe, qemu_argv, spawn}.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import random
 import select
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from cocoon.runtime.monitor import hostcgroup, qemuuser
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.pids import pid_alive, wait_gone
 from cocoon.runtime.sandbox import client as client_mod
-from cocoon.runtime.sandbox import hostmount, probe, qemu_argv
+from cocoon.runtime.sandbox import hostmount, probe, qemu_argv, spawn
 from cocoon.runtime.sandbox.paths import sandbox_dir, sandbox_path, sandboxes_dir
 
 # Unix socket paths (sun_path) hold at most 107 bytes; paths.MAX_DIR_NAME keeps the sandbox
@@ -154,7 +154,7 @@ class Sandbox:
     monitor_pid: int
     boot_seconds: float
     accel: str
-    process: subprocess.Popen[bytes] | None = None
+    process: spawn.Process | None = None
     pooled: bool = False  # claimed from the pool (sandbox.pool), not booted for it
     restored: bool = False  # restored from a template (sandbox.template), not booted
     restore_failure: str = ""  # why a restore fell back to a cold boot
@@ -332,23 +332,13 @@ def _launch(cfg: Config, spec: L.LaunchSpec, host: HostFacts) -> Sandbox:
         hostmount.make_shared(d / "shared")
     rfd, wfd = os.pipe()
     try:
-        with open(d / L.MONITOR_LOG, "wb") as mlog:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "cocoon.runtime.monitor.main",
-                    "--launch",
-                    str(d / L.LAUNCH_FILE),
-                    "--ready-fd",
-                    str(wfd),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=mlog,
-                stderr=mlog,
-                pass_fds=(wfd,),
-                start_new_session=True,
-            )
+        proc = spawn.monitor(
+            d.parent.parent,  # the state root: every VM's directory is <root>/<kind>/<name>
+            ["--launch", str(d / L.LAUNCH_FILE)],
+            d / L.MONITOR_LOG,
+            wfd,
+            fork=cfg.runtime.fork_monitors,
+        )
     finally:
         os.close(wfd)
     try:
@@ -418,7 +408,7 @@ def _pid_in(d: Path, name: str) -> int | None:
         return None
 
 
-def _kill_leftovers(d: Path, proc: subprocess.Popen[bytes] | None) -> None:
+def _kill_leftovers(d: Path, proc: spawn.Process | None) -> None:
     """Kills a monitor that did not finish and its QEMU; removes the state dir."""
     if proc is not None and proc.poll() is None:
         proc.kill()

@@ -1,0 +1,101 @@
+"""Real monitors forked by the state root's fork server (monitor.forkserver, sandbox.spawn):
+one server for the root's monitors, which share its pages and look like any monitor; the
+server gone with the last of them (the state root's leak check, which sees its command line,
+runs after each test); a killed server harming no sandbox; and ``fork_monitors = false``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cocoon.runtime.config import Config
+from cocoon.runtime.sandbox import launcher as sandbox
+from cocoon.runtime.sandbox import spawn
+
+pytestmark = [pytest.mark.qemu, pytest.mark.root]
+MIB = 1024 * 1024
+
+
+def ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def rollup_kib(pid: int, field: str) -> int:
+    m = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M)
+    assert m, field
+    return int(m.group(1))
+
+
+def answers(sb: sandbox.Sandbox) -> bool:
+    with sb.client() as c:
+        return bool(c.agent.Version(timeout=20)["api_hash"])
+
+
+def test_the_monitors_of_a_root_are_forked_by_one_server_and_share_its_pages(
+    cfg: Config, state_root: Path, image: sandbox.GuestFiles
+) -> None:
+    assert cfg.runtime.fork_monitors  # the default
+    started = [sandbox.start(cfg, state_root, name) for name in ("fs1", "fs2")]
+    try:
+        (server,) = spawn.server_pids(state_root)
+        for sb in started:
+            assert isinstance(sb.process, spawn.Forked)
+            assert ppid(sb.monitor_pid) == server
+            # Its command line is a monitor's: the identity checks find it as before.
+            assert sandbox.our_monitor(sb.dir) == sb.monitor_pid
+            assert answers(sb)
+            # Pages written by the server's imports, still shared with it and the sibling.
+            assert rollup_kib(sb.monitor_pid, "Shared_Dirty") >= 4 * 1024
+    finally:
+        for sb in started:
+            sandbox.stop(state_root, sb.sandbox_id, cfg.runtime.shutdown_timeout_s)
+    # Their exit statuses come from the server, which then ends.
+    assert [sb.process.wait(30) for sb in started if sb.process] == [0, 0]
+    deadline = time.monotonic() + 10
+    while spawn.server_pids(state_root) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not spawn.server_pids(state_root)
+    assert not spawn.socket_path(state_root).exists()
+
+
+def test_a_killed_fork_server_harms_no_sandbox_and_the_next_start_has_a_new_one(
+    cfg: Config, state_root: Path, image: sandbox.GuestFiles
+) -> None:
+    first = sandbox.start(cfg, state_root, "fk1")
+    second = None
+    try:
+        (server,) = spawn.server_pids(state_root)
+        os.kill(server, signal.SIGKILL)
+        assert answers(first)
+        second = sandbox.start(cfg, state_root, "fk2")
+        (new,) = spawn.server_pids(state_root)
+        assert new != server and ppid(second.monitor_pid) == new
+        assert answers(first) and answers(second)
+    finally:
+        for sb in (first, second):
+            if sb is not None:
+                sandbox.stop(state_root, sb.sandbox_id, cfg.runtime.shutdown_timeout_s)
+    assert first.process is not None and first.process.wait(30) == spawn.UNKNOWN_STATUS
+    assert second is not None and second.process is not None and second.process.wait(30) == 0
+
+
+def test_fork_monitors_false_starts_each_monitor_afresh(
+    cfg: Config, state_root: Path, image: sandbox.GuestFiles
+) -> None:
+    fresh = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, fork_monitors=False))
+    sb = sandbox.start(fresh, state_root, "nf1")
+    try:
+        assert isinstance(sb.process, subprocess.Popen)
+        assert not spawn.server_pids(state_root)
+        assert ppid(sb.monitor_pid) == os.getpid()  # the launcher's child, as before
+        assert answers(sb)
+    finally:
+        sandbox.stop(state_root, "nf1", cfg.runtime.shutdown_timeout_s)
+    assert sb.process.wait(30) == 0
