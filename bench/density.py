@@ -4,12 +4,14 @@ among them as it does on a busy host; host PSS per pod by process (QEMU, monitor
 virtiofsd), the host's MemAvailable drop per pod, and idle pods per GiB.
 
     python bench/density.py [--pods 10] [--settle 10] [--template 1] [--memory MIB]
-                            [--tb-size MIB] [--json out.json]
+                            [--tb-size MIB] [--fork-monitors 0] [--json out.json]
 
 ``--template 1``: the pods' VMs are restored from a template ([factory] template) instead of
 booted. ``--memory``: the VMs boot with that much RAM (``hypervisor.default_memory_mib``;
 a container's limit above it is hot-plugged through virtio-mem). ``--tb-size``: TCG's
-translation cache (``hypervisor.tcg_tb_size_mib``).
+translation cache (``hypervisor.tcg_tb_size_mib``). ``--fork-monitors 0``: each monitor a
+fresh interpreter (``runtime.fork_monitors = false``) instead of forked by the root's fork
+server, whose PSS is counted per pod (``forkserver``: its PSS over the monitors it forked).
 
 Not a test: it asserts nothing and prints numbers.
 """
@@ -39,8 +41,14 @@ def mem_available_mib() -> float:
 
 
 def main() -> int:
-    args = bench_args(__doc__, 1, pods=10, settle=10, template=0, memory=0, tb_size=0)
-    res: dict[str, Any] = {"pods": args.pods, "template": bool(args.template)}
+    args = bench_args(
+        __doc__, 1, pods=10, settle=10, template=0, memory=0, tb_size=0, fork_monitors=1
+    )
+    res: dict[str, Any] = {
+        "pods": args.pods,
+        "template": bool(args.template),
+        "fork_monitors": bool(args.fork_monitors),
+    }
     with tempfile.TemporaryDirectory(prefix="cocoon-bench-density-") as td:
         work = Path(td)
         conf = None
@@ -52,6 +60,8 @@ def main() -> int:
             res["hypervisor"] = hyp
         if args.template:  # pods restored from a template VM instead of booted
             toml += "[factory]\ntemplate = true\n"
+        if not args.fork_monitors:  # each monitor a fresh interpreter
+            toml += "[runtime]\nfork_monitors = false\n"
         if toml:
             conf = work / "bench.toml"
             conf.write_text(toml)

@@ -26,7 +26,8 @@ measured alternately in the same run (cocoon, then runc or the floor, then cocoo
 11. the data path (bench/stdio.py): stdout and stdin throughput and exec latency against runc
    and the in-guest floors, and the shim's and monitor's PSS;
 12. density (bench/density.py): host PSS per idle pod by process with 10 pods up at once,
-   booted and restored from a template, and idle pods per GiB;
+   booted, restored from a template, and booted with each monitor a fresh interpreter (not
+   forked by the fork server), and idle pods per GiB;
 13. the pytest plugin (bench/plugin.py): ``cocoon.run()`` to a running container, cold, from
    a pool and restored from a template, the first exec and the teardown's remove;
 14. KSM and the guest RAM backend (bench/ksm.py): idle VMs' QEMU PSS on a shared memfd and on
@@ -389,6 +390,9 @@ def main() -> int:
         res["pod_density"] = {
             "booted": sub_bench("density.py", work, 900, "--pods", "10"),
             "template": sub_bench("density.py", work, 900, "--pods", "10", "--template", "1"),
+            "unforked": sub_bench(
+                "density.py", work, 900, "--pods", "10", "--fork-monitors", "0"
+            ),  # each monitor a fresh interpreter: what the fork server saves
         }
         res["plugin"] = sub_bench("plugin.py", work, 900)
         res["ksm_backends"] = sub_bench("ksm.py", work, 900)

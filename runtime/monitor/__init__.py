@@ -8,7 +8,8 @@ order (agent sync and power-off, QMP quit, SIGKILL).
 main (the entry point) -> vm (processes, QMP, agent link, teardown), service (the VM
 service's RPCs, one table) -> netattach (networking), hotplug (devices over QMP) ->
 agentcalls (the monitor's agent RPCs), channel (the agent link), forward (the agent service,
-passed through); launch is the launch contract the launcher writes (standard library only).
+passed through); launch is the launch contract the launcher writes (standard library only);
+forkserver forks the monitors of a state root from one process that imported main once.
 The monitor must not import the CLI, cocoon.runtime.container or cocoon.runtime.pod.
 
 May import: the standard library only.
