@@ -1,4 +1,5 @@
-"""File descriptors of long-lived processes (monitor, shim): close what callers leak in.
+"""File descriptors of long-lived processes (monitor, shim): close what callers leak in, and
+the one-line report a started process writes on its ready pipe.
 
 Callers leak their sockets into the runtime (containerd's create has a socket on fd 3); a
 process that outlives the call must not hold them, or the caller's peers never see EOF.
@@ -9,6 +10,7 @@ May import: the standard library only (the shim imports it: keep it light).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import stat
 
@@ -32,3 +34,11 @@ def is_dev_null(fd: int) -> bool:
     except OSError:
         return False
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == DEV_NULL
+
+
+def report(fd: int, payload: dict[str, object]) -> None:
+    """One JSON line written to ``fd`` (a ready pipe), which is then closed; a reader gone
+    already is no error."""
+    with contextlib.suppress(OSError):
+        os.write(fd, (json.dumps(payload) + "\n").encode())
+        os.close(fd)

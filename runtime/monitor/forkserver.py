@@ -365,12 +365,6 @@ def _fds(anc: Iterable[tuple[int, int, bytes]]) -> list[int]:
     return list(got)
 
 
-def report(fd: int, payload: dict[str, object]) -> None:
-    with contextlib.suppress(OSError):
-        os.write(fd, (json.dumps(payload) + "\n").encode())
-        os.close(fd)
-
-
 def code_prefix() -> str:
     """Where cocoon's code is imported from (the package's folder), found as the launcher
     finds it (sandbox.spawn ``CODE``)."""
@@ -407,11 +401,11 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(args.socket, target, code_prefix(), sys.executable, args.first_request_s)
         server.bind()
     except (OSError, ImportError, AttributeError) as exc:
-        report(args.ready_fd, {"ok": False, "error": str(exc)})
+        fds.report(args.ready_fd, {"ok": False, "error": str(exc)})
         return 1
     gc.collect()
     gc.freeze()
-    report(args.ready_fd, {"ok": True, "pid": os.getpid()})
+    fds.report(args.ready_fd, {"ok": True, "pid": os.getpid()})
     server.serve()
     return 0
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -34,12 +33,6 @@ from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.vm import Vm, remove_state_dir
 
 log = logging.getLogger("cocoon.monitor")
-
-
-def report(fd: int, payload: dict[str, object]) -> None:
-    with contextlib.suppress(OSError):
-        os.write(fd, (json.dumps(payload) + "\n").encode())
-        os.close(fd)
 
 
 async def start(vm: Vm) -> None:
@@ -74,7 +67,7 @@ async def amain(spec: L.LaunchSpec, ready_fd: int, umask: int = 0o022) -> int:
         await start(vm)
     except (StartError, OSError, QMPError) as exc:
         return await failed(vm, ready_fd, exc, f"sandbox {spec.sandbox_id} failed to start")
-    report(
+    fds.report(
         ready_fd,
         {
             "ok": True,
@@ -102,7 +95,7 @@ async def failed(vm: Vm, ready_fd: int, exc: BaseException, what: str) -> int:
     log.error("%s: %s", what, exc)
     await vm.teardown()
     end(vm.spec)
-    report(ready_fd, {"ok": False, "error": str(exc), "details": details})
+    fds.report(ready_fd, {"ok": False, "error": str(exc), "details": details})
     return 1
 
 
@@ -117,7 +110,7 @@ async def save_template(vm: Vm, ready_fd: int) -> int:
     boot = vm.boot_seconds
     await vm.teardown()
     end(vm.spec)
-    report(ready_fd, {"ok": True, "boot_seconds": boot, "pid": os.getpid()})
+    fds.report(ready_fd, {"ok": True, "boot_seconds": boot, "pid": os.getpid()})
     return 0
 
 
@@ -140,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args, umask)
     except OSError as exc:  # before the VM is up (a full state filesystem, EMFILE...)
-        report(args.ready_fd, {"ok": False, "error": f"monitor: {exc}", "details": ""})
+        fds.report(args.ready_fd, {"ok": False, "error": f"monitor: {exc}", "details": ""})
         return 1
 
 
@@ -151,7 +144,7 @@ def _main(args: argparse.Namespace, umask: int) -> int:
     try:  # first, so that QEMU and virtiofsd are born in the sandbox's host cgroup
         hostcgroup.join(spec.cgroup, os.getpid())
     except hostcgroup.CgroupError as exc:
-        report(args.ready_fd, {"ok": False, "error": str(exc), "details": ""})
+        fds.report(args.ready_fd, {"ok": False, "error": str(exc), "details": ""})
         return 1
     return asyncio.run(amain(spec, args.ready_fd, umask))
 

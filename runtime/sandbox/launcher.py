@@ -21,10 +21,8 @@ import hashlib
 import json
 import os
 import random
-import select
 import signal
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,7 +340,7 @@ def _launch(cfg: Config, spec: L.LaunchSpec, host: HostFacts) -> Sandbox:
     finally:
         os.close(wfd)
     try:
-        line = _read_line(rfd, cfg.agent.ready_timeout_s + 30)
+        line = spawn.read_line(rfd, cfg.agent.ready_timeout_s + 30)
     finally:
         os.close(rfd)
     report: dict[str, object] = {}
@@ -375,23 +373,6 @@ def _launch(cfg: Config, spec: L.LaunchSpec, host: HostFacts) -> Sandbox:
 def _remove_dir(d: Path) -> None:
     with contextlib.suppress(OSError, HostError):
         hostmount.safe_rmtree(d)
-
-
-def _read_line(fd: int, timeout: float) -> str:
-    buf = b""
-    end = time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = end - time.monotonic()
-        if left <= 0:
-            break
-        r, _, _ = select.select([fd], [], [], left)
-        if not r:
-            break
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            break
-        buf += chunk
-    return buf.decode("utf-8", "replace").strip()
 
 
 def _tail_file(p: Path, n: int = 20) -> str:

@@ -293,7 +293,7 @@ def start_server(path: Path, server_args: Sequence[str] = ()) -> None:
         os.close(wfd)
     try:
         proc.wait(SERVER_START_S)  # the first process only forks the server off and ends
-        line = _read_line(rfd, SERVER_START_S)
+        line = read_line(rfd, SERVER_START_S)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -309,7 +309,8 @@ def start_server(path: Path, server_args: Sequence[str] = ()) -> None:
         raise Unavailable(str(error or "the fork server did not start"))
 
 
-def _read_line(fd: int, timeout: float) -> str:
+def read_line(fd: int, timeout: float) -> str:
+    """One line from a ready pipe, or what came before ``timeout`` or EOF."""
     buf = b""
     end = time.monotonic() + timeout
     while b"\n" not in buf and (left := end - time.monotonic()) > 0:

@@ -59,7 +59,7 @@ def launch(root: Path, *args: str) -> tuple[spawn.Forked, dict[str, object], int
     finally:
         os.close(w)
     try:
-        line = spawn._read_line(r, 30)
+        line = spawn.read_line(r, 30)
     finally:
         os.close(r)
     me = json.loads(line)
@@ -204,7 +204,7 @@ def test_without_a_server_the_monitor_is_a_fresh_interpreter(tmp_path: Path) -> 
     finally:
         os.close(w)
     try:
-        report = json.loads(spawn._read_line(r, 60))
+        report = json.loads(spawn.read_line(r, 60))
     finally:
         os.close(r)
     assert isinstance(p, subprocess.Popen)
