@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like pods.py
-from bench.run import Runtime, bench_args, print_rows, pss_kib, summary
+from bench.run import Runtime, bench_args, forkserver_share_kib, print_rows, pss_kib, summary
 from cocoon.runtime.container import busybox
 
 ALL_CAPS = [
@@ -103,7 +103,8 @@ def pooled_pss_mib(root: Path, vmid: str) -> dict[str, float]:
 
 
 def vm_pss_mib(d: Path) -> dict[str, float]:
-    """Host PSS of the VM whose state directory is ``d``: QEMU, virtiofsd, the monitor."""
+    """Host PSS of the VM whose state directory is ``d``: QEMU, virtiofsd, the monitor and its
+    share of the fork server that forked it."""
     pids = {
         "monitor": int((d / "monitor.pid").read_text()),
         "qemu": int((d / "qemu.pid").read_text()),
@@ -111,6 +112,7 @@ def vm_pss_mib(d: Path) -> dict[str, float]:
     vfs = subprocess.run(["pgrep", "-f", f"virtiofsd.*{d}/"], capture_output=True, text=True)
     out = {k: pss_kib(p) / 1024 for k, p in pids.items()}
     out["virtiofsd"] = sum(pss_kib(int(p)) for p in vfs.stdout.split()) / 1024
+    out["forkserver"] = forkserver_share_kib(d.parent.parent) / 1024  # <root>/<kind>/<name>
     out["total"] = sum(out.values())
     return out
 

@@ -175,9 +175,12 @@ def sandbox_pids(root: Path, cid: str, shim_pid: int) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def idle_sandboxes(rt: Runtime, bundle: Path, work: Path, n: int) -> Iterator[list[int]]:
+def idle_sandboxes(
+    rt: Runtime, bundle: Path, work: Path, n: int, first: int = 0
+) -> Iterator[list[int]]:
+    """``n`` idle sandboxes named ``idle<pid>-<i>``, ``i`` from ``first``; their shims' pids."""
     shims: list[int] = []
-    ids = [f"idle{os.getpid()}-{i}" for i in range(n)]
+    ids = [f"idle{os.getpid()}-{i}" for i in range(first, first + n)]
     try:
         for cid in ids:
             rt.call("create", "--bundle", str(bundle), "--pid-file", str(work / f"{cid}.pid"), cid)
@@ -365,10 +368,10 @@ def main() -> int:
         fit = 0
         used = 0.0
         with contextlib.ExitStack() as stack:
+            rt = Runtime("cocoon", work / "dens-root")  # one root, as on a host: one fork server
             for i in range(args.max_sandboxes):
-                rt = Runtime("cocoon", work / f"dens{i}-root")
-                shims = stack.enter_context(idle_sandboxes(rt, sleeper, work, 1))
-                used += sandbox_pss_mib(rt, f"idle{os.getpid()}-0", shims[0])["total"]
+                shims = stack.enter_context(idle_sandboxes(rt, sleeper, work, 1, first=i))
+                used += sandbox_pss_mib(rt, f"idle{os.getpid()}-{i}", shims[0])["total"]
                 if used > args.budget_mib:
                     break
                 fit += 1

@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like pods.py
 from bench.pool import floor_bundle
-from bench.run import Runtime, bench_args, pss_kib, summary
+from bench.run import Runtime, bench_args, forkserver_share_kib, pss_kib, summary
 from cocoon.runtime.container import busybox
 
 MIB = 1024 * 1024
@@ -102,7 +102,11 @@ def main() -> int:
             shim = int((work / "cocoon.pid").read_text())
             monitor = int((coc.root / "sandboxes" / "s" / "monitor.pid").read_text())
             time.sleep(2)
-            res["pss_mib"] = {"shim": pss_kib(shim) / 1024, "monitor": pss_kib(monitor) / 1024}
+            res["pss_mib"] = {
+                "shim": pss_kib(shim) / 1024,
+                "monitor": pss_kib(monitor) / 1024,
+                "fork server's share": forkserver_share_kib(coc.root) / 1024,
+            }
             # Latency first, in idle guests: each exec pair beside a floor taken the same
             # moment, each after the machine settled from the one before (the other guest's
             # work, a shim's exit); the first exec of each (like the floor's first) is left out.
