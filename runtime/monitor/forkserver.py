@@ -168,7 +168,9 @@ class Server:
         self.python = python
         self.code_prefix = code_prefix
         self.code = sources(code_prefix)
-        self.children: dict[int, socket.socket] = {}
+        # Each forked monitor, with the connection its launcher may wait on for its status
+        # (None once the launcher closed it: only waiting launchers hold a descriptor here).
+        self.children: dict[int, socket.socket | None] = {}
         self.open = True  # its socket path still leads here
         self.served = False  # it has forked a monitor (it ends with the last one)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -213,14 +215,18 @@ class Server:
                 self.close()  # no new launch finds it; one already connected is still served
                 if not self.pending():
                     return
+            waiting = {c.fileno(): pid for pid, c in self.children.items() if c is not None}
             try:
-                watched: list[int] = [self.listener.fileno(), self.wake_r]
+                watched = [self.listener.fileno(), self.wake_r, *waiting]
                 r, _, _ = select.select(watched, [], [], None if self.children else tick)
             except InterruptedError:
                 continue
             if self.wake_r in r:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self.wake_r, 4096)
+            for fd in r:  # a launcher that stopped waiting: its connection is let go
+                if fd in waiting:
+                    self.letgo(waiting[fd])
             if self.listener.fileno() in r:
                 since = time.monotonic()
                 self.accept()
@@ -234,10 +240,17 @@ class Server:
             self.open = False
             self.unlink()
 
+    def letgo(self, pid: int) -> None:
+        conn = self.children.get(pid)
+        if conn is not None:
+            conn.close()
+            self.children[pid] = None
+
     def accept(self) -> None:
         try:
             conn, _ = self.listener.accept()
-        except OSError:
+        except OSError:  # EMFILE and the like: the connection waits in the backlog
+            time.sleep(0.1)
             return
         got: list[int] = []
         try:
@@ -303,7 +316,8 @@ class Server:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             for s in (self.listener, *self.children.values()):
-                s.close()
+                if s is not None:
+                    s.close()
             os.close(self.wake_r)
             os.close(self.wake_w)
             os.setsid()

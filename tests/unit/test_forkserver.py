@@ -128,6 +128,21 @@ def test_concurrent_launches_with_no_server_all_get_their_own_process(root: Path
     assert [p.wait(10) for p, _, _ in got] == [3] * 6
 
 
+def test_a_launcher_that_stops_waiting_leaves_the_server_no_descriptor(root: Path) -> None:
+    kept, _, _ = launch(root, "--sleep", "60")
+    (server,) = spawn.server_pids(root)
+    held = len(os.listdir(f"/proc/{server}/fd"))
+    gone, _, _ = launch(root, "--sleep", "60")
+    assert eventually(lambda: len(os.listdir(f"/proc/{server}/fd")) == held + 1)
+    assert gone.conn is not None
+    gone.conn.close()  # as a CLI that exits after the start
+    assert eventually(lambda: len(os.listdir(f"/proc/{server}/fd")) == held)
+    gone.kill()  # through its pidfd, still
+    assert eventually(lambda: spawn.server_pids(root) == [server] and kept.poll() is None)
+    kept.kill()
+    assert kept.wait(10) == -signal.SIGKILL  # the one still waiting gets its status
+
+
 def _raw(root: Path, payload: bytes, fds: list[int]) -> dict[str, object]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
         c.connect(str(spawn.socket_path(root)))
