@@ -5,19 +5,23 @@ runs after each test); a killed server harming no sandbox; and ``fork_monitors =
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from cocoon.runtime.config import Config
+from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.sandbox import launcher as sandbox
 from cocoon.runtime.sandbox import spawn
+from tests.integration.procs import cgroup_of
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 MIB = 1024 * 1024
@@ -99,3 +103,56 @@ def test_fork_monitors_false_starts_each_monitor_afresh(
     finally:
         sandbox.stop(state_root, "nf1", cfg.runtime.shutdown_timeout_s)
     assert sb.process.wait(30) == 0
+
+
+CALLER = """
+import os, sys
+from pathlib import Path
+for d in sys.argv[2:]:
+    Path(d, "cgroup.procs").write_text(str(os.getpid()))
+from cocoon.runtime.config import Config
+from cocoon.runtime.sandbox import launcher
+sb = launcher.start(Config(), Path(sys.argv[1]), "cg1", cgroups_path=os.environ["POD"] + "/sbx")
+print(sb.monitor_pid)
+"""
+
+
+def test_the_fork_server_keeps_no_callers_cgroup(
+    cfg: Config, state_root: Path, image: sandbox.GuestFiles
+) -> None:
+    """A first launch from a caller in a cgroup of its own (conmon's, or a pod's under CRI-O's
+    cgroupfs manager): the server it starts moves to the root cgroups, so the caller's cgroup
+    can be removed once the caller is gone, with the sandbox still up."""
+    top = f"cocoon-fs-caller-{os.getpid()}"
+    callers = [point / top for point, _ in hostcgroup.hierarchies()]
+    for d in callers:
+        d.mkdir()
+        for f in ("cpuset.cpus", "cpuset.mems"):  # v1 cpuset: none of either takes no process
+            if (d / f).exists():
+                (d / f).write_text((d.parent / f).read_text())
+    pod = f"/{top}-pod"
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", CALLER, str(state_root), *map(str, callers)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "POD": pod},
+        )
+        assert r.returncode == 0, r.stderr
+        monitor = int(r.stdout.split()[-1])
+        (server,) = spawn.server_pids(state_root)
+        assert ppid(monitor) == server
+        assert set(cgroup_of(server).values()) == {"/"}, cgroup_of(server)
+        assert all(p == f"{pod}/cocoon-sandbox-cg1" for p in cgroup_of(monitor).values())
+        for d in callers:
+            d.rmdir()  # EBUSY if the server had stayed in it
+    finally:
+        with contextlib.suppress(Exception):
+            sandbox.stop(state_root, "cg1", cfg.runtime.shutdown_timeout_s)
+        deadline = time.monotonic() + 10
+        while spawn.server_pids(state_root) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for d in callers:
+            with contextlib.suppress(FileNotFoundError):
+                d.rmdir()
