@@ -1,7 +1,8 @@
 """Real monitors forked by the state root's fork server (monitor.forkserver, sandbox.spawn):
 one server for the root's monitors, which share its pages and look like any monitor; the
 server gone with the last of them (the state root's leak check, which sees its command line,
-runs after each test); a killed server harming no sandbox; and ``fork_monitors = false``."""
+runs after each test); a killed server harming no sandbox; a server started from a caller's
+cgroup leaving it; and ``fork_monitors = false``."""
 
 from __future__ import annotations
 
