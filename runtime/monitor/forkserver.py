@@ -10,16 +10,19 @@ writes to a page: with 10 idle pods, a monitor's PSS is about half of a fresh on
 falls back to a fresh interpreter when the server cannot serve.
 
 The server is no daemon: it starts with a launch and ends as soon as the last monitor it forked
-has ended (or at once when the first launch never came). Killing it harms no sandbox: its
-monitors run on, and the next launch starts another server. It holds nothing of any sandbox.
+has ended (or ``FIRST_REQUEST_S`` after its start when no launch came; at once when another
+server took its socket path). It moves itself to the root cgroups, so as not to keep the
+cgroup of the caller that started it from being removed. Killing it harms no sandbox: its
+monitors run on, and the next launch starts another server. It holds nothing of any sandbox;
+a launcher that stops waiting for its monitor's status leaves it no descriptor.
 
 Protocol (SOCK_SEQPACKET, owner-only): one request per connection, a JSON object with the
 monitor's command line (``cmdline``, without ``--ready-fd``), its environment, umask, working
 directory, rlimits, nice, CPU affinity and OOM score adjustment (what a monitor started by
 ``subprocess.Popen`` would have inherited from its launcher), and two fds: the ready pipe's
 write end and the monitor's log. The forked monitor answers ``{"pid": N}`` itself once it
-carries that command line (``/proc/PID/cmdline``, through ``PR_SET_MM``: identity checks,
-``ps`` and the leak checks see a monitor like any other), or ``{"error": ...}``; the server
+carries that command line (``/proc/PID/cmdline``, ``set_cmdline``: identity checks, ``ps``
+and the leak checks see a monitor like any other), or ``{"error": ...}``; the server
 later sends ``{"exit": STATUS}`` on the same connection when it has reaped it (``wait``), and
 answers ``{"error": "stale: ..."}`` when cocoon's code changed on disk since it started (it
 then stops taking requests, and the launcher starts a new one).
