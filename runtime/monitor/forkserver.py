@@ -402,7 +402,6 @@ def main(argv: list[str] | None = None) -> int:
     if os.fork():  # the launcher waits for this one; the server is its child, then init's
         os._exit(0)
     os.setsid()
-    os.chdir("/")
     os.umask(0o077)  # the socket: the owner's only
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -414,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(name)
         mod, _, func = args.target.partition(":")
         target = getattr(importlib.import_module(mod), func)
+        # Only now out of the launcher's directory: a relative entry of its PYTHONPATH (or a
+        # namespace package's path) must resolve as it would for a monitor it started.
+        os.chdir("/")
         set_cmdline(_own_cmdline())  # the same line: whether forked monitors can be renamed
         server = Server(args.socket, target, code_prefix(), sys.executable, args.first_request_s)
         server.bind()

@@ -40,7 +40,10 @@ def eventually(cond: Callable[[], object], timeout: float = 10.0) -> bool:
 
 @pytest.fixture
 def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    # Absolute: a test changes directory before it launches, and the server's imports must
+    # find the cocoon this process runs.
+    here = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), *here]))
     r = tmp_path / "root"
     r.mkdir()
     yield r
