@@ -7,7 +7,8 @@ environment, umask, rlimits, nice, CPU affinity and OOM score as the launcher's 
 have, and the caller gets a ``Process`` (``subprocess.Popen``'s pid, poll, wait, kill and
 returncode) to wait for or kill it: a forked monitor's exit status comes from the server.
 
-May import: the standard library (the server is reached by its module's name and socket).
+May import: the standard library, cocoon.runtime.pids (the server is reached by its module's
+name and socket).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
+
+from cocoon.runtime.pids import pid_alive
 
 log = logging.getLogger("cocoon.spawn")
 
@@ -73,10 +76,9 @@ def server_pids(root: Path) -> list[int]:
         if p.isdigit():
             try:
                 cmd = Path(f"/proc/{p}/cmdline").read_bytes()
-                state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
             except OSError:
                 continue
-            if SERVER_MODULE.encode() in cmd and sock in cmd and state not in ("Z", "X"):
+            if SERVER_MODULE.encode() in cmd and sock in cmd and pid_alive(int(p)):
                 found.append(int(p))
     return found
 

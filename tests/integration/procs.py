@@ -1,9 +1,14 @@
-"""The cgroup a process is in (live processes, mounts and sandbox cgroups, for leak checks,
-are cocoon.testing.leaks, which the pytest plugin shares)."""
+"""A process's parent and the cgroup it is in (live processes, mounts and sandbox cgroups,
+for leak checks, are cocoon.testing.leaks, which the pytest plugin shares)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+
+def parent_of(pid: int) -> int:
+    """``pid``'s parent, from /proc/<pid>/stat."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def cgroup_of(pid: int) -> dict[str, str]:

@@ -22,14 +22,10 @@ from cocoon.runtime.config import Config
 from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.sandbox import launcher as sandbox
 from cocoon.runtime.sandbox import spawn
-from tests.integration.procs import cgroup_of
+from tests.integration.procs import cgroup_of, parent_of
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 MIB = 1024 * 1024
-
-
-def ppid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def rollup_kib(pid: int, field: str) -> int:
@@ -52,7 +48,7 @@ def test_the_monitors_of_a_root_are_forked_by_one_server_and_share_its_pages(
         (server,) = spawn.server_pids(state_root)
         for sb in started:
             assert isinstance(sb.process, spawn.Forked)
-            assert ppid(sb.monitor_pid) == server
+            assert parent_of(sb.monitor_pid) == server
             # Its command line is a monitor's: the identity checks find it as before.
             assert sandbox.our_monitor(sb.dir) == sb.monitor_pid
             assert answers(sb)
@@ -81,7 +77,7 @@ def test_a_killed_fork_server_harms_no_sandbox_and_the_next_start_has_a_new_one(
         assert answers(first)
         second = sandbox.start(cfg, state_root, "fk2")
         (new,) = spawn.server_pids(state_root)
-        assert new != server and ppid(second.monitor_pid) == new
+        assert new != server and parent_of(second.monitor_pid) == new
         assert answers(first) and answers(second)
     finally:
         for sb in (first, second):
@@ -99,7 +95,7 @@ def test_fork_monitors_false_starts_each_monitor_afresh(
     try:
         assert isinstance(sb.process, subprocess.Popen)
         assert not spawn.server_pids(state_root)
-        assert ppid(sb.monitor_pid) == os.getpid()  # the launcher's child, as before
+        assert parent_of(sb.monitor_pid) == os.getpid()  # the launcher's child, as before
         assert answers(sb)
     finally:
         sandbox.stop(state_root, "nf1", cfg.runtime.shutdown_timeout_s)
@@ -143,7 +139,7 @@ def test_the_fork_server_keeps_no_callers_cgroup(
         assert r.returncode == 0, r.stderr
         monitor = int(r.stdout.split()[-1])
         (server,) = spawn.server_pids(state_root)
-        assert ppid(monitor) == server
+        assert parent_of(monitor) == server
         assert set(cgroup_of(server).values()) == {"/"}, cgroup_of(server)
         assert all(p == f"{pod}/cocoon-sandbox-cg1" for p in cgroup_of(monitor).values())
         for d in callers:

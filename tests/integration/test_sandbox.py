@@ -23,6 +23,7 @@ from cocoon.runtime.sandbox import launcher as sandbox
 from cocoon.testing.leaks import live_processes
 from tests.integration.cli import Cli
 from tests.integration.conftest import grpc_stubs
+from tests.integration.procs import parent_of
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root]
 MIB = 1024 * 1024
@@ -131,10 +132,6 @@ def test_virtiofsd_killed_stops_the_sandbox_and_its_container(cli: Cli, tmp_path
     assert r.returncode == 1 and time.monotonic() - t < 30, r
     cli.ok("delete", "c1")
     assert not d.exists()
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def test_the_guest_reports_free_memory_in_the_order_the_host_asked(
