@@ -55,8 +55,6 @@ from pathlib import Path
 from cocoon.runtime import fds
 from cocoon.runtime.monitor import hostcgroup
 
-SOCKET_NAME = "monitor-forkserver.sock"
-MODULE = "cocoon.runtime.monitor.forkserver"
 # What a monitor imports, at start or on its first calls (grpc's server and channel parts,
 # the thread pool, shutil with its compressors), loaded once here for every monitor.
 PRELOAD = (

@@ -6,6 +6,7 @@ integration tests fork real monitors."""
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import resource
@@ -149,17 +150,11 @@ def test_a_launcher_that_stops_waiting_leaves_the_server_no_descriptor(root: Pat
 def _raw(root: Path, payload: bytes, fds: list[int]) -> dict[str, object]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as c:
         c.connect(str(spawn.socket_path(root)))
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(_ints(fds))))] if fds else []
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
         c.sendmsg([payload], anc)
         r, _, _ = select.select([c], [], [], 10)
         assert r, "no answer"
         return dict(json.loads(c.recv(65536)))
-
-
-def _ints(fds: list[int]) -> bytes:
-    import array
-
-    return array.array("i", fds).tobytes()
 
 
 def test_bad_requests_get_one_error_each_and_a_stale_server_hands_over(
