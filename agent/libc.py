@@ -13,18 +13,18 @@ turn it into their own error with the context they have.
 ``in_thread`` runs a function in a fresh thread that may join one and then ends, so no
 long-lived thread (gRPC workers, the channel, the caller's) ever changes namespace.
 
-May import: the standard library (the shim imports it: keep it light).
+May import: the standard library (at module level ``os`` only: the shim imports this
+module; ``ctypes`` and ``threading`` where they are used).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import threading
-from collections.abc import Callable
 
 TYPE_CHECKING = False  # typing is 4 ms of the shim's start: for the type checker only
 if TYPE_CHECKING:
+    import ctypes
+    from collections.abc import Callable
     from typing import Protocol, TypeVar
 
     T = TypeVar("T")
@@ -73,6 +73,8 @@ class CLibc:
         self._lib: ctypes.CDLL | None = None
 
     def _call(self, name: str, what: str, *args: object) -> None:
+        import ctypes  # on first use: the shim imports this module
+
         if self._lib is None:
             self._lib = ctypes.CDLL(None, use_errno=True)
         if getattr(self._lib, name)(*args) != 0:
@@ -158,6 +160,8 @@ def in_thread(fn: Callable[[], T], name: str) -> T:
             result.append(fn())
         except BaseException as exc:
             error.append(exc)
+
+    import threading  # here: the shim imports this module and never calls this
 
     t = threading.Thread(target=run, name=name)
     t.start()

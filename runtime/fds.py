@@ -4,13 +4,13 @@ the one-line report a started process writes on its ready pipe.
 Callers leak their sockets into the runtime (containerd's create has a socket on fd 3); a
 process that outlives the call must not hold them, or the caller's peers never see EOF.
 
-May import: the standard library only (the shim imports it: keep it light).
+May import: the standard library only. The shim imports it: nothing here may import more
+than ``os`` and ``stat`` at module level (``json`` only in ``report``, which the shim never
+calls).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import stat
 
@@ -22,8 +22,10 @@ def close_inherited(keep: set[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd > 2 and fd not in keep:
-            with contextlib.suppress(OSError):
+            try:
                 os.close(fd)
+            except OSError:
+                pass
 
 
 def is_dev_null(fd: int) -> bool:
@@ -39,6 +41,10 @@ def is_dev_null(fd: int) -> bool:
 def report(fd: int, payload: dict[str, object]) -> None:
     """One JSON line written to ``fd`` (a ready pipe), which is then closed; a reader gone
     already is no error."""
-    with contextlib.suppress(OSError):
+    import json
+
+    try:
         os.write(fd, (json.dumps(payload) + "\n").encode())
         os.close(fd)
+    except OSError:
+        pass

@@ -34,31 +34,33 @@ sizes as JSON lines and brings back the exit status. Every signal it receives is
 the workload. It exits with the workload's status (128 + signal number after a signal death)
 once the output has drained; if the monitor goes away first, with 255.
 
-Signals are taken with sigtimedwait in the main thread (blocked everywhere else), so that
-the stream threads can block in reads and writes.
+Signals are taken with sigwaitinfo in the main thread (blocked everywhere else), so that
+the stream threads can block in reads and writes; the thread that gets the exit status wakes
+it with a SIGCHLD of its own, so an idle shim never wakes.
 
-May import: the standard library, cocoon.agent.libc, cocoon.runtime.{errors, fds} (both
-standard-library only).
+Its resident cost is the reason for its imports: one shim stands for every container
+process, so it uses the interpreter's built-in modules (``_socket``, ``_signal``, ``_thread``,
+and the C half of ``json``) rather than the standard library's wrappers over them, which
+import ``enum``, ``re``, ``collections`` and more (~2 MiB of private memory per shim:
+docs/performance.md). ``termios`` and ``tty`` come only with a terminal, ``ctypes`` only to
+join a namespace.
+
+May import: the standard library (at module level only the built-in modules above, ``os``
+and ``sys``; ``termios``, ``tty`` and ``fcntl`` for a terminal), cocoon.agent.libc,
+cocoon.runtime.fds (both import only ``os`` and ``stat`` at module level).
+tests/unit/test_imports.py checks what a shim's start loads.
 """
 
 from __future__ import annotations
 
-import argparse
-import array
-import contextlib
-import fcntl
-import json
+import _json
+import _signal  # type: ignore[import-not-found]  # signal's C half, no stub
+import _socket
+import _thread
 import os
-import signal
-import socket
-import struct
 import sys
-import termios
-import threading
-import tty
 
 from cocoon.agent import libc
-from cocoon.runtime.errors import DEADLINE_WORDS
 from cocoon.runtime.fds import close_inherited, is_dev_null
 
 TYPE_CHECKING = False  # typing (4 ms of a 50 ms start) only for the type checker
@@ -66,32 +68,116 @@ if TYPE_CHECKING:
     from typing import Any
 
 STDIO_SOCK = "stdio.sock"  # runtime/monitor/launch.py STDIO_SOCK (the shim imports no runtime)
-NOT_FORWARDED = {signal.SIGCHLD, signal.SIGWINCH, signal.SIGKILL, signal.SIGSTOP, signal.SIGPIPE}
-FORWARDED = {s for s in signal.valid_signals() if s not in NOT_FORWARDED}
+NOT_FORWARDED = {
+    _signal.SIGCHLD,
+    _signal.SIGWINCH,
+    _signal.SIGKILL,
+    _signal.SIGSTOP,
+    _signal.SIGPIPE,
+}
+FORWARDED = _signal.valid_signals() - NOT_FORWARDED
+WAITED = FORWARDED | {_signal.SIGWINCH, _signal.SIGCHLD}
 CHUNK = 64 * 1024
+JOIN_S = 30.0  # how long the output streams may still drain after the exit status
+
+
+class _Decoding:
+    """What json's C scanner reads from its decoder (json.decoder.JSONDecoder's fields)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float  # NaN, Infinity
+
+
+_scan = _json.make_scanner(_Decoding())  # type: ignore[arg-type]  # duck-typed in C
+
+
+def loads(line: bytes) -> object:
+    """One JSON value (a line of the monitor's), by the scanner ``json.loads`` uses; ValueError
+    when it is not one."""
+    text = line.decode().strip()
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if end != len(text):
+        raise ValueError("extra data after a JSON value")
+    return value
+
+
+def dumps(msg: dict[str, object]) -> bytes:
+    """A JSON object of strings, booleans, integers and lists of integers, as one line."""
+
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, str):
+            return _json.encode_basestring_ascii(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot encode {type(v).__name__}")
+
+    items = ", ".join(f"{_json.encode_basestring_ascii(k)}: {value(v)}" for k, v in msg.items())
+    return ("{" + items + "}\n").encode()
+
+
+def connect_unix(path: str) -> _socket.socket:
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        s.connect(path)
+    except OSError:
+        s.close()
+        raise
+    return s
 
 
 def send_console(sock_path: str, master: int) -> None:
     """Sends the pty master to the caller's console socket (runc's protocol)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(sock_path)
-        fds = array.array("i", [master])
-        s.sendmsg([b"/dev/ptmx"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    s = connect_unix(sock_path)
+    try:
+        fds = master.to_bytes(4, sys.byteorder, signed=True)  # one C int
+        s.sendmsg([b"/dev/ptmx"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+    finally:
+        s.close()
+
+
+class Lines:
+    """The reading side of the control connection: lines, at most ``limit`` bytes each."""
+
+    def __init__(self, conn: _socket.socket) -> None:
+        self.conn = conn
+        self.buf = b""
+
+    def readline(self, limit: int) -> bytes:
+        while b"\n" not in self.buf and len(self.buf) < limit:
+            data = self.conn.recv(4096)
+            if not data:
+                break
+            self.buf += data
+        cut = self.buf.find(b"\n") + 1 or min(len(self.buf), limit)
+        cut = min(cut, limit)
+        line, self.buf = self.buf[:cut], self.buf[cut:]
+        return line
 
 
 class Shim:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: Args) -> None:
         self.cid: str = args.container
-        self.exec_id: str = args.exec_id or ""
+        self.exec_id: str = args.exec_id
         self.endpoint = os.path.join(args.sandbox_dir, STDIO_SOCK)
-        self.control: socket.socket | None = None
-        self.control_in: Any = None  # the control connection's reading side (one buffer)
-        self.control_lock = threading.Lock()
+        self.control: _socket.socket | None = None
+        self.control_in: Lines | None = None
+        self.control_lock = _thread.allocate_lock()
         self.terminal: bool = args.terminal
         self.tty_fd: int | None = None  # the host side the caller talks to
         self.in_fd, self.out_fd, self.err_fd = 0, 1, 2
-        self.done = threading.Event()
-        self.main_thread = threading.get_ident()  # woken when done (it waits in sigtimedwait)
+        self.done = False
+        self.main_thread = _thread.get_ident()  # woken when done (it waits in sigwaitinfo)
         self.status = 255
         self.saved_tty: list[Any] | None = None  # the caller's terminal mode, restored
         # The process reads /dev/null in the guest (``create`` and ``exec`` decided so from
@@ -101,13 +187,19 @@ class Shim:
     def setup_terminal(self, console_socket: str | None) -> None:
         if not self.terminal:
             return
+        import fcntl
+        import termios
+        import tty
+
         if console_socket:
             master, slave = os.openpty()
             tty.setraw(slave)
             send_console(console_socket, master)
             os.close(master)
-            with contextlib.suppress(OSError):
+            try:
                 fcntl.ioctl(slave, termios.TIOCSCTTY, 0)  # SIGWINCH on resize
+            except OSError:
+                pass
             if slave <= 2:
                 slave = fcntl.fcntl(slave, fcntl.F_DUPFD_CLOEXEC, 3)
             # Let go of the caller's stdio (runc's detached init holds none of it): go-runc
@@ -127,20 +219,17 @@ class Shim:
         if self.tty_fd is None:
             return None
         try:
-            rows, cols, _, _ = struct.unpack(
-                "HHHH", fcntl.ioctl(self.tty_fd, termios.TIOCGWINSZ, b"\0" * 8)
-            )
+            size = os.get_terminal_size(self.tty_fd)  # TIOCGWINSZ
         except OSError:
             return None
-        return (rows, cols) if rows and cols else None
+        return (size.lines, size.columns) if size.lines and size.columns else None
 
-    def connect(self, stream: str, body: bytes = b"", **extra: object) -> socket.socket:
+    def connect(self, stream: str, body: bytes = b"", **extra: object) -> _socket.socket:
         """A connection to the monitor's stdio endpoint for one stream of the process."""
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s = connect_unix(self.endpoint)
         try:
-            s.connect(self.endpoint)
             hello = {"container_id": self.cid, "exec_id": self.exec_id, "stream": stream}
-            s.sendall(json.dumps(hello | extra).encode() + b"\n" + body)
+            s.sendall(dumps(hello | extra) + body)
         except OSError:
             s.close()
             raise
@@ -155,27 +244,28 @@ class Shim:
             if self.null_stdin:
                 extra["stdin"] = False
         self.control = self.connect("control", process, **extra)
-        self.control_in = self.control.makefile("rb")
+        self.control_in = Lines(self.control)
         if not process:
             return ""
         try:
-            answer = json.loads(self.control_in.readline(64 * 1024) or b"{}")
+            answer = loads(self.control_in.readline(64 * 1024) or b"{}")
         except (OSError, ValueError):
             answer = {}
         if not isinstance(answer, dict):
             answer = {}
         if answer.get("started") is True:
             return ""
-        if answer.get("code") == "DEADLINE_EXCEEDED":
-            return DEADLINE_WORDS
         return str(answer.get("error") or "the sandbox's monitor gave no answer")
 
     def send(self, msg: dict[str, object]) -> None:
         """A control line (a signal, a window size); lost with the monitor, like the workload."""
         if self.control is None:
             return
-        with self.control_lock, contextlib.suppress(OSError):
-            self.control.sendall(json.dumps(msg).encode() + b"\n")
+        with self.control_lock:
+            try:
+                self.control.sendall(dumps(msg))
+            except OSError:
+                pass
 
     def resize(self) -> None:
         ws = self.winsize()
@@ -185,41 +275,50 @@ class Shim:
     def forward(self, sig: int) -> None:
         self.send({"signal": sig})
 
-    def pump_stdin(self, conn: socket.socket) -> None:
-        with conn:
+    def pump_stdin(self, conn: _socket.socket) -> None:
+        try:
             while True:
                 try:
                     data = os.read(self.in_fd, CHUNK)
                 except OSError:
                     data = b""
                 if not data:
-                    with contextlib.suppress(OSError):
-                        conn.shutdown(socket.SHUT_WR)
+                    try:
+                        conn.shutdown(_socket.SHUT_WR)
                         conn.recv(1)  # the monitor closes once the guest had the EOF
+                    except OSError:
+                        pass
                     return
                 try:
                     conn.sendall(data)
                 except OSError:
                     return
+        finally:
+            conn.close()
 
     @staticmethod
-    def pump_out(conn: socket.socket, fd: int) -> None:
-        with conn:
-            try:
-                while data := conn.recv(CHUNK):
-                    view = memoryview(data)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
-            except OSError:
-                pass
+    def pump_out(conn: _socket.socket, fd: int, finished: _thread.LockType) -> None:
+        try:
+            while data := conn.recv(CHUNK):
+                view = memoryview(data)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            finished.release()
 
     def wait(self) -> None:
         """The control connection's last answer: the exit status, or why it is lost."""
-        reply: dict[str, object] = {}
-        with contextlib.suppress(OSError, ValueError):
+        reply: object = {}
+        try:
+            assert self.control_in is not None
             line = self.control_in.readline(4096)
-            reply = json.loads(line) if line else {}
+            reply = loads(line) if line else {}
+        except (OSError, ValueError):
+            pass
         status = reply.get("exit") if isinstance(reply, dict) else None
         if isinstance(status, int) and 0 <= status <= 255:
             self.status = status
@@ -228,10 +327,10 @@ class Shim:
             why = why or "the sandbox's monitor went away"
             print(f"cocoon-shim: {self.cid}: lost the workload: {why}", file=sys.stderr)
             self.status = 255
-        self.done.set()
-        # SIGCHLD is blocked everywhere and only taken by the main thread's sigtimedwait: it
-        # returns now rather than at its next timeout, so the exit is not delayed.
-        signal.pthread_kill(self.main_thread, signal.SIGCHLD)
+        self.done = True
+        # SIGCHLD is blocked everywhere and only taken by the main thread's sigwaitinfo: it
+        # returns now (or at once, if it was not yet waiting), so the exit is not delayed.
+        _signal.pthread_kill(self.main_thread, _signal.SIGCHLD)
 
 
 NAMESPACES = {"ipc": libc.CLONE_NEWIPC, "uts": libc.CLONE_NEWUTS, "cgroup": libc.CLONE_NEWCGROUP}
@@ -267,27 +366,67 @@ def _go(fd: int) -> bool:
     return said == b"go"
 
 
+class Args:
+    """The command line (runtime/container/shim.py writes it; argparse is ~1 MiB of a shim)."""
+
+    USAGE = (
+        "usage: cocoon-shim --sandbox-dir D --container ID [--exec-id E] [--terminal] "
+        "[--console-socket S] [--ready-fd N] [--process-fd N] [--netns PATH] "
+        "[--ns KIND[=PATH]]... [--go-fd N]"
+    )
+    FLAGS = {"--terminal"}
+    TEXT = {"--sandbox-dir", "--container", "--exec-id", "--console-socket", "--netns", "--ns"}
+    FDS = {"--ready-fd", "--process-fd", "--go-fd"}
+
+    def __init__(self, argv: list[str]) -> None:
+        self.sandbox_dir = self.container = self.exec_id = self.netns = ""
+        self.console_socket: str | None = None
+        self.terminal = False
+        self.ready_fd = self.process_fd = self.go_fd = -1
+        self.ns: list[str] = []
+        args = list(argv)
+        while args:
+            opt = args.pop(0)
+            name, eq, val = opt.partition("=")
+            if name in self.FLAGS and not eq:
+                self.terminal = True
+                continue
+            if name not in self.TEXT | self.FDS:
+                raise ValueError(f"unrecognized argument: {opt}")
+            if not eq:
+                if not args:
+                    raise ValueError(f"argument {name}: expected one argument")
+                val = args.pop(0)
+            attr = name[2:].replace("-", "_")
+            if name in self.FDS:
+                try:
+                    setattr(self, attr, int(val))
+                except ValueError:
+                    raise ValueError(f"argument {name}: invalid int value: {val!r}") from None
+            elif name == "--ns":
+                self.ns.append(val)
+            else:
+                setattr(self, attr, val)
+        for name in ("--sandbox-dir", "--container"):
+            if not getattr(self, name[2:].replace("-", "_")):
+                raise ValueError(f"the following arguments are required: {name}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="cocoon-shim")
-    ap.add_argument("--sandbox-dir", required=True)
-    ap.add_argument("--container", required=True)
-    ap.add_argument("--exec-id", default="")
-    ap.add_argument("--terminal", action="store_true")
-    ap.add_argument("--console-socket")
-    ap.add_argument("--ready-fd", type=int, default=-1)
-    ap.add_argument("--process-fd", type=int, default=-1)
-    ap.add_argument("--netns", default="")
-    ap.add_argument("--ns", action="append", default=[])
-    ap.add_argument("--go-fd", type=int, default=-1)
-    args = ap.parse_args(argv)
+    try:
+        args = Args(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        print(f"{Args.USAGE}\ncocoon-shim: error: {exc}", file=sys.stderr)
+        return 2
     close_inherited({args.ready_fd, args.process_fd, args.go_fd})
     if args.go_fd >= 0 and not _go(args.go_fd):
         return 0  # the caller's create failed (or it died) before the container was made
     process = b""
     if args.process_fd >= 0:
-        with os.fdopen(args.process_fd, "rb") as f:
-            f.seek(0)  # a memfd its writer left at its end
-            process = f.read()
+        os.lseek(args.process_fd, 0, os.SEEK_SET)  # a memfd its writer left at its end
+        while chunk := os.read(args.process_fd, 1 << 20):
+            process += chunk
+        os.close(args.process_fd)
     try:
         enter_namespaces(args.ns)
         if args.netns:
@@ -296,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ready_fd >= 0:
             os.write(args.ready_fd, f"error {exc}\n".encode())
         return 255
-    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED | {signal.SIGWINCH, signal.SIGCHLD})
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, WAITED)
+    _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
     shim = Shim(args)
     try:
         shim.setup_terminal(args.console_socket)
@@ -321,30 +460,34 @@ def main(argv: list[str] | None = None) -> int:
         if args.ready_fd >= 0:
             os.write(args.ready_fd, f"error {shim.endpoint}: {exc.strerror}\n".encode())
         return 255
-    outs = [threading.Thread(target=shim.pump_out, args=c, daemon=True) for c in conns]
-    for t in outs:
-        t.start()
+    drained = []
+    for conn, fd in conns:
+        finished = _thread.allocate_lock()
+        finished.acquire()
+        _thread.start_new_thread(shim.pump_out, (conn, fd, finished))
+        drained.append(finished)
     if stdin is not None:
-        threading.Thread(target=shim.pump_stdin, args=(stdin,), daemon=True).start()
-    threading.Thread(target=shim.wait, daemon=True).start()
+        _thread.start_new_thread(shim.pump_stdin, (stdin,))
+    _thread.start_new_thread(shim.wait, ())
     shim.resize()
     if args.ready_fd >= 0:
         os.write(args.ready_fd, b"ok\n")
         os.close(args.ready_fd)
-    waited = FORWARDED | {signal.SIGWINCH, signal.SIGCHLD}
-    while not shim.done.is_set():
-        info = signal.sigtimedwait(waited, 0.2)
-        if info is None:
-            continue
-        if info.si_signo == signal.SIGWINCH:
+    while not shim.done:
+        info = _signal.sigwaitinfo(WAITED)
+        if info.si_signo == _signal.SIGWINCH:
             shim.resize()
-        elif info.si_signo != signal.SIGCHLD:
+        elif info.si_signo != _signal.SIGCHLD:
             shim.forward(info.si_signo)
-    for t in outs:
-        t.join(30)
+    for finished in drained:
+        finished.acquire(timeout=JOIN_S)
     if shim.saved_tty is not None:
-        with contextlib.suppress(termios.error):
+        import termios
+
+        try:
             termios.tcsetattr(0, termios.TCSADRAIN, shim.saved_tty)
+        except termios.error:
+            pass
     return shim.status
 
 
@@ -353,8 +496,10 @@ def run(argv: list[str] | None = None) -> None:
     nothing is left to flush but stdout and stderr. A forked shim ends here too."""
     status = main(argv)
     for f in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
+        try:
             f.flush()
+        except (OSError, ValueError):
+            pass
     os._exit(status)
 
 

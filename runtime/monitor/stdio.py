@@ -24,7 +24,8 @@ most 4 KiB: ``{"container_id": C, "exec_id": E, "stream": S}``, S one of
   An exec's shim starts its process on this connection: with ``"size": N`` (and
   ``"terminal"``, ``"stdin"``) N bytes of the OCI process as JSON follow the line, the
   monitor does the agent's ExecProcess and answers ``{"started": true}`` first, or
-  ``{"error": details, "code": C}`` (C a gRPC status name) and closes. So ``cocoon exec``
+  ``{"error": details, "code": C}`` (C a gRPC status name; a call that ran out of time in
+  errors.DEADLINE_WORDS) and closes. So ``cocoon exec``
   needs no gRPC of its own, and a started process always has a shim whose going away kills
   it.
 
@@ -34,7 +35,7 @@ VM service or the agent (monitor.calls), answered on the same connection.
 Bad input from a shim (a long or malformed line, an unknown stream or field) closes that
 connection and is logged; the other connections and the sandbox carry on.
 
-May import: the standard library, grpc, cocoon.agent.{agent_pb2, mux},
+May import: the standard library, grpc, cocoon.agent.{agent_pb2, mux}, cocoon.runtime.errors,
 cocoon.runtime.monitor.{agentcalls, calls, channel, launch}.
 """
 
@@ -55,6 +56,7 @@ import grpc.aio
 
 from cocoon.agent import agent_pb2 as apb
 from cocoon.agent import mux
+from cocoon.runtime.errors import DEADLINE_WORDS
 from cocoon.runtime.monitor import calls as calls_mod
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.agentcalls import Stub
@@ -242,7 +244,9 @@ class Endpoint:
                 timeout=EXEC_TIMEOUT,
             )
         except grpc.aio.AioRpcError as exc:
-            reply = {"error": exc.details() or str(exc.code()), "code": exc.code().name}
+            code = exc.code()
+            why = DEADLINE_WORDS if code == grpc.StatusCode.DEADLINE_EXCEEDED else exc.details()
+            reply = {"error": why or str(code), "code": code.name}
         writer.write(json.dumps(reply).encode() + b"\n")
         await writer.drain()
         return "started" in reply

@@ -220,3 +220,23 @@ def test_container_verbs_load_neither_grpc_nor_protobuf(argv: list[str], tmp_pat
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert json.loads(out.stdout.splitlines()[-1]) == [], f"cocoon {' '.join(argv)} loaded them"
+
+
+def test_a_shims_start_loads_none_of_the_heavy_wrappers() -> None:
+    """One shim runs per container process: its start loads the interpreter's built-in
+    modules, not the standard library's wrappers over them (~2 MiB of private memory each
+    shim; shim/main.py's docstring, docs/performance.md)."""
+    code = (
+        "import sys\n"
+        "base = set(sys.modules)\n"
+        "from cocoon.shim import main as m\n"
+        "m.Args(['--sandbox-dir', '/x', '--container', 'c', '--ns', 'ipc', '--ready-fd', '3'])\n"
+        "m.loads(m.dumps({'exit': 0, 'started': True, 'x': [1, 2], 'y': 'z'}))\n"
+        "print(repr(sorted(set(sys.modules) - base)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(ast.literal_eval(out.stdout.splitlines()[-1]))
+    heavy = {"argparse", "collections", "contextlib", "ctypes", "enum", "gettext", "json",
+             "re", "selectors", "signal", "socket", "threading", "typing"}  # fmt: skip
+    assert "cocoon.shim.main" in loaded
+    assert not loaded & heavy, f"a shim's start loads {sorted(loaded & heavy)}"
