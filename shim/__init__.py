@@ -5,6 +5,6 @@ the sandbox monitor, forwards every signal it receives and the window size, and 
 workload's status. The runtime starts it (cocoon.runtime.container.shim) as a child of the
 caller, so subreaping callers (containerd-shim, conmon) reap it.
 
-May import: the standard library, grpc, cocoon.agent (generated stubs, libc),
-cocoon.runtime.fds. Must stay light: there is one shim per container.
+May import: the standard library, cocoon.agent.libc, cocoon.runtime.fds. Must stay light:
+there is one shim per container process (main.py's docstring says what it imports and why).
 """
