@@ -26,8 +26,9 @@ measured alternately in the same run (cocoon, then runc or the floor, then cocoo
 11. the data path (bench/stdio.py): stdout and stdin throughput and exec latency against runc
    and the in-guest floors, and the shim's and monitor's PSS;
 12. density (bench/density.py): host PSS per idle pod by process with 10 pods up at once,
-   booted, restored from a template (also with a 16 MiB TCG translation cache), and booted
-   with each monitor a fresh interpreter (not forked by the fork server); idle pods per GiB;
+   booted, restored from a template (also with a 16 MiB TCG translation cache), booted
+   with each monitor a fresh interpreter (not forked by the fork server), and booted with the
+   host's KSM on (the monitors' memory is offered to it); idle pods per GiB;
 13. the pytest plugin (bench/plugin.py): ``cocoon.run()`` to a running container, cold, from
    a pool and restored from a template, the first exec and the teardown's remove;
 14. KSM and the guest RAM backend (bench/ksm.py): idle VMs' QEMU PSS on a shared memfd and on
@@ -400,6 +401,10 @@ def main() -> int:
                 "density.py", work, 900, "--pods", "10", "--fork-monitors", "0"
             ),  # each monitor a fresh interpreter: what the fork server saves
         }
+        if ksm_available():  # the monitors' pages merged, on a host that runs KSM
+            res["pod_density"]["KSM on"] = sub_bench(
+                "density.py", work, 900, "--pods", "10", "--ksm", "1"
+            )
         res["plugin"] = sub_bench("plugin.py", work, 900)
         res["ksm_backends"] = sub_bench("ksm.py", work, 900)
 

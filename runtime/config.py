@@ -97,6 +97,7 @@ class RuntimeConfig:
     shutdown_timeout_s: float = 10.0
     guest_seccomp: bool = False
     fork_monitors: bool = True  # monitors forked by the root's fork server (sandbox.spawn)
+    mergeable_monitors: bool = True  # monitors' memory offered to KSM (monitor.ksm)
 
 
 @dataclass(frozen=True)

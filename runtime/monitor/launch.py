@@ -89,6 +89,7 @@ class LaunchSpec:
     template_dir: str = ""
     memory_file: str = ""
     cold_argv: list[str] = field(default_factory=list)
+    mergeable: bool = False  # its memory offered to KSM (monitor.ksm)
 
     @property
     def dir(self) -> Path:

@@ -10,7 +10,7 @@ before reporting; so does the end of a sandbox (SIGTERM, a Shutdown call, or QEM
 or not.
 
 May import: the standard library, qemu.qmp (QMPError), cocoon.runtime.{fds, logs, errors},
-cocoon.runtime.monitor.{calls, forward, hostcgroup, launch, service, vm}.
+cocoon.runtime.monitor.{calls, forward, hostcgroup, ksm, launch, service, vm}.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from qemu.qmp.error import QMPError
 
 from cocoon.runtime import fds, logs
 from cocoon.runtime.errors import StartError
-from cocoon.runtime.monitor import calls, forward, hostcgroup, service
+from cocoon.runtime.monitor import calls, forward, hostcgroup, ksm, service
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.vm import Vm, remove_state_dir
 
@@ -141,6 +141,8 @@ def _main(args: argparse.Namespace, umask: int) -> int:
     spec = L.LaunchSpec.read(args.launch)
     logs.setup_monitor(Path(spec.log_file) if spec.log_file else None, spec.log_format, spec.debug)
     (spec.dir / L.MONITOR_PID).write_text(f"{os.getpid()}\n")
+    if spec.mergeable:
+        log.debug("memory offered to KSM: %d mappings", ksm.mergeable())
     try:  # first, so that QEMU and virtiofsd are born in the sandbox's host cgroup
         hostcgroup.join(spec.cgroup, os.getpid())
     except hostcgroup.CgroupError as exc:

@@ -290,6 +290,7 @@ def launch_spec(
         template_dir=str(template or save_to or ""),
         memory_file=memory if mode == "restore" else "",
         cold_argv=qemu_argv.build_argv(plan()) if mode == "restore" else [],
+        mergeable=cfg.runtime.mergeable_monitors,
     )
 
 

@@ -2,7 +2,8 @@
 one server for the root's monitors, which share its pages and look like any monitor; the
 server gone with the last of them (the state root's leak check, which sees its command line,
 runs after each test); a killed server harming no sandbox; a server started from a caller's
-cgroup leaving it; and ``fork_monitors = false``."""
+cgroup leaving it; and ``fork_monitors = false``. Monitors offer their memory to KSM
+(``mergeable_monitors``) unless told not to."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import pytest
 
 from cocoon.runtime.config import Config
 from cocoon.runtime.monitor import hostcgroup
+from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.sandbox import launcher as sandbox
 from cocoon.runtime.sandbox import spawn
 from tests.integration.procs import cgroup_of, parent_of
@@ -32,6 +34,14 @@ def rollup_kib(pid: int, field: str) -> int:
     m = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M)
     assert m, field
     return int(m.group(1))
+
+
+def mergeable(pid: int) -> bool:
+    """Whether the kernel has pid's heap marked for KSM (monitor.ksm; smaps' ``mg`` flag)."""
+    lines = Path(f"/proc/{pid}/smaps").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.endswith("[heap]"))
+    flags = next(line for line in lines[at + 1 :] if line.startswith("VmFlags:"))
+    return "mg" in flags.split()[1:]
 
 
 def answers(sb: sandbox.Sandbox) -> bool:
@@ -54,6 +64,13 @@ def test_the_monitors_of_a_root_are_forked_by_one_server_and_share_its_pages(
             assert answers(sb)
             # Pages written by the server's imports, still shared with it and the sibling.
             assert rollup_kib(sb.monitor_pid, "Shared_Dirty") >= 4 * 1024
+            # Offered to KSM (mergeable_monitors, the default), but not so that what it
+            # execs inherits it: QEMU's memory holds guest-derived data (monitor.ksm).
+            assert mergeable(sb.monitor_pid)
+            qemu = int((sb.dir / L.QEMU_PID).read_text())
+            stat = Path(f"/proc/{qemu}/ksm_stat").read_text()
+            assert "ksm_merge_any: yes" not in stat
+        assert not mergeable(server)
     finally:
         for sb in started:
             sandbox.stop(state_root, sb.sandbox_id, cfg.runtime.shutdown_timeout_s)
@@ -90,12 +107,14 @@ def test_a_killed_fork_server_harms_no_sandbox_and_the_next_start_has_a_new_one(
 def test_fork_monitors_false_starts_each_monitor_afresh(
     cfg: Config, state_root: Path, image: sandbox.GuestFiles
 ) -> None:
-    fresh = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, fork_monitors=False))
+    rt = dataclasses.replace(cfg.runtime, fork_monitors=False, mergeable_monitors=False)
+    fresh = dataclasses.replace(cfg, runtime=rt)
     sb = sandbox.start(fresh, state_root, "nf1")
     try:
         assert isinstance(sb.process, subprocess.Popen)
         assert not spawn.server_pids(state_root)
         assert parent_of(sb.monitor_pid) == os.getpid()  # the launcher's child, as before
+        assert not mergeable(sb.monitor_pid)  # mergeable_monitors = false
         assert answers(sb)
     finally:
         sandbox.stop(state_root, "nf1", cfg.runtime.shutdown_timeout_s)
