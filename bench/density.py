@@ -84,7 +84,8 @@ def main() -> int:
             if args.ksm:
                 on.enter_context(ksm_bench.ksm_on())
                 res["ksm_wait_s"] = ksm_bench.wait_scans(2)
-                res["ksm_pages_sharing_mib"] = ksm_bench.ksm("pages_sharing") * 4096 / 2**20
+                page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20  # as bench/ksm.py counts them
+                res["ksm_pages_sharing_mib"] = ksm_bench.ksm("pages_sharing") * page_mib
             per = [  # idle_sandboxes names them idle<pid>-<i>, in the order of the shims
                 sandbox_pss_mib(rt, f"idle{os.getpid()}-{i}", shim) for i, shim in enumerate(shims)
             ]

@@ -159,8 +159,7 @@ class Lines:
             if not data:
                 break
             self.buf += data
-        cut = self.buf.find(b"\n") + 1 or min(len(self.buf), limit)
-        cut = min(cut, limit)
+        cut = min(self.buf.find(b"\n") + 1 or len(self.buf), limit)
         line, self.buf = self.buf[:cut], self.buf[cut:]
         return line
 
