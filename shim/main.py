@@ -1,8 +1,10 @@
 """The shim: one host process per container process; its pid stands for the workload.
 
-``python -m cocoon.shim.main --sandbox-dir D --container ID [--exec-id E [--process-fd N]]
-[--terminal] [--console-socket S] [--ready-fd N] [--netns PATH] [--ns KIND=PATH|KIND]...
-[--go-fd N]``
+``cocoon-shim --sandbox-dir D --container ID [--exec-id E [--process-fd N]] [--terminal]
+[--console-socket S] [--ready-fd N] [--netns PATH] [--ns KIND=PATH|KIND]... [--go-fd N]``,
+started by the runtime as ``python -I -S -c SHIM_BOOT ROOT OPTIONS...``
+(runtime/container/shim.py ``command``: no ``site``, no ``runpy``) or forked by a foreground
+exec; ``python -m cocoon.shim.main OPTIONS...`` runs it too.
 
 ``--go-fd``: a pipe the shim reads to its end before it does anything: ``go`` (the container
 now exists in the guest) or nothing (it never will: the shim exits 0). ``create`` starts

@@ -240,3 +240,29 @@ def test_a_shims_start_loads_none_of_the_heavy_wrappers() -> None:
              "re", "selectors", "signal", "socket", "threading", "typing"}  # fmt: skip
     assert "cocoon.shim.main" in loaded
     assert not loaded & heavy, f"a shim's start loads {sorted(loaded & heavy)}"
+
+
+def test_a_shim_started_as_the_runtime_starts_one_loads_neither_site_nor_runpy() -> None:
+    """The runtime's own command line for a shim (``container.shim.command``): its whole
+    start, up to failing to reach a monitor that is not there, imports no ``site`` (the
+    venv's .pth files), no ``runpy`` (``python -m``) and none of what they bring, and it
+    runs the shim of this tree even when the caller's PYTHONPATH names another."""
+    from cocoon.runtime.container import shim as shimmod
+
+    argv = shimmod.command(["--sandbox-dir", "/nonexistent/sandbox", "--container", "c"])
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": "/nonexistent/elsewhere"}
+    out = subprocess.run(
+        [argv[0], "-X", "importtime", *argv[1:]], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 255, out.stderr  # the monitor is not there
+    assert "cocoon-shim: /nonexistent/sandbox/stdio.sock" in out.stderr, out.stderr
+    loaded = {
+        line.split("|")[-1].strip()
+        for line in out.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    assert "cocoon.shim.main" in loaded and "encodings" in loaded, out.stderr
+    unwanted = {"site", "runpy", "importlib.util", "contextlib", "collections", "functools",
+                "_distutils_hack", "sitecustomize", "enum", "re", "json", "socket",
+                "threading"}  # fmt: skip
+    assert not loaded & unwanted, f"a shim's start loads {sorted(loaded & unwanted)}"

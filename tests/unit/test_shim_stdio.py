@@ -178,8 +178,8 @@ def shim(
 ) -> subprocess.Popen[bytes]:
     r, w = os.pipe()
     p = subprocess.Popen(
-        [sys.executable, "-m", "cocoon.shim.main", "--sandbox-dir", str(mon.dir),
-         "--container", cid, "--ready-fd", str(w), *extra],
+        shimmod.command(["--sandbox-dir", str(mon.dir), "--container", cid,
+                         "--ready-fd", str(w), *extra]),
         stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(w, *fds), **kw,
     )  # fmt: skip
     os.close(w)
