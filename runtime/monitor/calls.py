@@ -120,8 +120,12 @@ class Calls:
         try:
             async with asyncio.timeout(h.timeout):
                 if h.service == "VM":
+                    await self._svc.settled()
                     return await service.TABLE[h.method](self._svc, req)
-                return await self._agent(h, req)
+                # A claim's cgroup move overlaps with the claimer's next call, the create.
+                resp = await self._agent(h, req)
+                await self._svc.settled()
+                return resp
         except Failed:
             raise
         except TimeoutError:

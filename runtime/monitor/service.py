@@ -73,6 +73,7 @@ class VmControl(Protocol):
     def qemu_pid(self) -> int: ...
     async def stop(self, timeout: float) -> str: ...
     async def claim(self, spec: L.LaunchSpec, nice: int) -> None: ...
+    async def claim_settled(self) -> None: ...
 
 
 class Agent(hotplug.GuestAgent, netattach.NetAgent, Protocol):
@@ -109,6 +110,16 @@ class Service:
             grant_vfio=grant_vfio,
         )
         self.net_lock = asyncio.Lock()
+
+    async def settled(self) -> None:
+        """A claim's cgroup move done (Vm.claim goes on with it after its answer); its
+        failure is the next call's (Refused ABORTED), once."""
+        try:
+            await self.vm.claim_settled()
+        except OSError as exc:
+            raise Refused(
+                grpc.StatusCode.ABORTED, f"claiming VM for sandbox {self.spec.sandbox_id}: {exc}"
+            ) from exc
 
     def running(self) -> hotplug.Hotplug:
         """Hot-plug, if the VM can take it now."""

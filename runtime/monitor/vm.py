@@ -99,6 +99,7 @@ class Vm:
         self.subscribers: list[asyncio.Queue[vpb.Event | None]] = []
         self.done = asyncio.Event()
         self.stop_task: asyncio.Task[str] | None = None
+        self.moving: asyncio.Future[None] | None = None  # a claim's cgroup move (claim)
         self.qemu_exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.t_spawn = 0.0
         self.boot_seconds = 0.0
@@ -520,29 +521,39 @@ class Vm:
         return sorted(pids)
 
     async def claim(self, spec: L.LaunchSpec, nice: int) -> None:
-        """A pooled VM becomes ``spec``'s sandbox: its processes move to the sandbox's host
-        cgroup (the pool's is removed) at the claimer's nice level, the monitor logs where the
-        claimer logs, and the launch file says whose it is."""
+        """A pooled VM becomes ``spec``'s sandbox: its processes take the claimer's nice level,
+        the monitor logs where the claimer logs, and the launch file says whose it is. Their
+        move to the sandbox's host cgroup (the pool's is then removed) goes on in a thread
+        after the answer (``claim_settled``): a cgroup migration waits for an RCU grace
+        period (~10 ms of the first write here), which the container's create, the claimer's
+        next call, need not wait for. A cgroup that cannot be joined is refused here."""
         old = self.spec
+        for d in spec.cgroup.join:
+            procs = Path(d, "cgroup.procs")
+            if not os.access(procs, os.W_OK):
+                raise hostcgroup.CgroupError(
+                    f"joining host cgroup {d}: "
+                    + ("Permission denied" if procs.exists() else "No such cgroup")
+                )
         pids = self.host_pids()
-        for pid in pids:
-            try:
-                hostcgroup.join(spec.cgroup, pid)
-            except hostcgroup.CgroupError:
-                if Path(f"/proc/{pid}").exists():
-                    raise
         for pid in pids:
             with contextlib.suppress(OSError):  # a process that just ended
                 for task in Path(f"/proc/{pid}/task").iterdir():
                     with contextlib.suppress(OSError):
                         os.setpriority(os.PRIO_PROCESS, int(task.name), nice)
-        await asyncio.to_thread(hostcgroup.remove, old.cgroup)
+        self.moving = asyncio.ensure_future(asyncio.to_thread(_move, pids, old.cgroup, spec.cgroup))
         self.spec = spec
         spec.write(self.dir / L.LAUNCH_FILE)
         log_file = Path(spec.log_file) if spec.log_file else None
         logs.setup_monitor(log_file, spec.log_format, spec.debug)
         log.info("pooled VM %s claimed by sandbox %s", old.sandbox_id, spec.sandbox_id)
         self.publish("claimed", spec.sandbox_id)
+
+    async def claim_settled(self) -> None:
+        """Waits for a claim's cgroup move; its failure is raised once (CgroupError)."""
+        moving, self.moving = self.moving, None
+        if moving is not None:
+            await moving
 
     # ------------------------------------------------------------------ stop
     async def stop(self, timeout: float) -> str:
@@ -583,6 +594,8 @@ class Vm:
 
     async def teardown(self) -> None:
         """Releases everything. Safe to call in any state, more than once."""
+        with contextlib.suppress(hostcgroup.CgroupError):  # a claim's move, before what
+            await self.claim_settled()  # removes the cgroups it moves to
         if self.qemu is not None and not self.qemu_exit.done():
             with contextlib.suppress(ProcessLookupError):
                 self.qemu.kill()
@@ -622,3 +635,14 @@ class Vm:
         if v and vfs is not None and vfs.returncode not in (None, 0):
             parts.append("virtiofsd (last lines):\n" + v)
         return "\n".join(parts)
+
+
+def _move(pids: list[int], old: L.HostCgroup, new: L.HostCgroup) -> None:
+    """A claimed VM's processes into its sandbox's host cgroup, then the pool's removed."""
+    for pid in pids:
+        try:
+            hostcgroup.join(new, pid)
+        except hostcgroup.CgroupError:
+            if Path(f"/proc/{pid}").exists():
+                raise
+    hostcgroup.remove(old)

@@ -11,6 +11,7 @@ import base64
 import json
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -205,6 +206,43 @@ def test_an_agent_call_is_forwarded_with_its_request_intact(mon: Monitor) -> Non
     with pytest.raises(CallError) as info:
         Client(mon.dir).agent.UpdateContainer({"container_id": "missing"})
     assert (info.value.code, info.value.details) == ("NOT_FOUND", "no container missing")
+
+
+def test_a_claims_cgroup_move_is_awaited_before_the_next_answer_and_fails_it_once(
+    mon: Monitor,
+) -> None:
+    """Vm.claim answers before its processes' cgroup move is done: an agent call (the
+    create) is forwarded meanwhile and answered once the move is; a move that failed is
+    that call's ABORTED refusal, and the calls after it are answered as usual."""
+    vm = mon.rig.vm
+    moved = asyncio.Event()
+    vm.moving = moved
+    answered: list[str] = []
+
+    def call() -> None:
+        Client(mon.dir).agent.UpdateContainer({"container_id": "c"})
+        answered.append("update")
+
+    t = threading.Thread(target=call)
+    t.start()
+    deadline = time.monotonic() + 10
+    while not mon.agent.updates and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(mon.agent.updates) == 1  # forwarded while the move runs
+    time.sleep(0.2)
+    assert answered == []  # but not answered before it is done
+    mon.loop.call_soon_threadsafe(moved.set)
+    t.join(10)
+    assert answered == ["update"]
+
+    failed = asyncio.Event()
+    vm.moving, vm.move_error = failed, OSError(2, "No such file or directory")
+    mon.loop.call_soon_threadsafe(failed.set)
+    with pytest.raises(CallError) as info:
+        Client(mon.dir).vm.Status({})
+    assert info.value.code == "ABORTED"
+    assert "claiming VM for sandbox" in info.value.details and "No such file" in info.value.details
+    assert Client(mon.dir).vm.Status({})["state"] == "running"  # reported once
 
 
 def test_a_call_past_its_deadline_is_deadline_exceeded_and_cancelled(mon: Monitor) -> None:

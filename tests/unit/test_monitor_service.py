@@ -51,6 +51,19 @@ class FakeVm:
             raise OSError(13, "Permission denied")
         self.claimed = (spec, nice)
 
+    # A claim's cgroup move, which Vm.claim leaves running after its answer: a test sets
+    # ``moving`` (released by ``moved``), ``move_error`` for one that fails.
+    moving: asyncio.Event | None = None
+    move_error: OSError | None = None
+
+    async def claim_settled(self) -> None:
+        moving, self.moving = self.moving, None
+        if moving is not None:
+            await moving.wait()
+            err, self.move_error = self.move_error, None
+            if err is not None:
+                raise err
+
 
 class Aborted(Exception):
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
