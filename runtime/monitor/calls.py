@@ -120,7 +120,7 @@ class Calls:
         try:
             async with asyncio.timeout(h.timeout):
                 if h.service == "VM":
-                    await self._svc.settled()
+                    await self._svc.settled(refuse=h.method != "Shutdown")
                     return await service.TABLE[h.method](self._svc, req)
                 # A claim's cgroup move overlaps with the claimer's next call, the create.
                 resp = await self._agent(h, req)

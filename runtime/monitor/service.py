@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -34,6 +35,8 @@ from cocoon.runtime import vm_pb2 as vpb
 from cocoon.runtime.errors import ErrorKind, HotplugError, NetworkError
 from cocoon.runtime.monitor import hotplug, netattach
 from cocoon.runtime.monitor import launch as L
+
+log = logging.getLogger("cocoon.monitor.service")
 
 SERVICE = vpb.DESCRIPTOR.services_by_name["VM"]
 
@@ -111,15 +114,18 @@ class Service:
         )
         self.net_lock = asyncio.Lock()
 
-    async def settled(self) -> None:
+    async def settled(self, refuse: bool = True) -> None:
         """A claim's cgroup move done (Vm.claim goes on with it after its answer); its
-        failure is the next call's (Refused ABORTED), once."""
+        failure is the next call's (Refused ABORTED), once, or only logged (``refuse`` false:
+        a Shutdown, which must not be refused for it)."""
         try:
             await self.vm.claim_settled()
         except OSError as exc:
-            raise Refused(
-                grpc.StatusCode.ABORTED, f"claiming VM for sandbox {self.spec.sandbox_id}: {exc}"
-            ) from exc
+            what = f"claiming VM for sandbox {self.spec.sandbox_id}: {exc}"
+            if not refuse:
+                log.warning("%s", what)
+                return
+            raise Refused(grpc.StatusCode.ABORTED, what) from exc
 
     def running(self) -> hotplug.Hotplug:
         """Hot-plug, if the VM can take it now."""

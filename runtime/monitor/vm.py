@@ -594,8 +594,8 @@ class Vm:
 
     async def teardown(self) -> None:
         """Releases everything. Safe to call in any state, more than once."""
-        with contextlib.suppress(hostcgroup.CgroupError):  # a claim's move, before what
-            await self.claim_settled()  # removes the cgroups it moves to
+        with contextlib.suppress(OSError):  # a claim's move, before what removes the
+            await self.claim_settled()  # cgroups it moves to (a failure was reported)
         if self.qemu is not None and not self.qemu_exit.done():
             with contextlib.suppress(ProcessLookupError):
                 self.qemu.kill()

@@ -245,6 +245,19 @@ def test_a_claims_cgroup_move_is_awaited_before_the_next_answer_and_fails_it_onc
     assert Client(mon.dir).vm.Status({})["state"] == "running"  # reported once
 
 
+def test_a_shutdown_after_a_failed_claim_move_is_not_refused(
+    mon: Monitor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sandbox must still be stoppable in order: the failure is only logged there."""
+    failed = asyncio.Event()
+    mon.rig.vm.moving, mon.rig.vm.move_error = failed, OSError(2, "No such file or directory")
+    mon.loop.call_soon_threadsafe(failed.set)
+    with caplog.at_level("WARNING", logger="cocoon.monitor.service"):
+        assert Client(mon.dir).vm.Shutdown({"timeout_seconds": 3}) == {"how": "agent"}
+    assert mon.rig.vm.stopped_with == [3]
+    assert any("claiming VM for sandbox" in r.getMessage() for r in caplog.records)
+
+
 def test_a_call_past_its_deadline_is_deadline_exceeded_and_cancelled(mon: Monitor) -> None:
     with pytest.raises(CallError) as info:
         Client(mon.dir).agent.WaitProcess({"container_id": "c"}, timeout=0.5)
