@@ -48,7 +48,7 @@ FORKED_COMM = "cocoon-shim"  # a forked shim's name (/proc/PID/comm): its cmdlin
 # ~0.7 MiB less private memory in every shim (docs/performance.md). The package root this
 # CLI runs from comes first among its arguments, so the shim runs the same tree.
 SHIM_BOOT = f"import sys; sys.path.insert(0, sys.argv.pop(1)); from {SHIM_MODULE} import run; run()"
-PACKAGE_ROOT = str(Path(__file__).parents[3])  # as imported (.pkg/cocoon/...), not resolved
+PACKAGE_ROOT = str(Path(__file__).absolute().parents[3])  # as imported (.pkg/...), unresolved
 
 
 class Forked:
