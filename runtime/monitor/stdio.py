@@ -159,6 +159,7 @@ class Endpoint:
         self.conns: set[asyncio.StreamWriter] = set()
         self.calls: calls_mod.Calls | None = None  # set once the VM service exists
         self.calling: set[asyncio.Task[Any]] = set()  # the handlers of calls not answered yet
+        self.closed = False
 
     async def serve(self, path: Path) -> None:
         self.server = await asyncio.start_unix_server(self._handle, str(path), limit=HELLO_MAX)
@@ -166,17 +167,28 @@ class Endpoint:
 
     async def close(self) -> None:
         """No new shims, and the connected ones learn that the sandbox is gone; calls being
-        answered (the Shutdown that ended the sandbox) get their answer first."""
+        answered (the Shutdown that ended the sandbox) get their answer first. A connection
+        accepted before this but not yet handled is closed by its handler (``closed``), or a
+        shim could wait on it for as long as this process outlives its endpoint."""
+        self.closed = True
         if self.calling:
             await asyncio.wait(self.calling, timeout=CALL_GRACE)
-        for w in list(self.conns):
+        writers = list(self.conns)
+        for w in writers:
             w.close()
+        if writers:  # a transport closes in a later turn of the loop, which may be the last
+            waits = asyncio.gather(*(w.wait_closed() for w in writers), return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waits, 2)
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.server.wait_closed(), 2)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.closed:
+            writer.close()
+            return
         self.conns.add(writer)
         try:
             try:
