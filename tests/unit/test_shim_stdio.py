@@ -409,15 +409,31 @@ def test_a_foreground_execs_shim_is_forked_and_stands_for_its_process(mon: Monit
         assert first.split() == ["Forked", "True", "False"], first
         (shim_dir,) = [p for p in Path("/proc").iterdir() if _comm(p) == shimmod.FORKED_COMM
                        and _ppid(p) == h.pid]  # fmt: skip
-        fds = {os.readlink(f) for f in (shim_dir / "fd").iterdir()}
+        # Its ready pipe is its own until it has said ready and closed it, a moment after
+        # `spawn` returned: the listing is taken again until that one is gone.
+        stdio = {os.readlink(shim_dir / "fd/1"), os.readlink(shim_dir / "fd/2")}
+        deadline = time.monotonic() + 10
+        while True:
+            fds = _fds(shim_dir)
+            if not any(f.startswith("pipe:") for f in fds - stdio) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         assert not any("cocoon-exec-process" in f for f in fds)  # read, then closed
-        assert all(not f.startswith("pipe:") for f in fds - {os.readlink(shim_dir / "fd/1"),
-                   os.readlink(shim_dir / "fd/2")})  # fmt: skip
+        assert all(not f.startswith("pipe:") for f in fds - stdio), fds
     finally:
         mon.agent.procs[("c1", "e1")].status = 7
         mon.agent.procs[("c1", "e1")].exited.set()
     out, err = h.communicate(timeout=30)
     assert h.returncode == 0 and out == "started\n" and err == "7\n"
+
+
+def _fds(p: Path) -> set[str]:
+    """What the process's fds are, without the ones it closed while they were listed."""
+    out = set()
+    for f in (p / "fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            out.add(os.readlink(f))
+    return out
 
 
 def _comm(p: Path) -> str:
