@@ -268,7 +268,8 @@ def is_shim(pid: int, cid: str) -> bool:
         forked = Path(f"/proc/{pid}/comm").read_bytes().rstrip(b"\n") == FORKED_COMM.encode()
     except OSError:
         return False
-    return (forked or SHIM_BOOT.encode() in cmd) and cid.encode() in cmd
+    started = SHIM_BOOT.encode() in cmd or SHIM_MODULE.encode() in cmd  # -m: an older CLI's
+    return (forked or started) and cid.encode() in cmd
 
 
 def write_pid_file(path: Path, pid: int) -> None:

@@ -427,6 +427,26 @@ def test_a_foreground_execs_shim_is_forked_and_stands_for_its_process(mon: Monit
     assert h.returncode == 0 and out == "started\n" and err == "7\n"
 
 
+@pytest.mark.parametrize(
+    ("marker", "want"),
+    [(shimmod.SHIM_BOOT, True), (shimmod.SHIM_MODULE, True), ("cocoon.shim", False)],
+)
+def test_is_shim_knows_a_started_shim_by_either_command_line(marker: str, want: bool) -> None:
+    """``command``'s boot string, or ``-m cocoon.shim.main`` (a shim an older CLI started,
+    which ``delete`` must still know after an upgrade), with the container's id; not any
+    process that merely mentions them."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", marker, "--container", "c1"]
+    )
+    try:
+        time.sleep(0.2)
+        assert shimmod.is_shim(p.pid, "c1") is want
+        assert not shimmod.is_shim(p.pid, "c2")
+    finally:
+        p.kill()
+        p.wait()
+
+
 def _fds(p: Path) -> set[str]:
     """What the process's fds are, without the ones it closed while they were listed."""
     out = set()
