@@ -225,9 +225,7 @@ def test_a_claims_cgroup_move_is_awaited_before_the_next_answer_and_fails_it_onc
 
     t = threading.Thread(target=call)
     t.start()
-    deadline = time.monotonic() + 10
-    while not mon.agent.updates and time.monotonic() < deadline:
-        time.sleep(0.01)
+    mon.do(_until(lambda: bool(mon.agent.updates), 10))
     assert len(mon.agent.updates) == 1  # forwarded while the move runs
     time.sleep(0.2)
     assert answered == []  # but not answered before it is done
