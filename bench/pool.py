@@ -36,15 +36,18 @@ ALL_CAPS = [
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
     "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_NET_ADMIN", "CAP_NET_RAW",
     "CAP_SYS_CHROOT", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN", "CAP_SYS_RESOURCE", "CAP_MKNOD",
-    "CAP_AUDIT_WRITE", "CAP_SETFCAP",
+    "CAP_AUDIT_WRITE", "CAP_SETFCAP", "CAP_NET_BIND_SERVICE",
 ]  # fmt: skip
 # In the guest: a bundle whose root is the guest's own root, then crun run of `true`, timed.
+# `crun spec` asks for CAP_NET_BIND_SERVICE, so the floor container holds it too (crun fails
+# at capset otherwise, before `true` runs), and a crun that fails ends the script (set -e).
 FLOOR_SCRIPT = r"""
 set -e
 nsenter -t 1 -m -- /bin/sh -c 'mkdir -p /tmp/fb/rootfs && cd /tmp/fb && rm -f config.json &&
   crun spec'
 nsenter -t 1 -m mount --bind / /tmp/fb/rootfs
 nsenter -t 1 -m -- /bin/sh -c '
+set -e
 cd /tmp/fb
 sed -i "s/\"sh\"/\"true\"/; s/\"terminal\": true/\"terminal\": false/" config.json
 for i in $(seq N); do
@@ -80,8 +83,10 @@ def in_guest_floor(rt: Runtime, work: Path, runs: int) -> list[float]:
         rt.call("start", cid)
         out = subprocess.run(
             [*rt.argv, "exec", cid, "sh", "-c", FLOOR_SCRIPT.replace("seq N", f"seq {runs + 1}")],
-            capture_output=True, text=True, timeout=300, check=True,
+            capture_output=True, text=True, timeout=300,
         )  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"the in-guest floor failed ({out.returncode}): {out.stderr}")
         return [int(x) / 1e6 for x in out.stdout.split()][1:]
     finally:
         rt.call("delete", "--force", cid)
