@@ -4,7 +4,8 @@ Two transports, the same gRPC server behind both (it listens on a unix socket):
 - virtio-serial: one port (named ``agent.channel.0``) multiplexed with ``cocoon.agent.mux``
   frames; each host session becomes one connection to the local socket.
 - vsock: a plain AF_VSOCK listener; each accepted connection is relayed to the local socket
-  (grpcio as shipped cannot listen on vsock itself).
+  (grpcio as shipped cannot listen on vsock itself). Raw streams have a port of their own
+  (``serve_vsock_raw``): each connection one stream, plain bytes after its request line.
 
 A mux session may also be a raw stream (cocoon.agent.mux): ``streams`` gives the fd of the
 process's stdout, stderr or stdin, and a thread of its own sends that pipe's bytes as DATA
@@ -44,6 +45,7 @@ log = logging.getLogger("cocoon.agent.channel")
 PORT_NAME = "agent.channel.0"
 VSOCK_PORT = 1024
 READ_BATCH = 256 * 1024  # the most the port reader decodes at once
+RAW_THREAD = "vsock-raw-stream"  # the name of each vsock raw stream's thread
 
 
 def find_serial_port(
@@ -521,6 +523,105 @@ def serve_vsock(target: str, port: int = VSOCK_PORT) -> None:
             _close(local)
             continue
         threading.Thread(target=_relay_pair, args=(conn, local), daemon=True).start()
+
+
+def serve_vsock_raw(streams: StreamSource, port: int = mux.RAW_VSOCK_PORT) -> None:
+    """Serves raw streams over vsock on ``port``: one connection each (``serve_raw``)."""
+    lsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    lsock.bind((socket.VMADDR_CID_ANY, port))
+    serve_raw(lsock, streams)
+
+
+def serve_raw(lsock: socket.socket, streams: StreamSource) -> None:
+    """Each connection to the bound socket ``lsock`` is one raw stream (cocoon.agent.mux: its
+    first line a ``RawRequest``, then the stream's bytes), served by a thread of its own."""
+    lsock.listen(64)
+    while True:
+        conn, _ = lsock.accept()
+        threading.Thread(
+            target=_raw_connection, args=(conn, streams), name=RAW_THREAD, daemon=True
+        ).start()
+
+
+def _raw_connection(conn: socket.socket, streams: StreamSource) -> None:
+    try:
+        conn.settimeout(10)
+        head = b""
+        while b"\n" not in head:
+            data = conn.recv(mux.RAW_LINE_MAX - len(head)) if len(head) < mux.RAW_LINE_MAX else b""
+            if not data:
+                raise MuxProtocolError(f"no raw stream request line: {head[:200]!r}")
+            head += data
+        line, _, rest = head.partition(b"\n")
+        conn.settimeout(None)
+        req = mux.RawRequest.decode(line)
+        fd = streams(req.container_id, req.exec_id, req.stream)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, False)  # our side of the process's pipe (or pty master)
+            if req.stream == "stdin":
+                _raw_to_pipe(conn, fd, rest)
+            else:
+                _raw_from_pipe(conn, fd)
+    except Exception as exc:  # a bad request, the manager's lookup error, a lost host
+        log.info("vsock raw stream refused or lost: %s", exc)
+    finally:
+        _close(conn)  # a stream with no fd ends at once, empty, as ReadStdout would give
+
+
+def _raw_from_pipe(conn: socket.socket, fd: int) -> None:
+    """The pipe's (or pty's) bytes to the host until their EOF. A host that stops reading
+    blocks the send, so the pipe fills and the process blocks; a host that goes away ends it."""
+    splice = _is_pipe(fd)
+    host = conn.fileno()
+    while True:
+        ready, _, _ = select.select([fd, host], [], [], 1.0)
+        if host in ready:
+            return  # the host closed its end (it sends nothing on an output stream)
+        if fd not in ready:
+            continue
+        try:
+            if splice:  # no byte through Python; the socket's send blocks while it is full
+                got = os.splice(fd, conn.fileno(), mux.RAW_SPLICE_MAX)
+            else:
+                data = os.read(fd, mux.RAW_CHUNK)
+                conn.sendall(data)
+                got = len(data)
+        except BlockingIOError:
+            continue
+        except ConnectionError:  # the host went away
+            return
+        except OSError as exc:
+            if exc.errno == errno.EINVAL and splice:
+                splice = False  # a socket this kernel cannot splice into: read instead
+                continue
+            got = 0  # EIO: a pty's last slave closed; EBADF: the fd was closed
+        except ValueError:
+            got = 0
+        if not got:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_WR)
+            return
+
+
+def _raw_to_pipe(conn: socket.socket, fd: int, first: bytes) -> None:
+    """The host's bytes to the pipe until the host's EOF, then the connection is closed: the
+    host learns that all it sent is written. A pipe whose reader is gone ends it at once."""
+    data = first
+    while True:
+        view = memoryview(data)
+        try:
+            while view:
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    select.select([], [fd], [], 1.0)
+        except OSError as exc:  # EPIPE: the process is gone; EBADF: stdin closed
+            log.debug("vsock raw stdin: %s", exc)
+            return
+        data = conn.recv(READ_BATCH)
+        if not data:
+            return
 
 
 def _relay_pair(a: socket.socket, b: socket.socket) -> None:

@@ -23,6 +23,14 @@ OPEN whose payload is a JSON object is a raw stream of one process's stdio (``Ra
 So a reader or writer that stops stalls its own stream only, and the port (and every other
 session) keeps moving.
 
+Over vsock there is no mux: a raw stream is a connection of its own to ``RAW_VSOCK_PORT``,
+whose first line is the same ``RawRequest`` (JSON, ``RAW_LINE_MAX`` bytes at most with its
+newline) and whose bytes after it are the stream's, plain. vsock's own credit is the window:
+a reader that stops fills its connection's buffers and stalls that stream only. At a stdout's
+or stderr's EOF the guest closes the connection; a stdin's host shuts its side down after its
+last byte, and the guest closes the connection once it has written them all (or at once when
+the pipe is gone).
+
 A malformed frame is a ``MuxProtocolError`` (cocoon.agent.errors, with the agent's other
 errors; the host monitor catches it from there).
 
@@ -51,6 +59,8 @@ RAW_WINDOW = 1024 * 1024  # what a raw stream may have in flight before the host
 # the guest -> host direction only, so only the host's decoder takes frames this long.
 RAW_SPLICE_MAX = 512 * 1024
 RAW_STREAMS = ("stdout", "stderr", "stdin")
+RAW_VSOCK_PORT = 1025  # raw streams over vsock: one connection each (the agent's gRPC: 1024)
+RAW_LINE_MAX = 4096  # a vsock raw stream's request line, its newline included
 FLUSH_LEN = MAX_PAYLOAD + HEADER.size
 NONCE_LEN = 8
 

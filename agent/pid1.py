@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         run(mux.serve_forever, "virtio-serial")
     if vsock:
         run(lambda: channel.serve_vsock(args.socket), "vsock")
+        run(lambda: channel.serve_vsock_raw(manager.stream_fd), "vsock-raw")
     service.mark_ready()
     modules.start()  # what the first stage left out, while the host works on its side
     log.info(

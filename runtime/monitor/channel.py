@@ -10,7 +10,8 @@ gRPC (grpcio) dials ``unix:<state>/agent.sock``; behind it:
 ``SerialMuxHost.open_stream`` opens a raw stream of one process's stdout or stderr as a mux
 session of its own (``RawStream``: chunks in, grants back), ``open_input`` one to its stdin
 (``RawInput``: chunks out within the guest's grants), which the shims' endpoint
-(monitor.stdio) relays without gRPC.
+(monitor.stdio) relays without gRPC. ``VsockRelay`` opens them as vsock connections of their
+own (``VsockStream``, ``VsockInput``: the same methods; vsock's credit is the window).
 
 May import: the standard library, cocoon.agent.{errors, mux}, cocoon.runtime.errors.
 """
@@ -24,6 +25,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from cocoon.agent import mux
@@ -295,11 +297,65 @@ class SerialMuxHost:
             self._listen.unlink()
 
 
-class VsockRelay:
-    """Relays each local connection to a new vsock connection to the guest agent."""
+Dial = Callable[[int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
-    def __init__(self, cid: int, port: int, listen: Path) -> None:
+
+class VsockStream:
+    """A raw output stream over vsock (a connection of its own, cocoon.agent.mux): the same
+    ``read``/``grant``/``close`` as ``RawStream``; vsock's own credit is its window."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+
+    async def read(self) -> bytes:
+        try:
+            return await self._reader.read(mux.RAW_WINDOW // 4)
+        except (ConnectionError, OSError):
+            return b""
+
+    async def grant(self, n: int) -> None:
+        """Nothing to grant: a chunk read off the socket is room the guest sees."""
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._writer.wait_closed()
+
+
+class VsockInput(VsockStream):
+    """A raw stdin stream over vsock: the same ``write``/``finish``/``close`` as
+    ``RawInput``."""
+
+    async def write(self, data: bytes) -> bool:
+        """False once the stream has ended (the guest closed it: the process's stdin is
+        gone)."""
+        if self._reader.at_eof() or self._writer.is_closing():
+            return False
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (ConnectionError, OSError):
+            return False
+        return True
+
+    async def finish(self) -> None:
+        """Ends our side, then waits until the guest has written all we sent (it closes the
+        connection then), and closes it."""
+        with contextlib.suppress(ConnectionError, OSError):
+            self._writer.write_eof()
+            while await self._reader.read(4096):
+                pass
+        await self.close()
+
+
+class VsockRelay:
+    """Relays each local connection to a new vsock connection to the guest agent, and opens
+    raw streams as vsock connections of their own (``open_stream``, ``open_input``).
+    ``dial`` connects to a port of the guest (a vsock one unless a test gives its own)."""
+
+    def __init__(self, cid: int, port: int, listen: Path, dial: Dial | None = None) -> None:
         self._cid, self._port, self._listen = cid, port, listen
+        self._dial_port = dial or self._dial_vsock
         self._server: asyncio.AbstractServer | None = None
         self.lost = asyncio.Event()
 
@@ -315,14 +371,38 @@ class VsockRelay:
                 await asyncio.sleep(0.05)
 
     async def _dial(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await self._dial_port(self._port)
+
+    async def _dial_vsock(self, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         s.setblocking(False)
         try:
-            await asyncio.get_running_loop().sock_connect(s, (self._cid, self._port))
+            await asyncio.get_running_loop().sock_connect(s, (self._cid, port))
         except OSError:
             s.close()
             raise
         return await asyncio.open_connection(sock=s)
+
+    async def _open_raw(
+        self, container_id: str, exec_id: str, stream: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await self._dial_port(mux.RAW_VSOCK_PORT)
+        req = mux.RawRequest(container_id, exec_id, stream, mux.RAW_WINDOW)
+        writer.write(req.encode() + b"\n")
+        try:
+            await writer.drain()
+        except (ConnectionError, OSError):
+            writer.close()
+            raise
+        return reader, writer
+
+    async def open_stream(self, container_id: str, exec_id: str, stream: str) -> VsockStream:
+        """A raw stream of the process's ``stream`` ("stdout" or "stderr")."""
+        return VsockStream(*await self._open_raw(container_id, exec_id, stream))
+
+    async def open_input(self, container_id: str, exec_id: str) -> VsockInput:
+        """A raw stream to the process's stdin."""
+        return VsockInput(*await self._open_raw(container_id, exec_id, "stdin"))
 
     async def serve(self) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -7,12 +7,14 @@ most 4 KiB: ``{"container_id": C, "exec_id": E, "stream": S}``, S one of
 * ``stdout``, ``stderr``: the monitor relays the process's output as raw bytes and closes the
   connection when the guest closed the stream (or the process is gone). Over virtio-serial
   the output comes as a raw stream of the mux (channel.RawStream: no gRPC in the guest), each
-  chunk granted back to the guest once written and drained; over vsock it comes from the
-  agent's ReadStdout/ReadStderr, each chunk drained before the next is asked for. Either way
-  a shim that stops reading stalls its own stream only: the agent's pipe fills and the
-  workload blocks, nothing else does.
+  chunk granted back to the guest once written and drained; over vsock as a vsock connection
+  of its own (channel.VsockStream), each chunk drained before the next is read, vsock's credit
+  being the window. Either way a shim that stops reading stalls its own stream only: the
+  agent's pipe fills and the workload blocks, nothing else does. (The agent's
+  ReadStdout/ReadStderr carry it only for an endpoint given no channel of raw streams.)
 * ``stdin`` (with ``"close": true|false``): raw bytes from the shim go to the process as they
-  come (a raw stream of the mux, within the guest's grants; WriteStdin over vsock); at the
+  come (a raw stream of the mux, within the guest's grants; a vsock connection of its own
+  over vsock; WriteStdin without raw streams); at the
   shim's EOF, once the guest has written them all, the stream ends and, with ``close``, the
   guest closes the process's stdin (CloseStdin; not for a terminal, whose EOF is the user's
   ^D). An exec started with ``"stdin": false`` has none: it reads /dev/null in the guest.
@@ -60,7 +62,7 @@ from cocoon.runtime.errors import DEADLINE_WORDS
 from cocoon.runtime.monitor import calls as calls_mod
 from cocoon.runtime.monitor import launch as L
 from cocoon.runtime.monitor.agentcalls import Stub
-from cocoon.runtime.monitor.channel import SerialMuxHost
+from cocoon.runtime.monitor.channel import SerialMuxHost, VsockRelay
 
 log = logging.getLogger("cocoon.monitor.stdio")
 
@@ -149,9 +151,10 @@ class Endpoint:
         self,
         channel: Callable[[], grpc.aio.Channel | None],
         timeout: float,
-        link: Callable[[], SerialMuxHost | None] = lambda: None,
+        link: Callable[[], SerialMuxHost | VsockRelay | None] = lambda: None,
     ) -> None:
-        """``link``: the virtio-serial mux, if that is the channel (raw output streams)."""
+        """``link``: the channel's raw streams (the virtio-serial mux's sessions, or vsock
+        connections of their own); without it, gRPC's stream calls carry stdio."""
         self._channel = channel
         self._timeout = timeout
         self._link = link
@@ -287,7 +290,12 @@ class Endpoint:
             call.cancel()
 
     async def _output_raw(
-        self, link: SerialMuxHost, cid: str, eid: str, stream: str, writer: asyncio.StreamWriter
+        self,
+        link: SerialMuxHost | VsockRelay,
+        cid: str,
+        eid: str,
+        stream: str,
+        writer: asyncio.StreamWriter,
     ) -> None:
         raw = await link.open_stream(cid, eid, stream)
         owed = 0  # passed on, not yet granted back: granted in batches (each grant wakes the guest)

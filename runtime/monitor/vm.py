@@ -94,7 +94,7 @@ class Vm:
         self.stdio = stdio.Endpoint(
             lambda: self.agent,
             spec.request_timeout_s,
-            lambda: self.link if isinstance(self.link, SerialMuxHost) else None,
+            lambda: self.link,
         )
         self.subscribers: list[asyncio.Queue[vpb.Event | None]] = []
         self.done = asyncio.Event()
