@@ -1,8 +1,9 @@
 """runc create: a container made inside its sandbox, in named steps, all undone on failure.
 
 The steps, in order:
-1. ``_check``: everything that can be checked before anything is made (the id, the bundle,
-   the terminal, the VM size, the host devices, the network namespace).
+1. ``_check``: everything that can be checked before anything is made (the id, the shared
+   filesystem, the bundle, the terminal, the VM size, the host devices, the network
+   namespace).
 2. reserve the id in the state store.
 3. ``_own_netns``: a spec that asks for a new network namespace without a path gets one made
    by cocoon (bound under <root>/netns/), removed again on delete.
@@ -51,7 +52,13 @@ from cocoon.runtime.container import spec as specmod
 from cocoon.runtime.container.hooks import run_hooks
 from cocoon.runtime.container.ids import validate_id
 from cocoon.runtime.container.state import ContainerState, Ctx, Status
-from cocoon.runtime.errors import CocoonError, LifecycleError, SpecError, StateError
+from cocoon.runtime.errors import (
+    CocoonError,
+    ConfigError,
+    LifecycleError,
+    SpecError,
+    StateError,
+)
 from cocoon.runtime.fds import is_dev_null
 from cocoon.runtime.monitor import hostcgroup
 from cocoon.runtime.monitor.launch import MONITOR_SOCK, drop_dangling
@@ -193,6 +200,13 @@ def _check(
     ctx: Ctx, cid: str, bundle_path: Path, console_socket: str | None, foreground_tty: bool
 ) -> _Plan:
     validate_id(cid)
+    shared = ctx.cfg.hypervisor.shared_fs
+    if shared != "virtio-fs":  # a VM of no container (`cocoon sandbox start`) boots with any
+        why = "the guest kernel has no 9p" if shared == "virtio-9p" else "there is none"
+        raise ConfigError(
+            f'hypervisor.shared_fs = "{shared}" cannot run containers: their root filesystems '
+            f'reach the guest through the shared filesystem and {why} (use "virtio-fs")'
+        )
     if ctx.store.path(cid).exists():
         raise StateError(f"container {cid} already exists")
     bundle = specmod.load_bundle(bundle_path)

@@ -8,6 +8,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+from cocoon.runtime.container.spec import default_spec
+
 CLI = [sys.executable, "-m", "cocoon.runtime.cli.main"]
 
 
@@ -64,6 +66,30 @@ def test_wrong_type_names_the_key(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "agent.ready_timeout_s" in r.stderr
     assert "agent.ready_timeout_s" in lines[-1]["msg"]
+
+
+def test_a_shared_fs_that_cannot_run_containers_is_refused_before_a_vm_boots(
+    tmp_path: Path,
+) -> None:
+    """virtio-9p (the guest kernel has no 9p) and none are refused by create itself: one
+    error naming the key, nothing made under the root (an empty sandbox may still use them)."""
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    spec = default_spec()
+    spec["process"]["terminal"] = False  # a bundle create would take, but for the setting
+    (bundle / "config.json").write_text(json.dumps(spec))
+    for shared in ("virtio-9p", "none"):
+        conf, root = tmp_path / f"{shared}.toml", tmp_path / f"root-{shared}"
+        conf.write_text(f'[hypervisor]\nshared_fs = "{shared}"\n')
+        r, lines = _error_case(
+            tmp_path, "--root", str(root), "--config", str(conf), "create", "-b", str(bundle), "c1"
+        )
+        assert r.returncode == 1, r.stderr
+        err = r.stderr.strip().splitlines()
+        assert len(err) == 1 and f'hypervisor.shared_fs = "{shared}"' in err[0], err
+        assert "shared_fs" in lines[-1]["msg"] and lines[-1]["level"] == "error"
+        made = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+        assert not [p for p in made if p.startswith(("containers/", "sandboxes/"))], made
 
 
 def test_unknown_verb_and_missing_config(tmp_path: Path) -> None:
