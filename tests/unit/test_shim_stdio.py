@@ -125,6 +125,7 @@ class Monitor:
 
     def __init__(self, d: Path) -> None:
         self.dir = d
+        self.shims: list[subprocess.Popen[bytes]] = []  # killed at teardown if still up
         self.agent = FakeAgent()
         self.server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=16))
         pbg.add_AgentServiceServicer_to_server(self.agent, self.server)
@@ -170,6 +171,10 @@ def mon(tmp_path: Path) -> Iterator[Monitor]:
         yield m
     finally:
         m.stop()
+        for s in m.shims:  # a test that failed before its shim ended must not leave it
+            if s.poll() is None:
+                s.kill()
+                s.wait(10)
 
 
 def shim(
@@ -187,6 +192,7 @@ def shim(
         stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(w, *fds), **kw,
     )  # fmt: skip
     os.close(w)
+    mon.shims.append(p)
     with os.fdopen(r, "rb") as ready:
         assert ready.readline() == b"ok\n"
     return p
