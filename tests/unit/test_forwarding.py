@@ -27,7 +27,6 @@ import socket
 import tempfile
 import threading
 import time
-import tty
 import types
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from cocoon.agent.mux import Frame
 from cocoon.agent.server import AgentService
 from cocoon.runtime.monitor import forward
 from cocoon.runtime.monitor.channel import SerialMuxHost
+from tests.unit.streams import pipe_reader, pipe_writer, pty_writer, wait_for
 
 T = TypeVar("T")
 RPC_TIMEOUT = 10.0
@@ -78,14 +78,6 @@ def alarm_guard() -> Iterator[None]:
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -923,19 +915,6 @@ def test_old_session_output_never_reaches_the_new_host(
 # Raw output streams (SerialMuxHost.open_stream <-> SerialMux's raw sessions)
 
 
-def _pipe_writer(guest: Guest, key: tuple[str, str, str], data: bytes) -> threading.Thread:
-    r, w = os.pipe()
-    guest.pipes[key] = r
-
-    def write() -> None:
-        with os.fdopen(w, "wb") as f, contextlib.suppress(BrokenPipeError):
-            f.write(data)
-
-    t = threading.Thread(target=write, daemon=True)
-    t.start()
-    return t
-
-
 def read_stdout(host: Host, until: int = -1) -> tuple[bytes, int]:
     """c1's stdout through a raw stream, granted back chunk by chunk: its bytes (to its end, or
     the first ``until`` of them) and the longest frame's payload."""
@@ -958,7 +937,7 @@ def test_a_raw_stream_carries_a_pipe_byte_exact_beside_grpc(
     host: Host, guest: Guest, stub: Any
 ) -> None:
     data = os.urandom(3 * 1024 * 1024 + 5)
-    writer = _pipe_writer(guest, ("c1", "", "stdout"), data)
+    writer = pipe_writer(guest.pipes, ("c1", "", "stdout"), data)
 
     got, largest = read_stdout(host)
     assert got == data
@@ -1025,19 +1004,8 @@ def test_a_pipe_lost_inside_a_frame_pads_it_and_the_port_stays_in_step(
 def test_a_raw_stream_from_a_pty_is_read_in_frames_of_a_write(host: Host, guest: Guest) -> None:
     """A pty master cannot be spliced: its stream takes the read path, byte exact, each frame
     at most what one write() to the port carries."""
-    master, slave = os.openpty()
-    tty.setraw(slave)  # no newline translation: the bytes as written
-    guest.pipes[("c1", "", "stdout")] = master
     data = os.urandom(256 * 1024)
-
-    def write() -> None:
-        with os.fdopen(slave, "wb") as f:
-            f.write(data)
-            f.flush()
-            time.sleep(0.5)  # the master's reader drains before the slave's close (EIO)
-
-    t = threading.Thread(target=write, daemon=True)
-    t.start()
+    _, t = pty_writer(guest.pipes, ("c1", "", "stdout"), data)
 
     got, largest = read_stdout(host, until=len(data))
     assert got == data and 0 < largest <= mux.RAW_CHUNK
@@ -1046,7 +1014,7 @@ def test_a_raw_stream_from_a_pty_is_read_in_frames_of_a_write(host: Host, guest:
 
 def test_a_raw_stream_not_granted_stalls_alone(host: Host, guest: Guest, stub: Any) -> None:
     data = os.urandom(2 * mux.RAW_WINDOW)
-    writer = _pipe_writer(guest, ("c1", "e1", "stderr"), data)
+    writer = pipe_writer(guest.pipes, ("c1", "e1", "stderr"), data)
 
     async def first_window() -> tuple[Any, bytes]:
         assert host.link is not None
@@ -1078,7 +1046,7 @@ def test_a_raw_stream_not_granted_stalls_alone(host: Host, guest: Guest, stub: A
 def test_a_raw_stream_of_no_process_ends_at_once_and_a_closed_one_stops(
     host: Host, guest: Guest
 ) -> None:
-    writer = _pipe_writer(guest, ("c1", "", "stdout"), b"x" * (4 * mux.RAW_WINDOW))
+    writer = pipe_writer(guest.pipes, ("c1", "", "stdout"), b"x" * (4 * mux.RAW_WINDOW))
 
     async def go() -> tuple[bytes, bytes]:
         assert host.link is not None
@@ -1137,26 +1105,10 @@ def test_a_guest_sending_beyond_its_window_loses_that_stream_only() -> None:
     assert Frame(mux.FrameType.CLOSE, sid) in mux.Decoder().feed(bytes(sent))
 
 
-def _pipe_reader(guest: Guest, key: tuple[str, str, str]) -> tuple[int, bytearray, threading.Event]:
-    """A pipe whose write end is the process's stdin; its bytes gathered once ``go`` is set."""
-    r, w = os.pipe()
-    guest.pipes[key] = w
-    got, go = bytearray(), threading.Event()
-
-    def read() -> None:
-        go.wait(30)
-        with os.fdopen(r, "rb") as f:
-            while chunk := f.read1(65536):
-                got.extend(chunk)
-
-    threading.Thread(target=read, daemon=True).start()
-    return w, got, go
-
-
 def test_a_raw_stdin_arrives_in_order_and_a_stalled_reader_stalls_it_alone(
     host: Host, guest: Guest, stub: Any
 ) -> None:
-    w, got, go = _pipe_reader(guest, ("c1", "", "stdin"))
+    w, got, go = pipe_reader(guest.pipes, ("c1", "", "stdin"))
     data = os.urandom(4 * mux.RAW_WINDOW + 7)
 
     async def send_until_stalled() -> Any:

@@ -9,13 +9,10 @@ test runs the host's side in ``asyncio.run`` while the guest's threads serve.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import threading
-import time
-import tty
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ import pytest
 from cocoon.agent import channel as agent_channel
 from cocoon.agent import mux
 from cocoon.runtime.monitor.channel import VsockRelay
+from tests.unit.streams import pipe_reader, pipe_writer, pty_writer, wait_for
 
 STEP = 10.0  # seconds any one step of a test may take
 
@@ -66,29 +64,6 @@ def raw_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == agent_channel.RAW_THREAD]
 
 
-def wait_for(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
-def pipe_writer(guest: Guest, key: tuple[str, str, str], data: bytes) -> threading.Thread:
-    """A process writing ``data`` to the pipe whose read end is the stream's; it stops at
-    EPIPE, as a workload would see it."""
-    r, w = os.pipe()
-    guest.fds[key] = r
-
-    def write() -> None:
-        with os.fdopen(w, "wb") as f, contextlib.suppress(BrokenPipeError):
-            f.write(data)
-
-    t = threading.Thread(target=write, daemon=True)
-    t.start()
-    return t
-
-
 async def read_all(relay: VsockRelay, cid: str, eid: str, stream: str) -> bytes:
     raw = await relay.open_stream(cid, eid, stream)
     got = bytearray()
@@ -101,7 +76,7 @@ async def read_all(relay: VsockRelay, cid: str, eid: str, stream: str) -> bytes:
 
 def test_stdout_arrives_byte_exact_and_ends_at_the_pipes_eof(guest: Guest, tmp_path: Path) -> None:
     data = os.urandom(3 * 1024 * 1024 + 5)
-    writer = pipe_writer(guest, ("c1", "", "stdout"), data)
+    writer = pipe_writer(guest.fds, ("c1", "", "stdout"), data)
     assert asyncio.run(read_all(guest.relay(tmp_path), "c1", "", "stdout")) == data
     writer.join(STEP)
     assert not writer.is_alive()
@@ -109,19 +84,8 @@ def test_stdout_arrives_byte_exact_and_ends_at_the_pipes_eof(guest: Guest, tmp_p
 
 def test_a_pty_is_read_byte_exact(guest: Guest, tmp_path: Path) -> None:
     """A pty master cannot be spliced: its stream takes the read path."""
-    master, slave = os.openpty()
-    tty.setraw(slave)
-    guest.fds[("c1", "e1", "stdout")] = master
     data = os.urandom(256 * 1024)
-
-    def write() -> None:
-        with os.fdopen(slave, "wb") as f:
-            f.write(data)
-            f.flush()
-            time.sleep(0.5)  # drained before the slave's close (then the master reads EIO)
-
-    t = threading.Thread(target=write, daemon=True)
-    t.start()
+    master, t = pty_writer(guest.fds, ("c1", "e1", "stdout"), data)
     try:
         assert asyncio.run(read_all(guest.relay(tmp_path), "c1", "e1", "stdout")) == data
     finally:
@@ -132,8 +96,8 @@ def test_a_pty_is_read_byte_exact(guest: Guest, tmp_path: Path) -> None:
 def test_a_reader_that_stops_stalls_its_own_stream_only(guest: Guest, tmp_path: Path) -> None:
     big = os.urandom(8 * 1024 * 1024)  # more than the pipe and both sockets' buffers hold
     small = os.urandom(512 * 1024)
-    stalled = pipe_writer(guest, ("c1", "", "stdout"), big)
-    other = pipe_writer(guest, ("c1", "", "stderr"), small)
+    stalled = pipe_writer(guest.fds, ("c1", "", "stdout"), big)
+    other = pipe_writer(guest.fds, ("c1", "", "stderr"), small)
     relay = guest.relay(tmp_path)
 
     async def go() -> tuple[bytes, bytes]:
@@ -173,7 +137,7 @@ def test_no_such_process_or_stream_is_an_empty_stream_and_garbage_is_refused(
             s.sendall(garbage)
             assert s.recv(1) == b"", f"{garbage[:20]!r} was not refused"
     # and the server still serves
-    writer = pipe_writer(guest, ("c2", "", "stdout"), b"still here")
+    writer = pipe_writer(guest.fds, ("c2", "", "stdout"), b"still here")
     assert asyncio.run(read_all(relay, "c2", "", "stdout")) == b"still here"
     writer.join(STEP)
 
@@ -196,26 +160,10 @@ def test_a_reader_that_goes_away_ends_the_guests_side(guest: Guest, tmp_path: Pa
     os.close(w)
 
 
-def pipe_reader(guest: Guest, key: tuple[str, str, str]) -> tuple[int, bytearray, threading.Event]:
-    """A pipe whose write end is the process's stdin; read once ``go`` is set."""
-    r, w = os.pipe()
-    guest.fds[key] = w
-    got, go = bytearray(), threading.Event()
-
-    def read() -> None:
-        go.wait(30)
-        with os.fdopen(r, "rb") as f:
-            while chunk := f.read1(65536):
-                got.extend(chunk)
-
-    threading.Thread(target=read, daemon=True).start()
-    return w, got, go
-
-
 def test_stdin_arrives_in_order_and_finish_waits_until_all_is_written(
     guest: Guest, tmp_path: Path
 ) -> None:
-    w, got, go = pipe_reader(guest, ("c1", "", "stdin"))
+    w, got, go = pipe_reader(guest.fds, ("c1", "", "stdin"))
     data = os.urandom(6 * 1024 * 1024 + 7)
     relay = guest.relay(tmp_path)
 
