@@ -5,7 +5,8 @@ Two transports, the same gRPC server behind both (it listens on a unix socket):
   frames; each host session becomes one connection to the local socket.
 - vsock: a plain AF_VSOCK listener; each accepted connection is relayed to the local socket
   (grpcio as shipped cannot listen on vsock itself). Raw streams have a port of their own
-  (``serve_vsock_raw``): each connection one stream, plain bytes after its request line.
+  (``listen_vsock``, ``serve_raw``): each connection one stream, plain bytes after its
+  request line.
 
 A mux session may also be a raw stream (cocoon.agent.mux): ``streams`` gives the fd of the
 process's stdout, stderr or stdin, and a thread of its own sends that pipe's bytes as DATA
@@ -525,19 +526,30 @@ def serve_vsock(target: str, port: int = VSOCK_PORT) -> None:
         threading.Thread(target=_relay_pair, args=(conn, local), daemon=True).start()
 
 
-def serve_vsock_raw(streams: StreamSource, port: int = mux.RAW_VSOCK_PORT) -> None:
-    """Serves raw streams over vsock on ``port``: one connection each (``serve_raw``)."""
+def listen_vsock(port: int = mux.RAW_VSOCK_PORT) -> socket.socket:
+    """A vsock socket listening on ``port`` (raw streams': ``serve_raw``), made before the
+    agent says it is ready, so that no host's connection finds it not listening yet."""
     lsock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    lsock.bind((socket.VMADDR_CID_ANY, port))
-    serve_raw(lsock, streams)
+    try:
+        lsock.bind((socket.VMADDR_CID_ANY, port))
+        lsock.listen(64)
+    except OSError:
+        lsock.close()
+        raise
+    return lsock
 
 
 def serve_raw(lsock: socket.socket, streams: StreamSource) -> None:
-    """Each connection to the bound socket ``lsock`` is one raw stream (cocoon.agent.mux: its
-    first line a ``RawRequest``, then the stream's bytes), served by a thread of its own."""
-    lsock.listen(64)
+    """Each connection to the listening socket ``lsock`` is one raw stream (cocoon.agent.mux:
+    its first line a ``RawRequest``, then the stream's bytes), served by a thread of its own.
+    Returns once ``lsock`` is shut down."""
     while True:
-        conn, _ = lsock.accept()
+        try:
+            conn, _ = lsock.accept()
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # shut down: the way to stop serving
+                return
+            raise
         threading.Thread(
             target=_raw_connection, args=(conn, streams), name=RAW_THREAD, daemon=True
         ).start()

@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         mux = channel.SerialMux(port, args.socket, streams=manager.stream_fd)
         run(mux.serve_forever, "virtio-serial")
     if vsock:
+        raw = channel.listen_vsock()  # listening before the agent says it is ready
         run(lambda: channel.serve_vsock(args.socket), "vsock")
-        run(lambda: channel.serve_vsock_raw(manager.stream_fd), "vsock-raw")
+        run(lambda: channel.serve_raw(raw, manager.stream_fd), "vsock-raw")
     service.mark_ready()
     modules.start()  # what the first stage left out, while the host works on its side
     log.info(

@@ -33,9 +33,19 @@ class Guest:
         self.fds: dict[tuple[str, str, str], int] = {}
         self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.lsock.bind(str(path))
-        threading.Thread(
+        self.lsock.listen(64)  # as listen_vsock does before the agent says it is ready
+        self.server = threading.Thread(
             target=agent_channel.serve_raw, args=(self.lsock, self.source), daemon=True
-        ).start()
+        )
+        self.server.start()
+
+    def stop(self) -> None:
+        """Shut down, the accept loop ends (before the socket is closed: a thread still in
+        accept() on a closed fd could take the next test's socket of the same number)."""
+        self.lsock.shutdown(socket.SHUT_RDWR)
+        self.server.join(STEP)
+        assert not self.server.is_alive(), "serve_raw did not end at its socket's shutdown"
+        self.lsock.close()
 
     def source(self, cid: str, eid: str, stream: str) -> int | None:
         if cid == "nobody":
@@ -56,7 +66,7 @@ def guest(tmp_path: Path) -> Iterator[Guest]:
     try:
         yield g
     finally:
-        g.lsock.close()  # the accept loop's thread is a daemon: it ends with the interpreter
+        g.stop()
         wait_for(lambda: not raw_threads(), STEP, "every stream's thread to end")
 
 
