@@ -7,6 +7,7 @@ May import: the standard library only.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,28 @@ def parse_meminfo(text: str) -> dict[str, int]:
         value = int(fields[0])
         out[key.strip()] = value * 1024 if fields[1:] == ["kB"] else value
     return out
+
+
+WAITING_WRITEBACK = ("Dirty", "Writeback", "WritebackTmp")  # /proc/meminfo's keys
+
+
+def dirty_bytes(root: Path = Path("/")) -> int:
+    """Bytes of file data the guest's page cache holds that are not yet written to their disk
+    or through virtio-fs (``WAITING_WRITEBACK``), read once the per-CPU counters are folded
+    into the totals (writing vm.stat_refresh: a few pages could hide in them otherwise).
+    -1 when that cannot be known. tmpfs pages are never counted: they have nowhere to go."""
+    try:
+        (root / "proc/sys/vm/stat_refresh").write_text("1")
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # older kernels fold, then say EINVAL for a negative one
+            return -1
+    try:
+        mem = parse_meminfo((root / "proc/meminfo").read_text())
+    except (OSError, ValueError):
+        return -1
+    if not all(k in mem for k in WAITING_WRITEBACK):
+        return -1
+    return sum(mem[k] for k in WAITING_WRITEBACK)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from cocoon.agent import AGENT_VERSION, api_hash, mux
 from cocoon.agent import agent_pb2 as pb
 from cocoon.agent import agent_pb2_grpc as pbg
 from cocoon.agent import channel as agent_channel
+from cocoon.agent import guest as agent_guest
 from cocoon.agent.channel import SerialMux
 from cocoon.agent.logbuf import LogBuffer, Record
 from cocoon.agent.mux import Frame
@@ -830,6 +831,42 @@ def test_destroy_sandbox_powers_off(stub: Any, guest: Guest) -> None:
     assert guest.poweroffs[0] - t0 >= 0.04  # after the reply, via the timer
     time.sleep(0.1)
     assert len(guest.poweroffs) == 1
+
+
+@pytest.mark.parametrize(
+    ("refresh", "meminfo", "dirty"),
+    [
+        (True, "Dirty: 0 kB\nWriteback: 0 kB\nWritebackTmp: 0 kB\n", 0),
+        (True, "Dirty: 8 kB\nWriteback: 0 kB\nWritebackTmp: 0 kB\n", 8192),
+        (True, "Dirty: 0 kB\nWriteback: 0 kB\nWritebackTmp: 4 kB\n", 4096),  # FUSE's
+        (True, "Dirty: 0 kB\nWriteback: 0 kB\n", -1),  # a key missing: unknown
+        (False, "Dirty: 0 kB\nWriteback: 0 kB\nWritebackTmp: 0 kB\n", -1),  # not refreshed
+    ],
+)
+def test_destroy_sandbox_syncs_only_when_the_guest_holds_something_dirty(
+    stub: Any,
+    guest: Guest,
+    monkeypatch: pytest.MonkeyPatch,
+    refresh: bool,
+    meminfo: str,
+    dirty: int,
+) -> None:
+    """A sync() through virtio-fs is a syncfs() of the host's filesystem (virtiofsd), which on
+    a host busy writing waits for all of it: only what the guest holds dirty asks for one, and
+    a count that cannot be read (per-CPU counters not folded, a key missing) is taken as
+    dirty."""
+    (guest.root / "proc/meminfo").write_text(meminfo)
+    if refresh:
+        (guest.root / "proc/sys/vm").mkdir(parents=True)
+        (guest.root / "proc/sys/vm/stat_refresh").write_text("")
+    assert agent_guest.dirty_bytes(guest.root) == dirty
+    if refresh:
+        assert (guest.root / "proc/sys/vm/stat_refresh").read_text() == "1"  # folded first
+    syncs: list[float] = []
+    monkeypatch.setattr(os, "sync", lambda: syncs.append(time.monotonic()))
+    stub.DestroySandbox(pb.DestroySandboxRequest(), timeout=RPC_TIMEOUT)
+    assert guest.powered_off.wait(5), "poweroff callback was not called"
+    assert len(syncs) == (1 if dirty else 0)
 
 
 def test_guest_resyncs_after_host_died_mid_frame(host: Host, guest: Guest) -> None:
