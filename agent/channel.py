@@ -91,6 +91,17 @@ def _is_pipe(fd: int) -> bool:
         return False
 
 
+def _write_all(fd: int, data: bytes | memoryview, poll: float = 1.0) -> None:
+    """All of ``data`` to the non-blocking ``fd``, waiting (``poll`` s at a time) while it is
+    full; OSError (EPIPE, EBADF) as ``os.write`` raises it."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [], poll)
+
+
 # The fd of a raw stream: (container id, exec id, "stdout" | "stderr" | "stdin") -> the fd, None
 # for a stream the process does not have, or an exception naming why not (no such process).
 StreamSource = Callable[[str, str, str], "int | None"]
@@ -163,14 +174,7 @@ class SerialMux:
             self._write_locked(data)
 
     def _write_locked(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.write(self._fd, view)
-            except BlockingIOError:
-                select.select([], [self._fd], [], 0.05)
-                continue
-            view = view[n:]
+        _write_all(self._fd, data, poll=0.05)
 
     def _drop_all(self) -> None:
         with self._slock:
@@ -308,13 +312,8 @@ class SerialMux:
         CLOSE, and what else comes is dropped."""
         owed = 0  # written, not yet granted back: granted in batches (each grant wakes the host)
         while (data := raw.chunks.get()) is not None:
-            view = memoryview(data)
             try:
-                while view:
-                    try:
-                        view = view[os.write(raw.fd, view) :]
-                    except BlockingIOError:
-                        select.select([], [raw.fd], [], 1.0)
+                _write_all(raw.fd, data)
             except OSError as exc:  # EPIPE: the process is gone; EBADF: stdin closed
                 log.debug("raw stdin %d: %s", sid, exc)
                 with self._wlock:
@@ -621,13 +620,8 @@ def _raw_to_pipe(conn: socket.socket, fd: int, first: bytes) -> None:
     host learns that all it sent is written. A pipe whose reader is gone ends it at once."""
     data = first
     while True:
-        view = memoryview(data)
         try:
-            while view:
-                try:
-                    view = view[os.write(fd, view) :]
-                except BlockingIOError:
-                    select.select([], [fd], [], 1.0)
+            _write_all(fd, data)
         except OSError as exc:  # EPIPE: the process is gone; EBADF: stdin closed
             log.debug("vsock raw stdin: %s", exc)
             return
